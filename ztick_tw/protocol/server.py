@@ -1,0 +1,365 @@
+"""The ztick line protocol over a byte stream: ``ZtickProtocol`` and ``ZtickFactory``.
+
+The protocol turns bytes into calls on the ``Scheduler`` and its answers into bytes;
+it holds no job state.  Responses leave in request order: an answer that waits for its
+write to reach the disk (``fsync_on_persist``) holds back the answers after it on the
+same connection, never those of other connections.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import ClassVar
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ztick_tw.model import JobStatus
+from ztick_tw.protocol.commands import CommandError, check_string, parse_execution, parse_rule
+from ztick_tw.protocol.tokenizer import TokenizeError, decode_line, tokenize
+from ztick_tw.scheduler.core import Scheduler, UnknownJob, UnknownRule
+from ztick_tw.scheduler.timers import now_ns
+from ztick_tw.store.base import Commit
+
+#: The longest line accepted, not counting its ``\n``; a longer one closes the connection.
+MAX_LINE_BYTES = 4096
+
+Handler = Callable[["ZtickProtocol", str, list[str]], None]
+
+
+@implementer(IHalfCloseableProtocol)
+class ZtickProtocol(LineReceiver):
+    """One client connection speaking the ztick line protocol."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE_BYTES
+    log = Logger()
+    factory: ZtickFactory
+    handlers: ClassVar[dict[str, Handler]]
+
+    def __init__(self) -> None:
+        self._out: list[bytes] = []
+        self._waiting: deque[tuple[Commit | None, bytes, bytes]] = deque()
+        self._subscribed: Commit | None = None
+        self._in_data = False
+        self._closing = False
+        self._connected = False
+        self._peer = "?"
+
+    # -- connection life cycle -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Count the connection."""
+        self._connected = True
+        self.factory.connections += 1
+        peer = self.transport.getPeer() if self.transport is not None else None
+        self._peer = str(getattr(peer, "host", peer))
+        self.log.debug("client connected from {peer}", peer=self._peer)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """Forget the connection; answers still waiting for the disk are dropped."""
+        if self._connected:
+            self._connected = False
+            self.factory.connections -= 1
+        self._waiting.clear()
+        self._out.clear()
+        self.log.debug("client {peer} disconnected", peer=self._peer)
+
+    def readConnectionLost(self) -> None:
+        """The client half-closed: answer all it sent (even a last partial line), then close."""
+        rest, self._buffer = self._buffer, b""
+        if rest and not self._closing and len(rest) <= self.MAX_LENGTH:
+            self._in_data = True
+            try:
+                self.lineReceived(rest)
+            finally:
+                self._in_data = False
+        self._closing = True
+        self._flush()
+
+    def writeConnectionLost(self) -> None:
+        """The client stopped reading; nothing more can be answered."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- bytes in ----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """Split ``data`` into lines (in one pass, whatever the chunk size) and handle them."""
+        if self._closing:
+            return
+        buffered = self._buffer
+        lines = (buffered + data if buffered else data).split(b"\n")
+        self._buffer = lines.pop()
+        self._in_data = True
+        try:
+            limit = self.MAX_LENGTH
+            for line in lines:
+                if len(line) > limit:
+                    self.lineLengthExceeded(line)
+                    break
+                self.lineReceived(line)
+                if self._closing:
+                    break
+            else:
+                if len(self._buffer) > limit:
+                    self.lineLengthExceeded(self._buffer)
+        finally:
+            self._in_data = False
+            self._flush()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A line over 4096 bytes: answer what came before it, then close this connection."""
+        self.log.warn(
+            "client {peer} sent a line longer than {limit} bytes; closing its connection",
+            peer=self._peer,
+            limit=self.MAX_LENGTH,
+        )
+        self._buffer = b""
+        self._closing = True
+        if IPushProducer.providedBy(self.transport):
+            self.transport.pauseProducing()
+
+    def lineReceived(self, line: bytes) -> None:
+        """Handle one request line."""
+        try:
+            tokens = tokenize(decode_line(line))
+        except TokenizeError as e:
+            tokens = e.tokens
+            if len(tokens) >= 2 and tokens[1] in self.handlers:
+                self.log.info(
+                    "request {request_id} from {peer}: {reason}",
+                    request_id=tokens[0],
+                    peer=self._peer,
+                    reason=e.reason,
+                )
+                self._error(tokens[0])
+            else:
+                self.log.debug(
+                    "ignored malformed line from {peer}: {reason}",
+                    peer=self._peer,
+                    reason=e.reason,
+                )
+            return
+        if len(tokens) < 2:
+            return
+        handler = self.handlers.get(tokens[1])
+        if handler is None:
+            self.log.debug(
+                "ignored unknown instruction {instruction!r} from {peer}",
+                instruction=tokens[1],
+                peer=self._peer,
+            )
+            return
+        try:
+            handler(self, tokens[0], tokens)
+        except CommandError as e:
+            emit = self.log.debug if isinstance(e, NotFound) else self.log.info
+            emit(
+                "request {request_id} {instruction} from {peer} refused: {reason}",
+                request_id=tokens[0],
+                instruction=tokens[1],
+                peer=self._peer,
+                reason=str(e),
+            )
+            self._error(tokens[0])
+
+    # -- bytes out ---------------------------------------------------------------------
+
+    def _reply(self, data: bytes, commit: Commit | None = None, error: bytes = b"") -> None:
+        """Queue ``data`` after every earlier answer; if ``commit`` fails, send ``error``."""
+        if self._waiting or (commit is not None and not commit.done):
+            self._waiting.append((commit, data, error))
+            if commit is not None and not commit.done and commit is not self._subscribed:
+                self._subscribed = commit
+                commit.subscribe(self._commitResolved)
+        elif commit is not None and commit.error is not None:
+            self._out.append(error)
+        else:
+            self._out.append(data)
+        if not self._in_data:
+            self._flush()
+
+    def _error(self, request_id: str) -> None:
+        self._reply(f"{request_id} ERROR\n".encode())
+
+    def _commitResolved(self, commit: Commit) -> None:
+        waiting = self._waiting
+        out = self._out
+        while waiting:
+            pending, data, error = waiting[0]
+            if pending is not None and not pending.done:
+                break
+            waiting.popleft()
+            out.append(error if pending is not None and pending.error is not None else data)
+        if self._subscribed is commit:
+            self._subscribed = None
+        if waiting:
+            head = next((c for c, _, _ in waiting if c is not None and not c.done), None)
+            if head is not None and head is not self._subscribed:
+                self._subscribed = head
+                head.subscribe(self._commitResolved)
+        if not self._in_data:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._connected or self.transport is None:
+            self._out.clear()
+            return
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            self.transport.write(data)
+        if self._closing and not self._waiting:
+            self.transport.loseConnection()
+
+    # -- instructions ------------------------------------------------------------------
+
+    def do_SET(self, request_id: str, tokens: list[str]) -> None:
+        """``ID SET <job> <ns>`` or ``ID SET <job> <YYYY-MM-DD> <HH:MM:SS>``."""
+        if len(tokens) < 4:
+            raise CommandError("SET needs a job identifier and a time")
+        execution_ns = parse_execution(tokens[3:])
+        job_id = tokens[2]
+        check_string("job identifier", job_id)
+        commit = self.factory.scheduler.set_job(job_id, execution_ns)
+        self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
+
+    def do_GET(self, request_id: str, tokens: list[str]) -> None:
+        """``ID GET <job>`` answers ``ID OK <status> <ns>``."""
+        if len(tokens) < 3:
+            raise CommandError("GET needs a job identifier")
+        found = self.factory.scheduler.get_job(tokens[2])
+        if found is None:
+            raise NotFound(f"no job {tokens[2]!r}")
+        status, execution_ns = found
+        self._reply(f"{request_id} OK {status.wire} {execution_ns}\n".encode())
+
+    def do_QUERY(self, request_id: str, tokens: list[str]) -> None:
+        """``ID QUERY [<prefix>]``: one line per matching job, then ``ID OK``."""
+        prefix = tokens[2] if len(tokens) > 2 else ""
+        lines = [
+            f"{request_id} {job_id} {status.wire} {execution_ns}\n"
+            for job_id, status, execution_ns in self.factory.scheduler.query(prefix)
+        ]
+        lines.append(f"{request_id} OK\n")
+        self._reply("".join(lines).encode())
+
+    def do_REMOVE(self, request_id: str, tokens: list[str]) -> None:
+        """``ID REMOVE <job>``."""
+        if len(tokens) < 3:
+            raise CommandError("REMOVE needs a job identifier")
+        try:
+            commit = self.factory.scheduler.remove_job(tokens[2])
+        except UnknownJob:
+            raise NotFound(f"no job {tokens[2]!r}") from None
+        self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
+
+    def do_RULE(self, request_id: str, tokens: list[str]) -> None:
+        """``ID RULE SET <rule> <pattern> <runner> <args...>``."""
+        if len(tokens) < 3 or tokens[2] != "SET":
+            return  # "RULE" without "SET" is not an instruction: no answer, as ztick
+        if len(tokens) < 6:
+            raise CommandError("RULE SET needs a rule id, a pattern and a runner")
+        rule = parse_rule(tokens[3], tokens[4], tokens[5], tokens[6:])
+        commit = self.factory.scheduler.set_rule(rule)
+        self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
+
+    def do_REMOVERULE(self, request_id: str, tokens: list[str]) -> None:
+        """``ID REMOVERULE <rule>``."""
+        if len(tokens) < 3:
+            raise CommandError("REMOVERULE needs a rule id")
+        try:
+            commit = self.factory.scheduler.remove_rule(tokens[2])
+        except UnknownRule:
+            raise NotFound(f"no rule {tokens[2]!r}") from None
+        self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
+
+    def do_LISTRULES(self, request_id: str, tokens: list[str]) -> None:
+        """``ID LISTRULES``: one line per rule, rendered as ztick does, then ``ID OK``."""
+        lines = []
+        for rule in self.factory.scheduler.list_rules():
+            words = " ".join((rule.id, rule.pattern, rule.runner.kind.wire, *rule.runner.args()))
+            lines.append(f"{request_id} {words}\n")
+        lines.append(f"{request_id} OK\n")
+        self._reply("".join(lines).encode())
+
+    def do_STAT(self, request_id: str, tokens: list[str]) -> None:
+        """``ID STAT``: one ``ID <key> <value>`` line per metric, then ``ID OK``."""
+        lines = [f"{request_id} {key} {value}\n" for key, value in self.factory.stats()]
+        lines.append(f"{request_id} OK\n")
+        self._reply("".join(lines).encode())
+
+
+ZtickProtocol.handlers = {
+    "SET": ZtickProtocol.do_SET,
+    "GET": ZtickProtocol.do_GET,
+    "QUERY": ZtickProtocol.do_QUERY,
+    "REMOVE": ZtickProtocol.do_REMOVE,
+    "RULE": ZtickProtocol.do_RULE,
+    "REMOVERULE": ZtickProtocol.do_REMOVERULE,
+    "LISTRULES": ZtickProtocol.do_LISTRULES,
+    "STAT": ZtickProtocol.do_STAT,
+}
+
+
+class NotFound(CommandError):
+    """The job or rule named in a request does not exist."""
+
+
+class ZtickFactory(Factory):
+    """Builds ``ZtickProtocol``s that share one scheduler, and answers STAT."""
+
+    protocol = ZtickProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        reactor: IReactorTime,
+        *,
+        persistence: str,
+        framerate: int = 512,
+        compression: Callable[[], str] = lambda: "idle",
+        auth_enabled: bool = False,
+        tls_enabled: bool = False,
+    ) -> None:
+        self.scheduler = scheduler
+        self.reactor = reactor
+        self.persistence = persistence
+        self.framerate = framerate
+        self.compression = compression
+        self.auth_enabled = auth_enabled
+        self.tls_enabled = tls_enabled
+        self.connections = 0
+        self.started_ns = now_ns(reactor)
+
+    def stats(self) -> list[tuple[str, str | int]]:
+        """The STAT lines, ztick's keys first, in ztick's order, then ztick-tw's."""
+        s = self.scheduler
+        jobs = s.jobs
+        return [
+            ("uptime_ns", now_ns(self.reactor) - self.started_ns),
+            ("connections", self.connections),
+            ("jobs_total", len(jobs)),
+            ("jobs_planned", jobs.count(JobStatus.PLANNED)),
+            ("jobs_triggered", jobs.count(JobStatus.TRIGGERED)),
+            ("jobs_executed", jobs.count(JobStatus.EXECUTED)),
+            ("jobs_failed", jobs.count(JobStatus.FAILED)),
+            ("rules_total", len(s.rules)),
+            ("executions_pending", s.executions_pending),
+            ("executions_inflight", s.executions_inflight),
+            ("persistence", self.persistence),
+            ("compression", self.compression()),
+            ("auth_enabled", int(self.auth_enabled)),
+            ("tls_enabled", int(self.tls_enabled)),
+            ("framerate", self.framerate),
+            ("trigger_lag_p50_us", s.lag.percentile(0.50)),
+            ("trigger_lag_p99_us", s.lag.percentile(0.99)),
+            ("trigger_lag_max_us", s.lag.maximum()),
+        ]

@@ -1,0 +1,335 @@
+"""The scheduler: applies requests, fires due jobs through rules and runners, records outcomes.
+
+It does no I/O of its own: the store, the runners and the clock are handed in, so it is
+tested with a ``Clock``, a memory store and fake runners.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ztick_tw.model import (
+    Entry,
+    Job,
+    JobRemoval,
+    JobStatus,
+    Rule,
+    RuleRemoval,
+    RunnerKind,
+)
+from ztick_tw.runners.base import Execution, IRunner, Outcome
+from ztick_tw.scheduler.jobs import TRIGGERED, JobTable, unpack_ns, unpack_status
+from ztick_tw.scheduler.rules import RuleBook
+from ztick_tw.scheduler.timers import TimerSet, now_ns
+from ztick_tw.stats import LagWindow
+from ztick_tw.store.base import Commit, IStore
+
+#: How many due jobs one timer wake-up takes before yielding to the reactor.
+FIRE_BATCH = 1000
+
+INTERRUPTED_RERUN = "rerun"
+INTERRUPTED_FAIL = "fail"
+
+
+class UnknownJob(KeyError):
+    """No job has that id."""
+
+
+class UnknownRule(KeyError):
+    """No rule has that id."""
+
+
+@dataclass(slots=True)
+class _Queued:
+    job_id: str
+    execution_ns: int
+    packed: int  # the job's table value when it was triggered
+    rule: Rule
+    lag_base_ns: int  # lag is measured from here (the due time, or later if set late)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySummary:
+    """What a replay found, for the startup log line."""
+
+    frames: int
+    jobs: int
+    rules: int
+
+
+class Scheduler:
+    """Jobs, rules, the timer and the execution queue of one ztick-tw daemon."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        store: IStore,
+        runners: Mapping[RunnerKind, IRunner],
+        *,
+        max_concurrent: int = 64,
+        interrupted: str = INTERRUPTED_RERUN,
+        lag: LagWindow | None = None,
+    ) -> None:
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        if interrupted not in (INTERRUPTED_RERUN, INTERRUPTED_FAIL):
+            raise ValueError(f"interrupted must be 'rerun' or 'fail', not {interrupted!r}")
+        self._reactor = reactor
+        self._store = store
+        self._runners = dict(runners)
+        self._max_concurrent = max_concurrent
+        self._interrupted = interrupted
+        self.jobs = JobTable()
+        self.rules = RuleBook()
+        self.lag = lag if lag is not None else LagWindow()
+        self.timers = TimerSet(reactor, self.jobs, self._fire_due)
+        self._queue: deque[_Queued] = deque()
+        self._running = 0
+        self._pumping = False
+        self._stopped = False
+        self._attempts: dict[str, int] = {}  # only jobs past their first attempt
+        self._late_set: dict[str, int] = {}  # job -> when it was set, for jobs set late
+        self._started_ns = 0
+
+    # -- startup and shutdown ----------------------------------------------------------
+
+    def replay(self, entries: Iterable[Entry]) -> ReplaySummary:
+        """Apply stored entries in order (last write wins, removals delete).
+
+        Also counts, per job, the ``triggered`` frames since it was last planned: that
+        is how many attempts were started, so an interrupted run is retried with the
+        right attempt number.
+        """
+        jobs = self.jobs
+        rules = self.rules
+        attempts = self._attempts
+        frames = 0
+        for entry in entries:
+            frames += 1
+            kind = type(entry)
+            if kind is Job:
+                assert isinstance(entry, Job)
+                status = entry.status
+                if status == TRIGGERED:
+                    old = jobs.raw(entry.id)
+                    if old is not None and unpack_status(old) == JobStatus.TRIGGERED:
+                        attempts[entry.id] = attempts.get(entry.id, 1) + 1
+                elif entry.id in attempts:
+                    del attempts[entry.id]
+                jobs.load(entry.id, entry.execution_ns, status)
+            elif kind is Rule:
+                assert isinstance(entry, Rule)
+                rules.set(entry)
+            elif kind is JobRemoval:
+                jobs.unload(entry.id)
+                attempts.pop(entry.id, None)
+            elif kind is RuleRemoval:
+                rules.remove(entry.id)
+        jobs.finish_load()
+        for job_id in [j for j in attempts if jobs.get(j) is None]:
+            del attempts[job_id]
+        return ReplaySummary(frames, len(jobs), len(rules))
+
+    def start(self) -> None:
+        """Deal with runs interrupted by the last shutdown, then start the timer."""
+        self._stopped = False
+        self._started_ns = now_ns(self._reactor)
+        if self.jobs.count(JobStatus.TRIGGERED):
+            interrupted = [
+                (job_id, ns)
+                for job_id, status, ns in self.jobs.items()
+                if status == JobStatus.TRIGGERED
+            ]
+            for job_id, ns in interrupted:
+                self._recover_interrupted(job_id, ns)
+        self.timers.start()
+
+    def _recover_interrupted(self, job_id: str, execution_ns: int) -> None:
+        if self._interrupted == INTERRUPTED_RERUN:
+            attempt = self._attempts.get(job_id, 1) + 1
+            self._attempts[job_id] = attempt
+            self.jobs.set(job_id, execution_ns)
+            self.log.warn(
+                "job {job_id} was running when ztick-tw last stopped; running it again"
+                " (attempt {attempt})",
+                job_id=job_id,
+                attempt=attempt,
+            )
+        else:
+            self._attempts.pop(job_id, None)
+            self.jobs.set_status(job_id, JobStatus.FAILED)
+            self._store.append(Job(job_id, execution_ns, JobStatus.FAILED))
+            self.log.warn(
+                "job {job_id} was running when ztick-tw last stopped; marked failed"
+                " (interrupted_jobs = fail)",
+                job_id=job_id,
+            )
+
+    def stop(self, grace: float) -> Deferred[None]:
+        """Stop firing; let running executions finish for ``grace`` s, then end them."""
+        self._stopped = True
+        self.timers.stop()
+        self._queue.clear()
+        stops = [runner.stop(grace) for runner in set(self._runners.values())]
+        if not stops:
+            return succeed(None)
+        return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
+
+    # -- requests ------------------------------------------------------------------
+
+    def set_job(self, job_id: str, execution_ns: int) -> Commit | None:
+        """Create or replace a job (status back to ``planned``); persisted."""
+        self.jobs.set(job_id, execution_ns)
+        self._attempts.pop(job_id, None)
+        now = now_ns(self._reactor)
+        if execution_ns <= now:
+            self._late_set[job_id] = now
+        self.timers.note_due(execution_ns)
+        return self._store.append(Job(job_id, execution_ns, JobStatus.PLANNED))
+
+    def get_job(self, job_id: str) -> tuple[JobStatus, int] | None:
+        """``(status, execution_ns)`` or ``None``."""
+        return self.jobs.get(job_id)
+
+    def query(self, prefix: str = "") -> Iterator[tuple[str, JobStatus, int]]:
+        """Jobs whose id starts with ``prefix``."""
+        return self.jobs.items(prefix)
+
+    def remove_job(self, job_id: str) -> Commit | None:
+        """Delete a job (a queued run of it is dropped); raises ``UnknownJob``."""
+        if not self.jobs.remove(job_id):
+            raise UnknownJob(job_id)
+        self._attempts.pop(job_id, None)
+        self._late_set.pop(job_id, None)
+        return self._store.append(JobRemoval(job_id))
+
+    def set_rule(self, rule: Rule) -> Commit | None:
+        """Create or replace a rule; persisted."""
+        self.rules.set(rule)
+        return self._store.append(rule)
+
+    def remove_rule(self, rule_id: str) -> Commit | None:
+        """Delete a rule (its jobs stay); raises ``UnknownRule``."""
+        if not self.rules.remove(rule_id):
+            raise UnknownRule(rule_id)
+        return self._store.append(RuleRemoval(rule_id))
+
+    def list_rules(self) -> Iterable[Rule]:
+        """Every rule, in the order first set."""
+        return iter(self.rules)
+
+    @property
+    def executions_pending(self) -> int:
+        """Triggered jobs waiting for a free execution slot."""
+        return len(self._queue)
+
+    @property
+    def executions_inflight(self) -> int:
+        """Runner executions started and not yet finished."""
+        return self._running
+
+    # -- firing --------------------------------------------------------------------
+
+    def _fire_due(self, now: int) -> None:
+        due = self.jobs.pop_due(now, FIRE_BATCH)
+        for job_id, execution_ns, packed in due:
+            try:
+                self._fire_one(job_id, execution_ns, packed)
+            except Exception:
+                self.log.failure("firing job {job_id} failed", job_id=job_id)
+        self._pump()
+
+    def _fire_one(self, job_id: str, execution_ns: int, packed: int) -> None:
+        lag_base = max(execution_ns, self._late_set.pop(job_id, execution_ns), self._started_ns)
+        rule = self.rules.match(job_id)
+        if rule is None:
+            self.jobs.set_status(job_id, JobStatus.FAILED)
+            self._attempts.pop(job_id, None)
+            self._store.append(Job(job_id, execution_ns, JobStatus.FAILED))
+            self.log.warn("job {job_id} failed: no rule matches it", job_id=job_id)
+            return
+        self._store.append(Job(job_id, execution_ns, JobStatus.TRIGGERED))
+        self._queue.append(_Queued(job_id, execution_ns, packed, rule, lag_base))
+
+    def _pump(self) -> None:
+        """Start queued executions while there are free slots (never re-entered)."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._queue and self._running < self._max_concurrent and not self._stopped:
+                item = self._queue.popleft()
+                if self.jobs.raw(item.job_id) != item.packed:
+                    # Re-set or removed while it waited: this run is void.
+                    continue
+                try:
+                    self._start(item)
+                except Exception:
+                    self.log.failure("starting job {job_id} failed", job_id=item.job_id)
+        finally:
+            self._pumping = False
+
+    def _start(self, item: _Queued) -> None:
+        runner = self._runners.get(item.rule.runner.kind)
+        start = now_ns(self._reactor)
+        self.lag.record((start - item.lag_base_ns) // 1000)
+        attempt = self._attempts.get(item.job_id, 1)
+        execution = Execution(
+            item.job_id, item.execution_ns, item.rule.id, attempt, item.rule.runner
+        )
+        self._running += 1
+        if runner is None:
+            outcome = Outcome(False, f"no {item.rule.runner.kind.wire} runner is configured")
+            d: Deferred[Outcome] = succeed(outcome)
+        else:
+            try:
+                d = runner.run(execution)
+            except Exception as e:  # a runner must not raise, but one bad job cannot stop us
+                d = succeed(Outcome(False, f"runner raised {e!r}"))
+        d.addErrback(self._runner_errback, item)
+        d.addCallback(self._finished, item)
+        d.addErrback(self._log_failure, item)
+
+    def _runner_errback(self, failure: Failure, item: _Queued) -> Outcome:
+        self.log.failure("runner for job {job_id} errbacked", failure, job_id=item.job_id)
+        return Outcome(False, f"runner error: {failure.getErrorMessage()}")
+
+    def _log_failure(self, failure: Failure, item: _Queued) -> None:
+        self.log.failure(
+            "recording the outcome of job {job_id} failed", failure, job_id=item.job_id
+        )
+
+    def _finished(self, outcome: Outcome, item: _Queued) -> None:
+        self._running -= 1
+        job_id = item.job_id
+        try:
+            if self.jobs.raw(job_id) != item.packed:
+                self.log.info(
+                    "job {job_id} finished ({result}) but was re-set or removed meanwhile;"
+                    " result not recorded",
+                    job_id=job_id,
+                    result="success" if outcome.success else "failure",
+                )
+                return
+            status = JobStatus.EXECUTED if outcome.success else JobStatus.FAILED
+            self.jobs.set_status(job_id, status)
+            self._attempts.pop(job_id, None)
+            self._store.append(Job(job_id, unpack_ns(item.packed), status))
+            if not outcome.success:
+                self.log.warn(
+                    "job {job_id} failed (rule {rule_id}): {reason}",
+                    job_id=job_id,
+                    rule_id=item.rule.id,
+                    reason=outcome.reason,
+                )
+        finally:
+            self._pump()

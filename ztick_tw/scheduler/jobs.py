@@ -1,0 +1,253 @@
+"""The job table: every job's time and status, and the order in which planned jobs fall due.
+
+This is plain state with no I/O and no clock, built to hold millions of jobs in one
+process.  Each job costs one dict entry whose value is a single packed ``int``:
+
+    packed = (execution_ns + 2**63) << 34 | status << 32 | seq
+
+``seq`` (32 bits) is a sequence number given to a planned job each time it is set.  The
+due-heap holds the *same* int objects as the dict (a planned job's packed value orders by
+time, then by ``seq``, which is the order the jobs were set: jobs due at the same instant
+fire in the order they were set, as in ztick).  ``_seq_ids[seq]`` gives the job id back.
+
+Re-setting or removing a planned job does not search the heap: its old heap entry just
+stops matching the dict ("stale") and is skipped when it reaches the top.  When stale
+entries and holes outnumber live ones, the heap and sequence table are rebuilt in one
+O(n) pass that keeps the relative order, so every operation stays O(log n) amortized.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+
+from ztick_tw.model import I64_MAX, I64_MIN, JobStatus
+
+_OFFSET = 1 << 63
+_SHIFT = 34
+_STATUS_SHIFT = 32
+_SEQ_MASK = (1 << 32) - 1
+_STATUS_MASK = 3 << _STATUS_SHIFT
+_LOW_MASK = (1 << _SHIFT) - 1
+
+PLANNED = int(JobStatus.PLANNED)
+TRIGGERED = int(JobStatus.TRIGGERED)
+EXECUTED = int(JobStatus.EXECUTED)
+FAILED = int(JobStatus.FAILED)
+
+_STATUSES = tuple(JobStatus)
+
+
+def pack(execution_ns: int, status: int, seq: int = 0) -> int:
+    """Pack a job's time, status and sequence number into one int (see module doc)."""
+    return ((execution_ns + _OFFSET) << _SHIFT) | (status << _STATUS_SHIFT) | seq
+
+
+def unpack_ns(packed: int) -> int:
+    """The execution time (ns since the epoch) of a packed value."""
+    return (packed >> _SHIFT) - _OFFSET
+
+
+def unpack_status(packed: int) -> JobStatus:
+    """The status of a packed value."""
+    return _STATUSES[(packed >> _STATUS_SHIFT) & 3]
+
+
+class JobTable:
+    """Jobs by id, plus a heap of planned jobs ordered by due time then by set order."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, int] = {}
+        self._heap: list[int] = []
+        self._seq_ids: list[str | None] = []
+        self._counts = [0, 0, 0, 0]  # by status
+        self._next_seq = 0
+
+    # -- reading ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
+    def get(self, job_id: str) -> tuple[JobStatus, int] | None:
+        """``(status, execution_ns)`` of a job, or ``None`` if there is no such job."""
+        packed = self._jobs.get(job_id)
+        if packed is None:
+            return None
+        return _STATUSES[(packed >> _STATUS_SHIFT) & 3], (packed >> _SHIFT) - _OFFSET
+
+    def raw(self, job_id: str) -> int | None:
+        """The packed value of a job: changes whenever the job is set, fired or finished."""
+        return self._jobs.get(job_id)
+
+    def count(self, status: JobStatus) -> int:
+        """How many jobs have ``status``."""
+        return self._counts[status]
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, JobStatus, int]]:
+        """``(id, status, execution_ns)`` of every job whose id starts with ``prefix``.
+
+        Jobs come in the order they were first set.  The table must not change while
+        the iterator is in use.
+        """
+        for job_id, packed in self._jobs.items():
+            if job_id.startswith(prefix):
+                yield (
+                    job_id,
+                    _STATUSES[(packed >> _STATUS_SHIFT) & 3],
+                    (packed >> _SHIFT) - _OFFSET,
+                )
+
+    def next_due(self) -> int | None:
+        """The due time of the earliest planned job, or ``None`` if none is planned."""
+        heap = self._heap
+        jobs = self._jobs
+        seq_ids = self._seq_ids
+        while heap:
+            top = heap[0]
+            job_id = seq_ids[top & _SEQ_MASK]
+            if job_id is not None and jobs.get(job_id) == top:
+                return (top >> _SHIFT) - _OFFSET
+            heapq.heappop(heap)
+            seq_ids[top & _SEQ_MASK] = None
+        return None
+
+    # -- writing ---------------------------------------------------------------------
+
+    def set(self, job_id: str, execution_ns: int) -> None:
+        """Create or replace a job: new time, status ``planned``."""
+        if not I64_MIN <= execution_ns <= I64_MAX:
+            raise ValueError(f"execution time {execution_ns} is outside the signed 64-bit range")
+        old = self._jobs.get(job_id)
+        if old is not None:
+            self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
+        seq = self._next_seq
+        if seq > _SEQ_MASK:
+            self._compact()
+            seq = self._next_seq
+        packed = ((execution_ns + _OFFSET) << _SHIFT) | seq
+        self._next_seq = seq + 1
+        self._seq_ids.append(job_id)
+        self._jobs[job_id] = packed
+        self._counts[PLANNED] += 1
+        heapq.heappush(self._heap, packed)
+        self._maybe_compact()
+
+    def set_status(self, job_id: str, status: JobStatus) -> int:
+        """Give an existing job a non-planned status, keeping its time.
+
+        Returns the new packed value.  A planned job that leaves ``planned`` this way is
+        no longer due.  To plan a job again, ``set`` it.
+        """
+        if status == PLANNED:
+            raise ValueError("use set() to plan a job again")
+        old = self._jobs[job_id]
+        self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
+        packed = (old & ~_LOW_MASK) | (int(status) << _STATUS_SHIFT)
+        self._jobs[job_id] = packed
+        self._counts[status] += 1
+        return packed
+
+    def remove(self, job_id: str) -> bool:
+        """Delete a job; ``False`` if there was no such job."""
+        old = self._jobs.pop(job_id, None)
+        if old is None:
+            return False
+        self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
+        self._maybe_compact()
+        return True
+
+    def pop_due(self, now_ns: int, limit: int) -> list[tuple[str, int, int]]:
+        """Take up to ``limit`` planned jobs due at or before ``now_ns``, earliest first.
+
+        Each is marked ``triggered`` and returned as ``(id, execution_ns, packed)`` where
+        ``packed`` is its new (triggered) value, for later "is it still the same run"
+        checks.
+        """
+        heap = self._heap
+        jobs = self._jobs
+        seq_ids = self._seq_ids
+        counts = self._counts
+        limit_key = ((now_ns + _OFFSET) << _SHIFT) | _LOW_MASK
+        out: list[tuple[str, int, int]] = []
+        triggered_bits = TRIGGERED << _STATUS_SHIFT
+        while heap and len(out) < limit:
+            top = heap[0]
+            if top > limit_key:
+                break
+            heapq.heappop(heap)
+            seq = top & _SEQ_MASK
+            job_id = seq_ids[seq]
+            seq_ids[seq] = None
+            if job_id is None or jobs.get(job_id) != top:
+                continue
+            packed = (top & ~_LOW_MASK) | triggered_bits
+            jobs[job_id] = packed
+            counts[PLANNED] -= 1
+            counts[TRIGGERED] += 1
+            out.append((job_id, (top >> _SHIFT) - _OFFSET, packed))
+        return out
+
+    # -- bulk loading ----------------------------------------------------------------
+
+    def load(self, job_id: str, execution_ns: int, status: int) -> None:
+        """Replay one job frame without maintaining the heap; call ``finish_load`` after."""
+        old = self._jobs.get(job_id)
+        if old is not None:
+            self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
+        self._jobs[job_id] = ((execution_ns + _OFFSET) << _SHIFT) | (status << _STATUS_SHIFT)
+        self._counts[status] += 1
+
+    def unload(self, job_id: str) -> None:
+        """Replay one job removal frame (no error if the job is unknown)."""
+        old = self._jobs.pop(job_id, None)
+        if old is not None:
+            self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
+
+    def finish_load(self) -> None:
+        """Give every planned job a sequence number and build the heap in one pass."""
+        self._rebuild(include_all_planned=True)
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    @property
+    def heap_size(self) -> int:
+        """Entries in the due-heap, stale ones included (for tests and benchmarks)."""
+        return len(self._heap)
+
+    def _maybe_compact(self) -> None:
+        if len(self._seq_ids) > 2 * self._counts[PLANNED] + 4096:
+            self._compact()
+
+    def _compact(self) -> None:
+        self._rebuild(include_all_planned=False)
+
+    def _rebuild(self, include_all_planned: bool) -> None:
+        """Renumber live planned jobs 0..n-1 keeping their order, and rebuild the heap."""
+        jobs = self._jobs
+        new_ids: list[str | None] = []
+        heap: list[int] = []
+        if include_all_planned:
+            # After a bulk load no job has a sequence number yet: number them in
+            # dict (first-set) order.
+            candidates: Iterator[str] = iter(list(jobs))
+        else:
+            candidates = (
+                job_id
+                for seq, job_id in enumerate(self._seq_ids)
+                if job_id is not None and jobs.get(job_id, -1) & _LOW_MASK == seq
+            )
+        for job_id in candidates:
+            packed = jobs[job_id]
+            if packed & _STATUS_MASK:
+                continue
+            packed = (packed & ~_LOW_MASK) | len(new_ids)
+            new_ids.append(job_id)
+            jobs[job_id] = packed
+            heap.append(packed)
+        heapq.heapify(heap)
+        self._heap = heap
+        self._seq_ids = new_ids
+        self._next_seq = len(new_ids)
