@@ -1,0 +1,495 @@
+"""The logfile codec against SPEC §5, byte for byte."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import Any, cast
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ztick_tw.model import (
+    I64_MAX,
+    I64_MIN,
+    AmqpSpec,
+    AwfSpec,
+    DirectSpec,
+    Entry,
+    HttpSpec,
+    Job,
+    JobRemoval,
+    JobStatus,
+    RedisSpec,
+    Rule,
+    RuleRemoval,
+    RunnerSpec,
+    ShellSpec,
+)
+from ztick_tw.store.codec import (
+    MAX_FRAME_BYTES,
+    CodecError,
+    decode_payload,
+    encode,
+    encode_job,
+    encode_payload,
+    scan,
+)
+
+
+def hx(text: str) -> bytes:
+    """Bytes from spaced hex, so vectors below read like the SPEC."""
+    return bytes.fromhex(text)
+
+
+SPEC_EXAMPLE = hx("00 00 00 10 00 00 04 74 6f 74 6f 16 47 bb 5c ee e1 50 00 00")
+
+# Frames written by hand from the SPEC §5 rules (length, type, u16-prefixed strings...).
+HAND_FRAMES: list[tuple[Entry, bytes]] = [
+    (Job("toto", 1605457800000000000, JobStatus.PLANNED), SPEC_EXAMPLE),
+    # ztick's own encoder test vector: "tatat", executed.
+    (
+        Job("tatat", 1605457800000000000, JobStatus.EXECUTED),
+        hx("00 00 00 11 00 00 05 74 61 74 61 74 16 47 bb 5c ee e1 50 00 02"),
+    ),
+    # UTF-8 id, negative time, failed.
+    (
+        Job("é", -1, JobStatus.FAILED),
+        hx("00 00 00 0e 00 00 02 c3 a9 ff ff ff ff ff ff ff ff 03"),
+    ),
+    (
+        Job("t", 7, JobStatus.TRIGGERED),
+        hx("00 00 00 0d 00 00 01 74 00 00 00 00 00 00 00 07 01"),
+    ),
+    # shell: rule "r", pattern "p.", command "echo hi"
+    (
+        Rule("r", "p.", ShellSpec("echo hi")),
+        hx("00 00 00 12 01 00 01 72 00 02 70 2e 00 00 07 65 63 68 6f 20 68 69"),
+    ),
+    # amqp: rule "a", pattern "n.", dsn "amqp://h", exchange "", routing key "k"
+    (
+        Rule("a", "n.", AmqpSpec("amqp://h", "", "k")),
+        hx("00 00 00 18 01 00 01 61 00 02 6e 2e 01 00 08 61 6d 71 70 3a 2f 2f 68 00 00 00 01 6b"),
+    ),
+    # ztick's own amqp vector: rule "ta", pattern "tot", dsn "titit", "", "a"
+    (
+        Rule("ta", "tot", AmqpSpec("titit", "", "a")),
+        hx("00 00 00 17 01 00 02 74 61 00 03 74 6f 74 01 00 05 74 69 74 69 74 00 00 00 01 61"),
+    ),
+    # direct: rule "d", empty pattern, /bin/echo with args "a", "bc"
+    (
+        Rule("d", "", DirectSpec("/bin/echo", ("a", "bc"))),
+        hx(
+            "00 00 00 1b 01 00 01 64 00 00 02 00 09 2f 62 69 6e 2f 65 63 68 6f"
+            " 00 02 00 01 61 00 02 62 63"
+        ),
+    ),
+    # direct with no arguments: count 0
+    (
+        Rule("d", "x", DirectSpec("e")),
+        hx("00 00 00 0d 01 00 01 64 00 01 78 02 00 01 65 00 00"),
+    ),
+    # awf: rule "w", pattern "x", workflow "wf", inputs ("k=v",)
+    (
+        Rule("w", "x", AwfSpec("wf", ("k=v",))),
+        hx("00 00 00 13 01 00 01 77 00 01 78 03 00 02 77 66 00 01 00 03 6b 3d 76"),
+    ),
+    # http: rule "h", pattern "y", GET http://z
+    (
+        Rule("h", "y", HttpSpec("GET", "http://z")),
+        hx("00 00 00 17 01 00 01 68 00 01 79 04 00 03 47 45 54 00 08 68 74 74 70 3a 2f 2f 7a"),
+    ),
+    # redis: rule "q", pattern "z", redis://r RPUSH k
+    (
+        Rule("q", "z", RedisSpec("redis://r", "RPUSH", "k")),
+        hx(
+            "00 00 00 1d 01 00 01 71 00 01 7a 05 00 09 72 65 64 69 73 3a 2f 2f 72"
+            " 00 05 52 50 55 53 48 00 01 6b"
+        ),
+    ),
+    (JobRemoval("toto"), hx("00 00 00 07 02 00 04 74 6f 74 6f")),
+    (RuleRemoval("r"), hx("00 00 00 04 03 00 01 72")),
+]
+
+
+@pytest.mark.parametrize(("entry", "frame"), HAND_FRAMES, ids=lambda v: repr(v)[:40])
+def test_encode_matches_hand_written_frame(entry: Entry, frame: bytes) -> None:
+    """encode() produces exactly the SPEC §5 bytes for every entry type and runner kind."""
+    assert encode(entry) == frame
+    assert encode_payload(entry) == frame[4:]
+
+
+@pytest.mark.parametrize(("entry", "frame"), HAND_FRAMES, ids=lambda v: repr(v)[:40])
+def test_decode_hand_written_frame(entry: Entry, frame: bytes) -> None:
+    """decode_payload() turns every hand-written payload back into the same entry."""
+    assert decode_payload(frame[4:]) == entry
+
+
+def test_spec_worked_example() -> None:
+    """The SPEC worked example: job toto at 1605457800000000000, planned."""
+    job = Job("toto", 1605457800000000000, JobStatus.PLANNED)
+    assert encode_job(job) == SPEC_EXAMPLE
+    entries = list(scan(SPEC_EXAMPLE))
+    assert entries == [job]
+
+
+def test_scan_reads_all_hand_frames_in_order() -> None:
+    """A buffer of every kind of frame scans back to the same entries, ending cleanly."""
+    data = b"".join(frame for _, frame in HAND_FRAMES)
+    result = scan(data)
+    assert list(result) == [entry for entry, _ in HAND_FRAMES]
+    assert result.good_end == len(data)
+    assert result.problem is None
+    assert result.count == len(HAND_FRAMES)
+
+
+def test_fast_path_jobs_are_real_jobs() -> None:
+    """Jobs built by the replay fast path are equal, hash alike and stay frozen."""
+    job = Job("job.0000001", 42, JobStatus.TRIGGERED)
+    (decoded,) = list(scan(encode(job)))
+    assert type(decoded) is Job
+    assert decoded == job
+    assert hash(decoded) == hash(job)
+    assert decoded.status is JobStatus.TRIGGERED
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decoded.id = "other"  # type: ignore[misc]
+
+
+def test_scan_switches_between_id_lengths_and_entry_types() -> None:
+    """Mixed id lengths and entry kinds interleaved all decode, in order."""
+    entries: list[Entry] = []
+    for i in range(50):
+        entries.append(Job("j" * (i % 7), i, JobStatus(i % 4)))
+        if i % 5 == 0:
+            entries.append(JobRemoval("j" * (i % 3)))
+        if i % 11 == 0:
+            entries.append(Rule(f"r{i}", "j", ShellSpec("true")))
+    data = b"".join(encode(e) for e in entries)
+    result = scan(data)
+    assert list(result) == entries
+    assert result.good_end == len(data)
+
+
+def test_scan_from_start_offset() -> None:
+    """scan(data, start) begins at ``start`` and reports good_end as an absolute offset."""
+    first = encode(JobRemoval("a"))
+    second = encode(Job("b", 1))
+    result = scan(first + second, len(first))
+    assert list(result) == [Job("b", 1)]
+    assert result.good_end == len(first) + len(second)
+
+
+def test_scan_start_outside_data() -> None:
+    """A start offset past the data is a programming error, not a silent empty scan."""
+    with pytest.raises(ValueError, match="outside data"):
+        scan(b"abc", 4)
+
+
+# --------------------------------------------------------------------- encode errors
+
+
+def test_id_of_65535_bytes_round_trips() -> None:
+    """The longest id the format holds (65535 UTF-8 bytes) encodes and decodes."""
+    job = Job("x" * 65535, 1)
+    frame = encode(job)
+    assert frame[4:7] == b"\x00\xff\xff"
+    assert list(scan(frame)) == [job]
+
+
+def test_id_over_65535_bytes_rejected() -> None:
+    """An id of 65536 UTF-8 bytes raises CodecError naming the limit."""
+    with pytest.raises(CodecError, match="65536 bytes in UTF-8, over the logfile limit of 65535"):
+        encode(Job("x" * 65536, 1))
+
+
+def test_limit_counts_utf8_bytes_not_characters() -> None:
+    """32768 two-byte characters are 65536 bytes: rejected, though only 32768 characters."""
+    with pytest.raises(CodecError, match="65536 bytes"):
+        encode(JobRemoval("é" * 32768))
+    with pytest.raises(CodecError, match="rule 'r' pattern"):
+        encode(Rule("r", "é" * 32768, ShellSpec("x")))
+
+
+@pytest.mark.parametrize("ns", [I64_MAX + 1, I64_MIN - 1, 2**80])
+def test_time_outside_i64_rejected(ns: int) -> None:
+    """An execution time outside the signed 64-bit range raises CodecError."""
+    with pytest.raises(CodecError, match="signed 64-bit range"):
+        encode(Job("a", ns))
+
+
+@pytest.mark.parametrize("ns", [I64_MAX, I64_MIN, 0])
+def test_time_at_i64_bounds_round_trips(ns: int) -> None:
+    """The extreme i64 values are valid times and survive a round trip."""
+    assert decode_payload(encode(Job("a", ns))[4:]) == Job("a", ns)
+
+
+def test_unencodable_string_rejected() -> None:
+    """A lone surrogate cannot be UTF-8: CodecError, not UnicodeEncodeError."""
+    with pytest.raises(CodecError, match="cannot be encoded as UTF-8"):
+        encode(Job("a\ud800", 1))
+    with pytest.raises(CodecError, match="shell command"):
+        encode(Rule("r", "p", ShellSpec("\udfff")))
+
+
+def test_error_messages_do_not_leak_runner_values() -> None:
+    """A bad DSN is named by rule and field, never quoted: it may hold credentials."""
+    dsn = "amqp://user:s3cret@host/" + "x" * 70000
+    with pytest.raises(CodecError) as info:
+        encode(Rule("notify", "n.", AmqpSpec(dsn, "e", "k")))
+    assert "s3cret" not in str(info.value)
+    assert "rule 'notify' amqp dsn is 70024 bytes" in str(info.value)
+    with pytest.raises(CodecError) as info:
+        encode(Rule("r", "p", RedisSpec("redis://:s3cret@h\udc80", "SET", "k")))
+    assert "s3cret" not in str(info.value)
+    assert "redis url cannot be encoded as UTF-8" in str(info.value)
+
+
+def test_non_status_rejected() -> None:
+    """A status that is not a JobStatus would write an unreadable frame: rejected."""
+    with pytest.raises(CodecError, match="not a JobStatus"):
+        encode(Job("a", 1, cast(Any, 7)))
+
+
+def test_too_many_arguments_rejected() -> None:
+    """More than 65535 direct arguments cannot be counted in a u16."""
+    with pytest.raises(CodecError, match="65536 items"):
+        encode(Rule("r", "p", DirectSpec("e", ("",) * 65536)))
+
+
+def test_frame_over_max_rejected() -> None:
+    """A rule whose frame would exceed MAX_FRAME_BYTES is refused (readers reject it)."""
+    spec = AwfSpec("wf", tuple("k=" + "v" * 60000 for _ in range(20)))
+    with pytest.raises(CodecError, match=f"over the logfile frame limit of {MAX_FRAME_BYTES}"):
+        encode(Rule("big", "p", spec))
+
+
+def test_not_an_entry_rejected() -> None:
+    """Encoding something that is not an Entry raises CodecError."""
+    with pytest.raises(CodecError, match="not a logfile entry"):
+        encode(cast(Any, "SET a 1"))
+
+
+# --------------------------------------------------------------------- decode errors
+
+MALFORMED: list[tuple[str, bytes, str]] = [
+    ("empty", b"", "empty payload"),
+    ("unknown type", b"\x04\x00\x01a", "unknown entry type byte 4"),
+    ("type 255", b"\xff", "unknown entry type byte 255"),
+    ("id past end", hx("00 00 05 61 62 63"), "job id needs 5 bytes"),
+    ("no id length", hx("00 00"), "length of job id needs 2 bytes"),
+    ("short time", hx("00 00 01 61 00 00 00"), "job execution time needs 8 bytes"),
+    ("no status", hx("00 00 01 61 00 00 00 00 00 00 00 01"), "job status needs 1 bytes"),
+    ("bad status", hx("00 00 01 61 00 00 00 00 00 00 00 01 04"), "bad job status byte 4"),
+    ("trailing", hx("00 00 01 61 00 00 00 00 00 00 00 01 00 00"), "1 trailing bytes"),
+    ("bad utf8", hx("00 00 01 ff 00 00 00 00 00 00 00 01 00"), "job id is not valid UTF-8"),
+    (
+        "utf8 surrogate",
+        hx("02 00 03 ed a0 80"),
+        "removed job id is not valid UTF-8",
+    ),
+    ("no runner kind", hx("01 00 01 72 00 01 70"), "runner kind needs 1 bytes"),
+    ("unknown runner", hx("01 00 01 72 00 01 70 06"), "unknown runner kind 6"),
+    (
+        "missing args",
+        hx("01 00 01 72 00 01 70 02 00 01 65 00 02 00 01 61"),
+        "direct argument #1",
+    ),
+    ("no arg count", hx("01 00 01 72 00 01 70 03 00 01 65"), "count of awf inputs"),
+    ("amqp short", hx("01 00 01 72 00 01 70 01 00 01 64 00 01 65"), "amqp routing key"),
+    ("removal trailing", hx("03 00 01 72 72"), "1 trailing bytes after the rule removal"),
+    ("removal short", hx("02 00"), "length of removed job id"),
+]
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
+)
+def test_malformed_payload_raises_codec_error(payload: bytes, reason: str) -> None:
+    """Every kind of malformed payload raises CodecError with a reason that says what."""
+    with pytest.raises(CodecError) as info:
+        decode_payload(payload)
+    assert reason in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [m[1:] for m in MALFORMED if m[1]],
+    ids=[m[0] for m in MALFORMED if m[1]],
+)
+def test_malformed_frame_in_scan_is_corruption_at_its_offset(payload: bytes, reason: str) -> None:
+    """A complete but undecodable frame after good ones is 'corrupt' at its first byte."""
+    good = encode(Job("aaaa", 1)) + encode(Job("bbbb", 2))
+    after = encode(Job("cccc", 3))
+    data = good + struct.pack(">I", len(payload)) + payload + after
+    result = scan(data)
+    assert list(result) == [Job("aaaa", 1), Job("bbbb", 2)]
+    assert result.good_end == len(good)
+    assert result.problem is not None
+    assert result.problem.kind == "corrupt"
+    assert result.problem.offset == len(good)
+    assert reason in result.problem.reason
+
+
+def test_fast_path_bad_status_reported_precisely() -> None:
+    """A job frame shaped like its predecessors but with status 9 is corrupt, not skipped."""
+    good = encode(Job("same", 1)) * 3
+    bad = bytearray(encode(Job("same", 2)))
+    bad[-1] = 9
+    result = scan(good + bytes(bad))
+    assert len(list(result)) == 3
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("corrupt", len(good))
+    assert "bad job status byte 9" in result.problem.reason
+
+
+def test_fast_path_bad_utf8_reported_precisely() -> None:
+    """A job frame with invalid UTF-8 in its id is corrupt at that frame's offset."""
+    good = encode(Job("same", 1))
+    bad = bytearray(encode(Job("same", 2)))
+    bad[7] = 0xFF
+    result = scan(good + bytes(bad))
+    assert list(result) == [Job("same", 1)]
+    assert result.problem is not None
+    assert result.problem.offset == len(good)
+    assert "not valid UTF-8" in result.problem.reason
+
+
+# --------------------------------------------------------------------- torn and impossible
+
+
+def test_torn_header() -> None:
+    """Fewer than 4 bytes after the last frame is a torn tail, not corruption."""
+    good = encode(Job("a", 1))
+    result = scan(good + b"\x00\x00")
+    assert list(result) == [Job("a", 1)]
+    assert result.problem is not None
+    assert result.problem.kind == "torn"
+    assert (result.problem.offset, result.problem.dropped) == (len(good), 2)
+    assert result.good_end == len(good)
+
+
+def test_every_cut_point_is_a_torn_tail() -> None:
+    """Cutting a log anywhere yields the whole frames before the cut and a torn tail."""
+    entries: list[Entry] = [e for e, _ in HAND_FRAMES]
+    frames = [encode(e) for e in entries]
+    data = b"".join(frames)
+    boundaries = [0]
+    for frame in frames:
+        boundaries.append(boundaries[-1] + len(frame))
+    for cut in range(len(data) + 1):
+        result = scan(data[:cut])
+        got = list(result)
+        whole = max(i for i, b in enumerate(boundaries) if b <= cut)
+        assert got == entries[:whole], cut
+        assert result.good_end == boundaries[whole]
+        if cut == boundaries[whole]:
+            assert result.problem is None
+        else:
+            assert result.problem is not None
+            assert result.problem.kind == "torn", (cut, result.problem)
+
+
+def test_zero_filled_tail_is_torn() -> None:
+    """Zero bytes at the end (a crash after the file grew) are a torn tail."""
+    good = encode(Job("a", 1))
+    result = scan(good + bytes(4096))
+    assert list(result) == [Job("a", 1)]
+    assert result.problem is not None
+    assert result.problem.kind == "torn"
+    assert "zero-filled" in result.problem.reason
+
+
+def test_zero_length_before_data_is_corrupt() -> None:
+    """A declared length of 0 followed by more data is an impossible length: corrupt."""
+    good = encode(Job("a", 1))
+    result = scan(good + b"\x00\x00\x00\x00" + encode(Job("b", 2)))
+    assert list(result) == [Job("a", 1)]
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("corrupt", len(good))
+    assert "impossible frame length 0" in result.problem.reason
+
+
+def test_huge_length_is_corrupt_even_at_the_end() -> None:
+    """A length over MAX_FRAME_BYTES is damage, never a torn write."""
+    good = encode(Job("a", 1))
+    result = scan(good + struct.pack(">I", MAX_FRAME_BYTES + 1) + b"\x00junk")
+    assert list(result) == [Job("a", 1)]
+    assert result.problem is not None
+    assert result.problem.kind == "corrupt"
+    assert f"impossible frame length {MAX_FRAME_BYTES + 1}" in result.problem.reason
+
+
+def test_length_running_past_end_is_torn() -> None:
+    """A plausible length whose payload is cut short is a torn tail naming the shortfall."""
+    frame = encode(Rule("r", "p", ShellSpec("command")))
+    result = scan(frame[:-3])
+    assert list(result) == []
+    assert result.problem is not None
+    assert result.problem.kind == "torn"
+    assert f"declares {len(frame) - 4} payload bytes" in result.problem.reason
+
+
+# --------------------------------------------------------------------- properties
+
+_text = st.text(st.characters(codec="utf-8"), max_size=12)
+_texts = st.lists(_text, max_size=4).map(tuple)
+_runner: st.SearchStrategy[RunnerSpec] = st.one_of(
+    st.builds(ShellSpec, _text),
+    st.builds(AmqpSpec, _text, _text, _text),
+    st.builds(DirectSpec, _text, _texts),
+    st.builds(AwfSpec, _text, _texts),
+    st.builds(HttpSpec, _text, _text),
+    st.builds(RedisSpec, _text, _text, _text),
+)
+_entry: st.SearchStrategy[Entry] = st.one_of(
+    st.builds(Job, _text, st.integers(I64_MIN, I64_MAX), st.sampled_from(JobStatus)),
+    st.builds(Rule, _text, _text, _runner),
+    st.builds(JobRemoval, _text),
+    st.builds(RuleRemoval, _text),
+)
+
+
+@given(_entry)
+def test_round_trip_property(entry: Entry) -> None:
+    """Any entry decodes back to itself, alone and through scan."""
+    frame = encode(entry)
+    assert struct.unpack(">I", frame[:4])[0] == len(frame) - 4
+    assert decode_payload(frame[4:]) == entry
+    assert list(scan(frame)) == [entry]
+
+
+@given(st.lists(_entry, max_size=20))
+def test_scan_round_trip_property(entries: list[Entry]) -> None:
+    """A log of any entries scans back to the same list, ending on the last byte."""
+    data = b"".join(encode(e) for e in entries)
+    result = scan(data)
+    assert list(result) == entries
+    assert (result.good_end, result.problem) == (len(data), None)
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=500)
+def test_decode_random_bytes_raises_only_codec_error(payload: bytes) -> None:
+    """Arbitrary bytes either decode or raise CodecError, nothing else."""
+    try:
+        entry = decode_payload(payload)
+    except CodecError:
+        return
+    assert encode_payload(entry) == payload
+
+
+@given(st.lists(_entry, min_size=1, max_size=8), st.data())
+def test_scan_of_damaged_log_never_raises(entries: list[Entry], data: st.DataObject) -> None:
+    """Flipping any byte of a log never makes scan raise; it stops at a frame boundary."""
+    log = bytearray(b"".join(encode(e) for e in entries))
+    index = data.draw(st.integers(0, len(log) - 1))
+    log[index] ^= data.draw(st.integers(1, 255))
+    result = scan(bytes(log))
+    got = list(result)
+    assert 0 <= result.good_end <= len(log)
+    assert result.count == len(got)
+    if result.problem is None:
+        assert result.good_end == len(log)
+    else:
+        assert result.problem.offset == result.good_end

@@ -1,0 +1,367 @@
+"""``ztick-tw dump``: text and JSON rendering as ztick prints them, compact, follow, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ztick_tw.dump import compact, format_json, format_text, main
+from ztick_tw.model import (
+    AmqpSpec,
+    AwfSpec,
+    DirectSpec,
+    Entry,
+    HttpSpec,
+    Job,
+    JobRemoval,
+    JobStatus,
+    RedisSpec,
+    Rule,
+    RuleRemoval,
+    ShellSpec,
+)
+from ztick_tw.store.codec import encode
+
+NS = 1605457800000000000
+
+
+def run(argv: list[str], sleep: Callable[[float], None] | None = None) -> tuple[int, str, str]:
+    """Run dump with captured streams; returns (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    status = main(argv, out, err) if sleep is None else main(argv, out, err, sleep=sleep)
+    return status, out.getvalue(), err.getvalue()
+
+
+def write_log(path: Path, entries: list[Entry], tail: bytes = b"") -> bytes:
+    """Write ``entries`` as a logfile (plus raw ``tail`` bytes); return the bytes."""
+    data = b"".join(encode(e) for e in entries) + tail
+    path.write_bytes(data)
+    return data
+
+
+# ztick's own dump tests, and the same style for the runners its stored dump lacks.
+TEXT_CASES: list[tuple[Entry, str]] = [
+    (Job("my-job", NS), "SET my-job 1605457800000000000 planned"),
+    (Job("j", -5, JobStatus.FAILED), "SET j -5 failed"),
+    (
+        Rule("my-rule", "*/5 * * * *", ShellSpec("echo hello")),
+        "RULE SET my-rule */5 * * * * shell echo hello",
+    ),
+    (
+        Rule("direct-rule", "* * * * *", DirectSpec("/usr/bin/notify-send")),
+        "RULE SET direct-rule * * * * * direct /usr/bin/notify-send",
+    ),
+    (
+        Rule("curl-rule", "0 * * * *", DirectSpec("/usr/bin/curl", ("-s", "http://example.com"))),
+        "RULE SET curl-rule 0 * * * * direct /usr/bin/curl -s http://example.com",
+    ),
+    (
+        Rule("a", "n.", AmqpSpec("amqp://localhost", "events", "job.done")),
+        "RULE SET a n. amqp amqp://localhost events job.done",
+    ),
+    (
+        Rule("w", "report.", AwfSpec("generate-report", ("format=pdf", "target=main"))),
+        "RULE SET w report. awf generate-report --input format=pdf --input target=main",
+    ),
+    (
+        Rule("h", "hook.", HttpSpec("POST", "https://hooks.example.com/x")),
+        "RULE SET h hook. http POST https://hooks.example.com/x",
+    ),
+    (
+        Rule("q", "q.", RedisSpec("redis://localhost:6379/0", "RPUSH", "backup:tasks")),
+        "RULE SET q q. redis redis://localhost:6379/0 RPUSH backup:tasks",
+    ),
+    (JobRemoval("old-job"), "REMOVE old-job"),
+    (RuleRemoval("old-rule"), "REMOVERULE old-rule"),
+]
+
+JSON_CASES: list[tuple[Entry, str]] = [
+    (
+        Job("my-job", NS),
+        '{"type":"set","identifier":"my-job","execution":1605457800000000000,"status":"planned"}',
+    ),
+    (
+        Rule("my-rule", "*/5 * * * *", ShellSpec("echo hello")),
+        '{"type":"rule_set","identifier":"my-rule","pattern":"*/5 * * * *",'
+        '"runner":{"type":"shell","command":"echo hello"}}',
+    ),
+    (
+        Rule("amqp-rule", "notify.", AmqpSpec("amqp://localhost", "events", "job.done")),
+        '{"type":"rule_set","identifier":"amqp-rule","pattern":"notify.",'
+        '"runner":{"type":"amqp","dsn":"amqp://localhost","exchange":"events",'
+        '"routing_key":"job.done"}}',
+    ),
+    (
+        Rule("direct-rule", "* * * * *", DirectSpec("/usr/bin/notify-send")),
+        '{"type":"rule_set","identifier":"direct-rule","pattern":"* * * * *",'
+        '"runner":{"type":"direct","executable":"/usr/bin/notify-send","args":[]}}',
+    ),
+    (
+        Rule("curl-rule", "0 * * * *", DirectSpec("/usr/bin/curl", ("-s", "http://example.com"))),
+        '{"type":"rule_set","identifier":"curl-rule","pattern":"0 * * * *",'
+        '"runner":{"type":"direct","executable":"/usr/bin/curl",'
+        '"args":["-s","http://example.com"]}}',
+    ),
+    (
+        Rule("w", "r.", AwfSpec("wf", ("k=v",))),
+        '{"type":"rule_set","identifier":"w","pattern":"r.",'
+        '"runner":{"type":"awf","workflow":"wf","inputs":["k=v"]}}',
+    ),
+    (
+        Rule("h", "h.", HttpSpec("GET", "http://x/")),
+        '{"type":"rule_set","identifier":"h","pattern":"h.",'
+        '"runner":{"type":"http","method":"GET","url":"http://x/"}}',
+    ),
+    (
+        Rule("q", "q.", RedisSpec("redis://r", "SET", "k")),
+        '{"type":"rule_set","identifier":"q","pattern":"q.",'
+        '"runner":{"type":"redis","url":"redis://r","command":"SET","key":"k"}}',
+    ),
+    (JobRemoval("old-job"), '{"type":"remove","identifier":"old-job"}'),
+    (RuleRemoval("old-rule"), '{"type":"remove_rule","identifier":"old-rule"}'),
+]
+
+
+@pytest.mark.parametrize(("entry", "line"), TEXT_CASES, ids=lambda v: str(v)[:30])
+def test_text_rendering(entry: Entry, line: str) -> None:
+    """Each entry renders as ztick's text dump line."""
+    assert format_text(entry) == line
+
+
+@pytest.mark.parametrize(("entry", "line"), JSON_CASES, ids=lambda v: str(v)[:30])
+def test_json_rendering(entry: Entry, line: str) -> None:
+    """Each entry renders as ztick's JSON object, byte for byte, and is valid JSON."""
+    assert format_json(entry) == line
+    json.loads(line)
+
+
+def test_json_escapes_like_ztick() -> None:
+    """Quotes, backslashes and control characters are escaped as ztick does; UTF-8 stays."""
+    line = format_json(JobRemoval('a"b\\c\nd\re\tf\x00g\x08h\x1fé'))
+    assert line == (
+        '{"type":"remove","identifier":"a\\"b\\\\c\\nd\\re\\tf\\u0000g\\u0008h\\u001fé"}'
+    )
+    assert json.loads(line)["identifier"] == 'a"b\\c\nd\re\tf\x00g\x08h\x1fé'
+
+
+def test_dump_text_file(tmp_path: Path) -> None:
+    """The dump prints one text line per frame, in file order, and exits 0."""
+    path = tmp_path / "logfile"
+    write_log(path, [e for e, _ in TEXT_CASES])
+    status, out, err = run([str(path)])
+    assert (status, err) == (0, "")
+    assert out == "".join(line + "\n" for _, line in TEXT_CASES)
+
+
+def test_dump_json_file(tmp_path: Path) -> None:
+    """--format json prints one JSON object per line."""
+    path = tmp_path / "logfile"
+    write_log(path, [e for e, _ in JSON_CASES])
+    status, out, err = run([str(path), "--format", "json"])
+    assert (status, err) == (0, "")
+    assert out == "".join(line + "\n" for _, line in JSON_CASES)
+
+
+def test_empty_file_prints_nothing(tmp_path: Path) -> None:
+    """An empty logfile is valid: no output, exit 0."""
+    path = tmp_path / "logfile"
+    path.write_bytes(b"")
+    assert run([str(path)]) == (0, "", "")
+
+
+def test_compact_keeps_final_live_state(tmp_path: Path) -> None:
+    """--compact shows survivors only, last write wins, in order of last write."""
+    path = tmp_path / "logfile"
+    write_log(
+        path,
+        [
+            Job("a", 1),
+            Job("b", 2),
+            Rule("r", "a", ShellSpec("x")),
+            Job("a", 3, JobStatus.EXECUTED),
+            JobRemoval("b"),
+            Job("c", 4),
+            Rule("gone", "g", ShellSpec("y")),
+            RuleRemoval("gone"),
+            Job("r", 9),  # a job named like a rule does not hide it
+        ],
+    )
+    status, out, _ = run([str(path), "--compact"])
+    assert status == 0
+    assert out.splitlines() == [
+        "RULE SET r a shell x",
+        "SET a 3 executed",
+        "SET c 4 planned",
+        "SET r 9 planned",
+    ]
+
+
+def test_compact_function_removal_then_set() -> None:
+    """A job removed and then set again is live; removals of unknown ids are harmless."""
+    assert compact([Job("a", 1), JobRemoval("a"), JobRemoval("zz"), Job("a", 2)]) == [Job("a", 2)]
+
+
+def test_missing_file_exits_1(tmp_path: Path) -> None:
+    """A missing logfile exits 1 with a message naming it."""
+    path = tmp_path / "nope"
+    status, out, err = run([str(path)])
+    assert (status, out) == (1, "")
+    assert err == f"dump: {path}: no such file\n"
+
+
+def test_directory_exits_1(tmp_path: Path) -> None:
+    """A directory instead of a file exits 1 with a message."""
+    status, _, err = run([str(tmp_path)])
+    assert status == 1
+    assert "is a directory" in err
+
+
+def test_bad_arguments_exit_2() -> None:
+    """An unknown format is a usage error on stderr, exit 2."""
+    status, out, err = run(["x", "--format", "xml"])
+    assert (status, out) == (2, "")
+    assert "invalid choice: 'xml'" in err
+    assert "usage: ztick-tw dump" in err
+
+
+def test_help_goes_to_stdout() -> None:
+    """--help prints usage on stdout and exits 0."""
+    status, out, _ = run(["--help"])
+    assert status == 0
+    assert "--compact" in out and "--follow" in out
+
+
+def test_corrupt_frame_prints_what_came_before(tmp_path: Path) -> None:
+    """A corrupt frame: earlier frames are printed, then an error naming its offset; exit 1."""
+    path = tmp_path / "logfile"
+    good = write_log(path, [Job("a", 1), Job("b", 2)])
+    bad = bytearray(encode(Job("c", 3)))
+    bad[-1] = 8
+    path.write_bytes(good + bytes(bad) + encode(Job("d", 4)))
+    status, out, err = run([str(path)])
+    assert status == 1
+    assert out == "SET a 1 planned\nSET b 2 planned\n"
+    assert err.startswith(f"dump: {path}: corrupt frame at byte offset {len(good)}: ")
+    assert "bad job status byte 8" in err
+
+
+def test_torn_tail_warns_and_exits_0(tmp_path: Path) -> None:
+    """A partial trailing frame is reported on stderr and otherwise ignored."""
+    path = tmp_path / "logfile"
+    good = write_log(path, [Job("a", 1)])
+    path.write_bytes(good + encode(Job("b", 2))[:6])
+    status, out, err = run([str(path)])
+    assert (status, out) == (0, "SET a 1 planned\n")
+    assert err == (
+        f"dump: {path}: warning: partial trailing frame at byte offset {len(good)} "
+        "(6 bytes) ignored\n"
+    )
+
+
+class Appender:
+    """A fake ``sleep`` for --follow: each call performs the next scripted step.
+
+    When the script is exhausted it raises KeyboardInterrupt, like Ctrl-C.
+    """
+
+    def __init__(self, steps: list[Callable[[], None]]) -> None:
+        self.steps = steps
+        self.delays: list[float] = []
+
+    def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        if not self.steps:
+            raise KeyboardInterrupt
+        self.steps.pop(0)()
+
+
+def append_bytes(path: Path, data: bytes) -> Callable[[], None]:
+    """A step appending raw bytes to ``path``."""
+
+    def step() -> None:
+        with open(path, "ab") as f:
+            f.write(data)
+
+    return step
+
+
+def test_follow_prints_appended_frames_and_waits_on_torn_tail(tmp_path: Path) -> None:
+    """--follow prints new frames as they land; a half-written frame is waited on."""
+    path = tmp_path / "logfile"
+    write_log(path, [Job("a", 1)])
+    frame = encode(Job("b", 2))
+    sleep = Appender(
+        [
+            append_bytes(path, encode(JobRemoval("a"))),
+            append_bytes(path, frame[:5]),  # torn: nothing printed yet
+            lambda: None,
+            append_bytes(path, frame[5:] + encode(RuleRemoval("r"))),
+        ]
+    )
+    status, out, err = run([str(path), "--follow"], sleep=sleep)
+    assert (status, err) == (0, "")
+    assert out == "SET a 1 planned\nREMOVE a\nSET b 2 planned\nREMOVERULE r\n"
+    assert sleep.delays == [0.2] * 5
+
+
+def test_follow_json_and_corruption(tmp_path: Path) -> None:
+    """--follow in JSON; a corrupt appended frame ends it with the absolute offset."""
+    path = tmp_path / "logfile"
+    first = write_log(path, [Job("a", 1)])
+    second = encode(Job("b", 2))
+    bad = b"\x00\x00\x00\x02\x09\x09"
+    sleep = Appender([append_bytes(path, second + bad), lambda: None])
+    status, out, err = run([str(path), "--follow", "--format", "json"], sleep=sleep)
+    assert status == 1
+    assert [json.loads(line)["identifier"] for line in out.splitlines()] == ["a", "b"]
+    assert f"corrupt frame at byte offset {len(first) + len(second)}" in err
+    assert "unknown entry type byte 9" in err
+
+
+def test_follow_picks_up_a_replaced_file(tmp_path: Path) -> None:
+    """When the logfile is replaced (compaction), --follow reads the new file."""
+    path = tmp_path / "logfile"
+    write_log(path, [Job("a", 1), Job("a", 2)])
+
+    def replace() -> None:
+        fresh = tmp_path / "logfile.new"
+        write_log(fresh, [Job("a", 2)])
+        os.replace(fresh, path)
+
+    sleep = Appender([replace, append_bytes(path, encode(Job("z", 3)))])
+    status, out, err = run([str(path), "--follow"], sleep=sleep)
+    assert status == 0
+    assert out.splitlines() == [
+        "SET a 1 planned",
+        "SET a 2 planned",
+        "SET a 2 planned",
+        "SET z 3 planned",
+    ]
+    assert "replaced" in err
+
+
+def test_follow_compact_prints_state_then_new_frames(tmp_path: Path) -> None:
+    """--compact --follow prints the live state, then every new frame as it comes."""
+    path = tmp_path / "logfile"
+    write_log(path, [Job("a", 1), JobRemoval("a"), Job("b", 2)])
+    sleep = Appender([append_bytes(path, encode(JobRemoval("b")))])
+    status, out, _ = run([str(path), "--compact", "--follow"], sleep=sleep)
+    assert status == 0
+    assert out == "SET b 2 planned\nREMOVE b\n"
+
+
+def test_large_log_is_printed_completely(tmp_path: Path) -> None:
+    """Output is chunked internally, yet every frame of a big log is printed once."""
+    path = tmp_path / "logfile"
+    write_log(path, [Job(f"job.{i:05d}", i) for i in range(10001)])
+    status, out, _ = run([str(path)])
+    lines = out.splitlines()
+    assert status == 0
+    assert len(lines) == 10001
+    assert lines[0] == "SET job.00000 0 planned"
+    assert lines[-1] == "SET job.10000 10000 planned"

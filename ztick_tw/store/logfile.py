@@ -1,0 +1,443 @@
+"""The append-only logfile backend, with group commit (SPEC §5).
+
+Appends made during one reactor turn are encoded into a buffer and written together
+with one ``os.write`` at the start of the next turn.  With ``fsync`` on, every append
+of the turn shares one ``Commit``; after the write, an ``fsync`` runs off the reactor
+thread and resolves the commits of every batch it covers.  While an ``fsync`` is in
+flight, newly written batches wait for the next one, which starts as soon as the
+current one finishes: under load at most one ``fsync`` is in flight and each covers
+many requests.
+
+The file is always cut back to a frame boundary when something goes wrong: a torn last
+frame found at load, a failed write (for example ``ENOSPC``) or a failed ``fsync``.  So
+a later append is never glued onto partial bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+from collections.abc import Callable, Iterator
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorFromThreads,
+    IReactorThreads,
+    IReactorTime,
+)
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ztick_tw.model import Entry
+from ztick_tw.store.base import Commit, CorruptLogError, IStore, StoreError
+from ztick_tw.store.codec import encode, scan
+
+__all__ = ["LogfileStore", "SyncRunner", "thread_pool_runner"]
+
+log = Logger()
+
+#: Runs a blocking callable off the reactor thread; the Deferred fires (on the reactor
+#: thread) with its result or its exception.
+SyncRunner = Callable[[Callable[[], None]], "Deferred[None]"]
+
+# Indirection so tests can inject short writes and write errors.
+_os_write = os.write
+
+
+def thread_pool_runner(reactor: object) -> SyncRunner:
+    """The default ``SyncRunner``: the reactor's own thread pool."""
+    from_threads = IReactorFromThreads(reactor)
+    threads = IReactorThreads(reactor)
+
+    def run(blocking: Callable[[], None]) -> Deferred[None]:
+        return deferToThreadPool(from_threads, threads.getThreadPool(), blocking)
+
+    return run
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """``No space left on device (ENOSPC)`` style text for an OSError."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        return f"{os.strerror(exc.errno)} ({name})"
+    return str(exc) or type(exc).__name__
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``, looping on short writes; OSError on failure."""
+    view = memoryview(data)
+    while view:
+        written = _os_write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "write() wrote nothing")
+        view = view[written:]
+
+
+def _read_all(fd: int) -> bytes:
+    """The whole file behind ``fd``, read from offset 0."""
+    size = os.fstat(fd).st_size
+    chunks: list[bytes] = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, max(size - offset, 1 << 16), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+@implementer(IStore)
+class LogfileStore:
+    """Entries appended to a binary logfile, replayed by ``load()`` at startup.
+
+    ``load()`` must run (to the end) before ``append()``; it opens the file for
+    appending.  ``fsync=True`` makes ``append`` return a ``Commit`` that resolves once
+    the entry is on disk; ``fsync=False`` returns ``None`` (written at the next reactor
+    turn, synced by the operating system when it likes).
+    """
+
+    name = "logfile"
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        path: str,
+        fsync: bool,
+        sync_runner: SyncRunner | None = None,
+        recover: bool = False,
+    ) -> None:
+        self._reactor = reactor
+        self.path = path
+        self.fsync = fsync
+        self.recover = recover
+        self._sync_runner = sync_runner
+        self._fd: int | None = None
+        self._loaded = False
+        self._closed = False
+        self._buffer: list[bytes] = []
+        self._flush_call: IDelayedCall | None = None
+        self._batch: Commit | None = None  # shared by appends not yet written
+        self._unsynced: list[Commit] = []  # written, waiting for the next fsync
+        self._syncing: list[Commit] = []  # covered by the fsync in flight
+        self._sync_in_flight = False
+        self._written_size = 0  # file size after the last successful write
+        self._synced_size = 0  # file size covered by the last successful fsync
+        #: Counters for STAT and tests.
+        self.frames_written = 0
+        self.syncs = 0
+
+    # ----------------------------------------------------------------- loading
+
+    def load(self) -> Iterator[Entry]:
+        """Yield every entry of the logfile in order, then open it for appending.
+
+        A missing file is an empty log (the file is created).  A torn last frame (a
+        crash mid-write) is logged with its offset and the number of bytes dropped,
+        and the file is truncated to the end of the last good frame so that later
+        appends are never glued onto partial bytes.
+
+        Damage before the end (a complete frame that does not decode, or an
+        impossible length) raises ``CorruptLogError(path, offset, reason)`` after the
+        frames before it were yielded; nothing is changed on disk.  With
+        ``recover=True`` the damage is logged as an error instead, the frames before
+        it are kept, and the file is truncated at the bad frame: every frame from the
+        damage on is lost from the log.  The cut bytes are saved beside the logfile
+        in ``<path>.corrupt-<offset>`` for the operator.
+
+        The garbage collector is paused while entries are yielded: replaying a
+        million jobs creates a million long-lived objects, and collections triggered
+        by them would otherwise cost more than the decoding itself.
+        """
+        if self._loaded or self._fd is not None:
+            raise StoreError(f"logfile {self.path}: load() called twice")
+        if self._closed:
+            raise StoreError(f"logfile {self.path}: load() after close()")
+        existed = os.path.exists(self.path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        ok = False
+        try:
+            if not existed:
+                self._sync_directory()
+            data = _read_all(fd)
+            result = scan(data)
+            gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                yield from result
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+            size = result.good_end
+            problem = result.problem
+            if problem is not None:
+                if problem.kind == "corrupt":
+                    if not self.recover:
+                        raise CorruptLogError(self.path, problem.offset, problem.reason)
+                    saved = self._save_damaged(data[problem.offset :], problem.offset)
+                    log.error(
+                        "logfile {path}: corrupt frame at byte offset {offset}: {reason}; "
+                        "recovering: kept the {count} entries before it, cut off {dropped} "
+                        "bytes from there on ({saved})",
+                        path=self.path,
+                        offset=problem.offset,
+                        reason=problem.reason,
+                        count=result.count,
+                        dropped=problem.dropped,
+                        saved=saved,
+                    )
+                else:
+                    log.warn(
+                        "logfile {path}: torn last frame at byte offset {offset} "
+                        "({dropped} bytes: {reason}) cut off: a write interrupted by a "
+                        "crash; appends continue after the last whole frame",
+                        path=self.path,
+                        offset=problem.offset,
+                        dropped=problem.dropped,
+                        reason=problem.reason,
+                    )
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            ok = True
+        finally:
+            if not ok:
+                os.close(fd)
+        self._fd = fd
+        self._loaded = True
+        self._written_size = self._synced_size = size
+
+    def _sync_directory(self) -> None:
+        """Make a newly created logfile's directory entry durable."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # pragma: no cover - platform without directory fds
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError as exc:  # pragma: no cover - filesystem refuses directory fsync
+            log.warn(
+                "logfile {path}: could not sync directory {directory}: {error}",
+                path=self.path,
+                directory=directory,
+                error=describe_os_error(exc),
+            )
+        finally:
+            os.close(dir_fd)
+
+    def _save_damaged(self, damaged: bytes, offset: int) -> str:
+        target = f"{self.path}.corrupt-{offset}"
+        try:
+            with open(target, "wb") as out:
+                out.write(damaged)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            return f"could not save them to {target}: {describe_os_error(exc)}"
+        return f"saved to {target}"
+
+    # ----------------------------------------------------------------- appending
+
+    def append(self, entry: Entry) -> Commit | None:
+        """Buffer ``entry`` for the write at the next reactor turn.
+
+        Raises ``CodecError`` (a ``ValueError``) if the entry cannot be encoded;
+        nothing is buffered then.  Returns the batch ``Commit`` with ``fsync`` on,
+        else ``None``.
+        """
+        if self._fd is None:
+            raise StoreError(
+                f"logfile {self.path}: "
+                + ("append after close()" if self._closed else "append before load()")
+            )
+        self._buffer.append(encode(entry))
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+        if not self.fsync:
+            return None
+        commit = self._batch
+        if commit is None:
+            commit = self._batch = Commit()
+        return commit
+
+    def _flush(self) -> None:
+        """Write the buffered batch; with fsync on, queue its commit for syncing."""
+        self._flush_call = None
+        try:
+            commit = self._write_buffer()
+        except StoreError:
+            return  # logged, commit failed, file cut back
+        if commit is not None:
+            self._unsynced.append(commit)
+            self._start_sync()
+
+    def _write_buffer(self) -> Commit | None:
+        """Write the buffer; return the batch commit (now waiting for an fsync).
+
+        On a write error the file is cut back to its last frame boundary, the batch
+        commit is resolved with the error, which is logged and raised as StoreError.
+        """
+        commit, self._batch = self._batch, None
+        buffer = self._buffer
+        fd = self._fd
+        if not buffer or fd is None:
+            return commit
+        self._buffer = []
+        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        try:
+            _write_all(fd, data)
+        except OSError as exc:
+            offset = self._written_size
+            self._cut_back(offset)
+            error = StoreError(
+                f"logfile {self.path}: writing {len(buffer)} entries ({len(data)} bytes) "
+                f"at byte offset {offset} failed: {describe_os_error(exc)}"
+            )
+            log.error("{message}; those entries are not stored", message=str(error))
+            if commit is not None:
+                commit.resolve(error)
+            raise error from exc
+        self._written_size += len(data)
+        self.frames_written += len(buffer)
+        return commit
+
+    def _cut_back(self, size: int) -> None:
+        """Truncate the file to ``size`` (a frame boundary) after a failure."""
+        self._written_size = size
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError as exc:
+            log.critical(
+                "logfile {path}: could not truncate back to {size} bytes after a failure: "
+                "{error}; the file may end with a partial frame",
+                path=self.path,
+                size=size,
+                error=describe_os_error(exc),
+            )
+
+    # ----------------------------------------------------------------- syncing
+
+    def _runner(self) -> SyncRunner:
+        if self._sync_runner is None:
+            self._sync_runner = thread_pool_runner(self._reactor)
+        return self._sync_runner
+
+    def _start_sync(self) -> None:
+        """Start an fsync covering every written batch, unless one is in flight."""
+        fd = self._fd
+        if self._sync_in_flight or not self._unsynced or fd is None:
+            return
+        commits, self._unsynced = self._unsynced, []
+        target = self._written_size
+        self._sync_in_flight = True
+        self._syncing = commits
+
+        def blocking_fsync() -> None:
+            os.fsync(fd)
+
+        try:
+            d = self._runner()(blocking_fsync)
+        except Exception:
+            d = fail()
+
+        def done(_: object) -> None:
+            self._sync_finished(commits, target, None)
+
+        def failed(failure: Failure) -> None:
+            self._sync_finished(commits, target, failure.value)
+
+        d.addCallbacks(done, failed)
+        d.addErrback(
+            lambda f: log.failure("logfile {path}: fsync bookkeeping failed", f, path=self.path)
+        )
+
+    def _sync_finished(
+        self, commits: list[Commit], target: int, error: BaseException | None
+    ) -> None:
+        self._sync_in_flight = False
+        self._syncing = []
+        if error is None or self._closed or self._synced_size >= target:
+            # Success, or a synchronous flush() already made these bytes durable.
+            self._synced_size = max(self._synced_size, min(target, self._written_size))
+            self.syncs += error is None
+            for commit in commits:
+                commit.resolve()
+        else:
+            doomed = commits + self._unsynced
+            self._unsynced = []
+            keep = self._synced_size
+            failure = StoreError(
+                f"logfile {self.path}: fsync failed: {describe_os_error(error)}; "
+                f"the last {self._written_size - keep} bytes written were cut off "
+                f"(file back to {keep} bytes)"
+            )
+            failure.__cause__ = error
+            log.error("{message}", message=str(failure))
+            self._cut_back(keep)
+            for commit in doomed:
+                commit.resolve(failure)
+        self._start_sync()
+
+    # ----------------------------------------------------------------- shutdown
+
+    def flush(self) -> None:
+        """Write the buffer and fsync now, blocking; resolves every pending commit.
+
+        Raises ``StoreError`` if the write or the fsync fails (the affected commits
+        are resolved with the error and the file is cut back to a frame boundary).
+        """
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        fd = self._fd
+        if fd is None:
+            return
+        write_error: StoreError | None = None
+        try:
+            commit = self._write_buffer()
+        except StoreError as exc:
+            write_error, commit = exc, None
+        pending = self._syncing + self._unsynced
+        self._unsynced = []
+        if commit is not None:
+            pending.append(commit)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            keep = self._synced_size
+            error = StoreError(
+                f"logfile {self.path}: fsync failed: {describe_os_error(exc)}; "
+                f"file cut back to {keep} bytes"
+            )
+            log.error("{message}", message=str(error))
+            self._cut_back(keep)
+            for waiting in pending:
+                waiting.resolve(error)
+            raise error from exc
+        self._synced_size = self._written_size
+        self.syncs += 1
+        for done in pending:
+            done.resolve()
+        if write_error is not None:
+            raise write_error
+
+    def close(self) -> None:
+        """Flush, fsync and close the file.  Idempotent; appends afterwards fail."""
+        if self._closed:
+            return
+        self._closed = True
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            self.flush()
+        finally:
+            self._fd = None
+            os.close(fd)
