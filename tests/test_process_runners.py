@@ -1,0 +1,437 @@
+"""The shell, direct and awf runners, with real child processes on the real reactor."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import tempfile
+from typing import Any
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from ztick_tw.model import AwfSpec, DirectSpec, RunnerSpec, ShellSpec
+from ztick_tw.runners.base import Execution, IRunner, Outcome
+from ztick_tw.runners.process import AwfRunner, DirectRunner, ProcessOptions, ShellRunner
+
+DUE_NS = 1_700_000_000_123_456_789
+PATH = os.environ.get("PATH", os.defpath)
+
+
+def _execution(spec: RunnerSpec, job_id: str = "job.1", attempt: int = 1) -> Execution:
+    return Execution(job_id, DUE_NS, "rule.1", attempt, spec)
+
+
+@implementer(ILogObserver)
+class _Events:
+    """Collects the events the process runners log."""
+
+    def __init__(self) -> None:
+        self.events: list[LogEvent] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        if str(event.get("log_namespace", "")).startswith("ztick_tw.runners.process"):
+            self.events.append(event)
+
+    def output(self, job_id: str, stream: str) -> list[LogEvent]:
+        return [e for e in self.events if e.get("job_id") == job_id and e.get("stream") == stream]
+
+    def text(self, job_id: str, stream: str = "stdout") -> str:
+        found = self.output(job_id, stream)
+        assert len(found) == 1, f"expected one {stream} event for {job_id}, got {found}"
+        return str(found[0]["text"])
+
+    def messages(self, job_id: str) -> list[str]:
+        return [formatEvent(e) for e in self.events if e.get("job_id") == job_id]
+
+
+def _write_script(path: str, body: str) -> str:
+    with open(path, "w") as f:
+        f.write(body)
+    os.chmod(path, stat.S_IRWXU)
+    return path
+
+
+def _gone(pid: int) -> bool:
+    """True when ``pid`` no longer exists or is a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+class _Base(unittest.TestCase):
+    def setUp(self) -> None:
+        self.log = _Events()
+        globalLogPublisher.addObserver(self.log)
+        self.addCleanup(globalLogPublisher.removeObserver, self.log)
+        self.tmp = tempfile.mkdtemp(prefix="ztick-tw-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def shell(self, **options: Any) -> ShellRunner:
+        runner = ShellRunner(reactor, "/bin/sh", ["-c"], ProcessOptions(**options))
+        self.addCleanup(runner.stop, 0)
+        return runner
+
+    def direct(self, **options: Any) -> DirectRunner:
+        runner = DirectRunner(reactor, ProcessOptions(**options))
+        self.addCleanup(runner.stop, 0)
+        return runner
+
+    async def wait_gone(self, pid: int) -> bool:
+        for _ in range(100):
+            if _gone(pid):
+                return True
+            await deferLater(reactor, 0.05, lambda: None)
+        return False
+
+
+class ShellRunnerTests(_Base):
+    def test_provides_irunner(self) -> None:
+        """The process runners provide IRunner (run, stop)."""
+        assert verifyObject(IRunner, self.shell())
+        assert verifyObject(IRunner, self.direct())
+        assert verifyObject(IRunner, AwfRunner(reactor, ProcessOptions()))
+
+    async def test_success(self) -> None:
+        """Exit status 0 is success, and the end is logged with the job and duration."""
+        outcome = await self.shell().run(_execution(ShellSpec("exit 0")))
+        assert outcome == Outcome(True)
+        ends = [m for m in self.log.messages("job.1") if "succeeded" in m]
+        assert len(ends) == 1, self.log.messages("job.1")
+        assert "rule rule.1" in ends[0]
+
+    async def test_nonzero_exit(self) -> None:
+        """A non-zero exit status fails the job with ``exit status N`` and a warning."""
+        outcome = await self.shell().run(_execution(ShellSpec("exit 3")))
+        assert outcome == Outcome(False, "exit status 3")
+        assert any("exit status 3" in m for m in self.log.messages("job.1"))
+
+    async def test_killed_by_signal(self) -> None:
+        """A child killed by a signal fails with the signal's number and name."""
+        outcome = await self.shell().run(_execution(ShellSpec("kill -9 $$")))
+        assert outcome == Outcome(False, "killed by signal 9 (SIGKILL)")
+
+    async def test_environment(self) -> None:
+        """The child sees the base environment plus the ZTICK_* variables of the run."""
+        runner = self.shell(base_environment={"PATH": PATH, "BASE_VAR": "base"})
+        command = (
+            'printf \'%s|\' "$ZTICK_JOB_ID" "$ZTICK_EXECUTION_NS" "$ZTICK_RULE_ID"'
+            ' "$ZTICK_ATTEMPT" "$BASE_VAR" "${HOME-unset}"'
+        )
+        outcome = await runner.run(_execution(ShellSpec(command), job_id="env.job", attempt=3))
+        assert outcome == Outcome(True)
+        assert self.log.text("env.job") == f"env.job|{DUE_NS}|rule.1|3|base|unset|"
+
+    async def test_daemon_environment_by_default(self) -> None:
+        """Without base_environment the child inherits the daemon's environment."""
+        os.environ["ZTICK_TW_TEST_MARKER"] = "marker-value"
+        self.addCleanup(os.environ.pop, "ZTICK_TW_TEST_MARKER")
+        runner = self.shell()
+        await runner.run(_execution(ShellSpec('printf %s "$ZTICK_TW_TEST_MARKER"')))
+        assert self.log.text("job.1") == "marker-value"
+
+    async def test_shell_interprets_metacharacters(self) -> None:
+        """The shell runner hands the command to the shell: ``;`` and ``|`` work."""
+        outcome = await self.shell().run(_execution(ShellSpec("echo a; echo b | tr b c")))
+        assert outcome.success
+        assert self.log.text("job.1") == "a\nc"
+
+    async def test_configured_shell_is_used(self) -> None:
+        """The runner runs ``shell_path shell_args... command`` (here /bin/false fails)."""
+        runner = ShellRunner(reactor, "/bin/false", ["-c"], ProcessOptions())
+        outcome = await runner.run(_execution(ShellSpec("true")))
+        assert outcome == Outcome(False, "exit status 1")
+
+    async def test_missing_shell(self) -> None:
+        """A shell path that does not exist fails the job with the path and the reason."""
+        runner = ShellRunner(reactor, "/no/such/sh", ["-c"], ProcessOptions())
+        outcome = await runner.run(_execution(ShellSpec("true")))
+        assert outcome == Outcome(False, "cannot execute /no/such/sh: No such file or directory")
+        assert runner.running == 0
+
+    async def test_stdin_is_closed(self) -> None:
+        """The child reads EOF on stdin at once (``cat`` ends instead of waiting)."""
+        outcome = await self.shell(run_timeout=10).run(_execution(ShellSpec("cat; echo done")))
+        assert outcome == Outcome(True)
+        assert self.log.text("job.1") == "done"
+
+    async def test_stdout_and_stderr_logged_separately(self) -> None:
+        """Each non-empty stream gives one log event with its text; empty ones none."""
+        await self.shell().run(_execution(ShellSpec("echo out; echo err >&2")))
+        assert self.log.text("job.1", "stdout") == "out"
+        assert self.log.text("job.1", "stderr") == "err"
+        await self.shell().run(_execution(ShellSpec("true"), job_id="quiet"))
+        assert self.log.output("quiet", "stdout") == []
+        assert self.log.output("quiet", "stderr") == []
+
+    async def test_output_is_capped(self) -> None:
+        """Past output_limit_bytes per stream the output is counted and dropped."""
+        runner = self.shell(output_limit_bytes=1000)
+        command = "head -c 1000000 /dev/zero | tr '\\0' x; head -c 5000 /dev/zero | tr '\\0' y >&2"
+        outcome = await runner.run(_execution(ShellSpec(command)))
+        assert outcome == Outcome(True)
+        [out] = self.log.output("job.1", "stdout")
+        assert out["text"] == "x" * 1000
+        assert out["dropped"] == 999_000
+        assert "999000 more bytes dropped" in formatEvent(out)
+        [err] = self.log.output("job.1", "stderr")
+        assert err["text"] == "y" * 1000
+        assert err["dropped"] == 4000
+
+    async def test_timeout_terminates_the_job(self) -> None:
+        """A run past run_timeout is sent SIGTERM and fails; its whole group goes too."""
+        runner = self.shell(run_timeout=0.5)
+        pidfile = os.path.join(self.tmp, "sleep.pid")
+        started = reactor.seconds()
+        outcome = await runner.run(_execution(ShellSpec(f"sleep 30 & echo $! > {pidfile}; wait")))
+        assert outcome == Outcome(False, "timed out after 0.5s")
+        assert reactor.seconds() - started < 20
+        with open(pidfile) as f:
+            sleep_pid = int(f.read())
+        assert await self.wait_gone(sleep_pid), "the shell's sleep survived"
+        assert runner.running == 0
+
+    async def test_child_ignoring_term_is_killed(self) -> None:
+        """A child that ignores SIGTERM gets SIGKILL kill_grace seconds later."""
+        runner = self.shell(run_timeout=0.5, kill_grace=0.3)
+        started = reactor.seconds()
+        outcome = await runner.run(_execution(ShellSpec("trap '' TERM; echo ready; sleep 30")))
+        elapsed = reactor.seconds() - started
+        assert outcome == Outcome(False, "timed out after 0.5s")
+        assert self.log.text("job.1") == "ready"
+        # It outlived the SIGTERM (sent at 0.5 s), so only the SIGKILL (0.3 s later) ended it.
+        assert elapsed >= 0.75
+        assert elapsed < 20
+        assert any("sending SIGKILL" in m for m in self.log.messages("job.1"))
+
+    async def test_straggler_ignoring_term_is_killed(self) -> None:
+        """A process the job started that outlives SIGTERM is killed with its group."""
+        runner = self.shell(run_timeout=0.5, kill_grace=0.3)
+        pidfile = os.path.join(self.tmp, "straggler.pid")
+        command = f"(trap '' TERM; exec sleep 30) & echo $! > {pidfile}; wait"
+        started = reactor.seconds()
+        outcome = await runner.run(_execution(ShellSpec(command)))
+        elapsed = reactor.seconds() - started
+        assert outcome == Outcome(False, "timed out after 0.5s")
+        with open(pidfile) as f:
+            straggler = int(f.read())
+        assert await self.wait_gone(straggler), "the sleep that ignores SIGTERM survived"
+        # The shell died of SIGTERM at 0.5 s; the run ended only when SIGKILL took the rest.
+        assert elapsed >= 0.75
+
+    async def test_background_child_holding_output_does_not_block(self) -> None:
+        """If the child exits but something it started keeps stdout open, the run ends anyway."""
+        runner = self.shell(exit_drain=0.2)
+        outcome = await runner.run(_execution(ShellSpec("sleep 30 & echo $!")))
+        pid = int(self.log.text("job.1"))
+        self.addCleanup(os.kill, pid, signal.SIGKILL)
+        assert outcome == Outcome(True)
+        assert runner.running == 0
+
+    async def test_wrong_spec_kind(self) -> None:
+        """A spec of another runner kind fails instead of raising."""
+        outcome = await self.shell().run(_execution(DirectSpec("/bin/true")))
+        assert outcome == Outcome(False, "the shell runner cannot run a direct rule")
+
+
+class DirectRunnerTests(_Base):
+    async def test_arguments_are_literal(self) -> None:
+        """No shell: ``;``, ``|`` and ``$()`` reach the program as plain text."""
+        spec = DirectSpec("/bin/echo", ("a;b|c", "$(id)", "two words"))
+        outcome = await self.direct().run(_execution(spec))
+        assert outcome == Outcome(True)
+        assert self.log.text("job.1") == "a;b|c $(id) two words"
+
+    async def test_path_lookup_uses_child_path(self) -> None:
+        """A name without a slash is searched in the child's PATH, like execvp."""
+        _write_script(os.path.join(self.tmp, "mytool"), '#!/bin/sh\necho "tool $1"\n')
+        runner = self.direct(base_environment={"PATH": f"/no/such/dir:{self.tmp}:/bin"})
+        outcome = await runner.run(_execution(DirectSpec("mytool", ("x",))))
+        assert outcome == Outcome(True)
+        assert self.log.text("job.1") == "tool x"
+
+    async def test_missing_executable(self) -> None:
+        """A missing program fails the job naming the path; nothing is spawned."""
+        runner = self.direct()
+        outcome = await runner.run(_execution(DirectSpec("/no/such")))
+        assert outcome == Outcome(False, "cannot execute /no/such: No such file or directory")
+
+    async def test_name_not_on_path(self) -> None:
+        """A bare name found nowhere on PATH fails, naming it and the PATH searched."""
+        runner = self.direct(base_environment={"PATH": self.tmp})
+        outcome = await runner.run(_execution(DirectSpec("no-such-tool")))
+        assert outcome == Outcome(
+            False, f"cannot execute no-such-tool: not found on PATH ({self.tmp})"
+        )
+
+    async def test_not_executable(self) -> None:
+        """A directory is not executable: the job fails with the reason."""
+        outcome = await self.direct().run(_execution(DirectSpec(self.tmp)))
+        assert outcome == Outcome(False, f"cannot execute {self.tmp}: Is a directory")
+
+    async def _exec_failure(self, new_session: bool, fork: bool) -> Outcome:
+        # The file passes the pre-spawn check but exec() fails (its interpreter is missing).
+        script = _write_script(os.path.join(self.tmp, "badinterp"), "#!/no/such/interp\n")
+        if fork:
+            reactor._neverUseSpawn = True  # type: ignore[attr-defined]
+            self.addCleanup(delattr, reactor, "_neverUseSpawn")
+        runner = self.direct(new_session=new_session)
+        outcome = await runner.run(_execution(DirectSpec(script)))
+        assert runner.running == 0
+        return outcome
+
+    async def test_exec_failure_posix_spawn(self) -> None:
+        """posix_spawnp's OSError becomes a failed outcome naming the program."""
+        outcome = await self._exec_failure(new_session=False, fork=False)
+        script = os.path.join(self.tmp, "badinterp")
+        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+
+    async def test_exec_failure_fork_fallback(self) -> None:
+        """When Twisted forks instead, the child's exec error still gives a clear reason."""
+        outcome = await self._exec_failure(new_session=False, fork=True)
+        script = os.path.join(self.tmp, "badinterp")
+        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+
+    async def test_exec_failure_through_setsid(self) -> None:
+        """With a new session, setsid's exec error message gives the reason."""
+        outcome = await self._exec_failure(new_session=True, fork=False)
+        script = os.path.join(self.tmp, "badinterp")
+        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+
+    async def test_children_run_concurrently(self) -> None:
+        """Twenty 1 s children started together are all alive at once and all succeed."""
+        runner = self.direct()
+        started = reactor.seconds()
+        runs = [
+            runner.run(_execution(DirectSpec("/bin/sleep", ("1",)), job_id=f"c{i}"))
+            for i in range(20)
+        ]
+        assert runner.running == 20
+        ends: list[float] = []
+
+        def ended(outcome: Outcome) -> Outcome:
+            ends.append(reactor.seconds())
+            return outcome
+
+        for d in runs:
+            d.addCallback(ended)
+        outcomes = await gatherResults(runs)
+        assert outcomes == [Outcome(True)] * 20
+        # Run one after another they would take 20 s; together they end far sooner.
+        assert max(ends) - started < 10
+        assert runner.running == 0
+
+
+class StopTests(_Base):
+    async def test_stop_without_children(self) -> None:
+        """stop() with nothing running fires at once, and later runs are refused."""
+        runner = self.direct()
+        d = runner.stop(1)
+        assert d.called
+        outcome = await runner.run(_execution(DirectSpec("/bin/true")))
+        assert outcome == Outcome(False, "shutting down")
+
+    async def test_stop_lets_a_short_child_finish(self) -> None:
+        """A child that ends within the grace period finishes normally."""
+        runner = self.shell()
+        run = runner.run(_execution(ShellSpec("sleep 0.2")))
+        stopped = runner.stop(10)
+        order: list[str] = []
+
+        def run_ended(outcome: Outcome) -> Outcome:
+            order.append("run")
+            return outcome
+
+        def stop_ended(_: None) -> None:
+            order.append("stop")
+
+        run.addCallback(run_ended)
+        stopped.addCallback(stop_ended)
+        assert await run == Outcome(True)
+        await stopped
+        assert order == ["run", "stop"]
+
+    async def test_stop_terminates_after_grace(self) -> None:
+        """A child still running after the grace period gets SIGTERM; stop() then fires."""
+        runner = self.direct()
+        started = reactor.seconds()
+        run = runner.run(_execution(DirectSpec("/bin/sleep", ("30",))))
+        stopped = runner.stop(0.3)
+        assert not stopped.called
+        late = await runner.run(_execution(DirectSpec("/bin/true"), job_id="late"))
+        assert late == Outcome(False, "shutting down")
+        await stopped
+        elapsed = reactor.seconds() - started
+        assert run.called
+        outcome = await run
+        assert outcome == Outcome(False, "stopped at shutdown (killed by signal 15 (SIGTERM))")
+        assert elapsed >= 0.25
+        assert elapsed < 20
+        assert runner.running == 0
+
+    async def test_stop_kills_child_ignoring_term(self) -> None:
+        """stop() escalates to SIGKILL when SIGTERM is ignored."""
+        runner = self.shell(kill_grace=0.2)
+        run = runner.run(_execution(ShellSpec("trap '' TERM; sleep 30")))
+        await deferLater(reactor, 0.2, lambda: None)  # let the shell set its trap
+        await runner.stop(0)
+        outcome = await run
+        assert outcome == Outcome(False, "stopped at shutdown (killed by signal 9 (SIGKILL))")
+
+
+class AwfRunnerTests(_Base):
+    def awf(self, path: str) -> AwfRunner:
+        runner = AwfRunner(reactor, ProcessOptions(base_environment={"PATH": path}))
+        self.addCleanup(runner.stop, 0)
+        return runner
+
+    async def test_argv(self) -> None:
+        """The awf runner runs ``awf run <workflow> --input k=v ...`` found on PATH."""
+        _write_script(
+            os.path.join(self.tmp, "awf"),
+            '#!/bin/sh\nprintf "%s\\n" "$(basename "$0")" "$@"\n',
+        )
+        runner = self.awf(f"{self.tmp}:{PATH}")
+        spec = AwfSpec("wf", ("a=1", "b=2"))
+        outcome = await runner.run(_execution(spec))
+        assert outcome == Outcome(True)
+        assert self.log.text("job.1").split("\n") == [
+            "awf",
+            "run",
+            "wf",
+            "--input",
+            "a=1",
+            "--input",
+            "b=2",
+        ]
+
+    async def test_awf_failure_status(self) -> None:
+        """A failing awf fails the job with its exit status."""
+        _write_script(os.path.join(self.tmp, "awf"), "#!/bin/sh\nexit 4\n")
+        outcome = await self.awf(f"{self.tmp}:{PATH}").run(_execution(AwfSpec("wf")))
+        assert outcome == Outcome(False, "exit status 4")
+
+    async def test_awf_missing(self) -> None:
+        """Without awf on PATH the job fails with a clear reason."""
+        outcome = await self.awf(self.tmp).run(_execution(AwfSpec("wf")))
+        assert not outcome.success
+        assert outcome.reason == f"awf executable not found on PATH ({self.tmp})"
+
+
+class OptionsTests(unittest.TestCase):
+    def test_negative_values_rejected(self) -> None:
+        """Negative limits are refused with the option's name."""
+        with pytest.raises(ValueError, match="run_timeout"):
+            ProcessOptions(run_timeout=-1)
+        with pytest.raises(ValueError, match="output_limit_bytes"):
+            ProcessOptions(output_limit_bytes=-5)

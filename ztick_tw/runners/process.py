@@ -1,0 +1,604 @@
+"""Runners that execute a job as a child process: ``shell``, ``direct`` and ``awf``.
+
+Every run is one ``reactor.spawnProcess`` call with a :class:`ProcessProtocol`; nothing
+here blocks the reactor or uses a thread.  Per run:
+
+* The program is looked up before spawning (``PATH`` search as ``execvp`` does when the
+  name has no slash, using the child's ``PATH``; otherwise a ``stat``/``access`` check),
+  so a missing or non-executable program fails the job with ``cannot execute X: <why>``.
+  A spawn that still fails (``OSError`` from ``posix_spawnp``, or a forked child that
+  could not ``exec``) also becomes a failed :class:`Outcome`, never an exception.
+* The child gets the daemon's environment (or ``ProcessOptions.base_environment``) plus
+  ``ZTICK_JOB_ID``, ``ZTICK_EXECUTION_NS``, ``ZTICK_RULE_ID`` and ``ZTICK_ATTEMPT``.
+* stdin is closed at once (the child reads EOF); stdout and stderr are read and at most
+  ``output_limit_bytes`` of each are kept and logged when the run ends.
+* With ``new_session`` (the default) the child is started through ``setsid`` so it leads
+  its own process group: a timeout or a shutdown signals the whole group, so the
+  commands a shell started die with it instead of running on unnoticed.
+* A timeout or :meth:`stop` sends SIGTERM, then SIGKILL ``kill_grace`` seconds later.
+
+The outcome is decided when the child has exited and its pipes are closed.  If
+something the child left behind keeps the pipes open, the run ends ``exit_drain``
+seconds after the child exited and the pipes are closed from this side.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ztick_tw.model import AwfSpec, DirectSpec, RunnerKind, RunnerSpec, ShellSpec
+from ztick_tw.runners.base import Execution, IRunner, Outcome
+
+__all__ = [
+    "AwfRunner",
+    "DirectRunner",
+    "ProcessOptions",
+    "ProcessRunner",
+    "ShellRunner",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessOptions:
+    """How process runners treat their children.
+
+    ``output_limit_bytes``: at most this many bytes of stdout and of stderr are kept (and
+    logged) per run; the rest is read and counted but dropped.
+    ``run_timeout``: seconds a run may take before it is terminated; 0 means no limit.
+    ``kill_grace``: seconds between SIGTERM and SIGKILL (timeouts and :meth:`stop`).
+    ``base_environment``: the child's environment before the ``ZTICK_*`` variables are
+    added; ``None`` means the daemon's own ``os.environ`` (read when the runner is made).
+    ``exit_drain``: once the child has exited, how long to wait for its stdout/stderr to
+    close (something it started in the background may hold them) before closing them.
+    ``new_session``: start children through ``setsid`` in a process group of their own,
+    so that termination reaches everything the job started.  Ignored (each child is then
+    signalled alone) when no ``setsid`` program is found.
+    """
+
+    output_limit_bytes: int = 65536
+    run_timeout: float = 0
+    kill_grace: float = 5.0
+    base_environment: Mapping[str, str] | None = None
+    exit_drain: float = 1.0
+    new_session: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("output_limit_bytes", "run_timeout", "kill_grace", "exit_drain"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"ProcessOptions.{name} must be >= 0, got {value!r}")
+
+
+class _CannotExecute(Exception):
+    """The program of a run cannot be started; ``reason`` is the job's failure reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _resolve(name: str, search_path: str) -> str:
+    """Find the file ``execvp(name)`` would run, as an absolute path.
+
+    A name with a slash is checked as it is; a bare name is searched in ``search_path``
+    (a ``PATH`` value).  Raises :class:`_CannotExecute` with the reason when there is no
+    such executable file.
+    """
+    if not name:
+        raise _CannotExecute("cannot execute an empty program name")
+    if "/" not in name:
+        found = shutil.which(name, path=search_path)
+        if found is None:
+            raise _CannotExecute(f"cannot execute {name}: not found on PATH ({search_path})")
+        return os.path.abspath(found)
+    try:
+        st = os.stat(name)
+    except OSError as e:
+        raise _CannotExecute(f"cannot execute {name}: {e.strerror}") from None
+    except ValueError as e:  # embedded NUL byte
+        raise _CannotExecute(f"cannot execute {name!r}: {e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise _CannotExecute(f"cannot execute {name}: Is a directory")
+    if not stat.S_ISREG(st.st_mode) or not os.access(name, os.X_OK):
+        raise _CannotExecute(f"cannot execute {name}: Permission denied")
+    return os.path.abspath(name)
+
+
+def _describe_exit(exit_code: int | None, sig: int | None) -> str:
+    """``exit status 3`` or ``killed by signal 9 (SIGKILL)``."""
+    if sig is not None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            return f"killed by signal {sig}"
+        return f"killed by signal {sig} ({name})"
+    return f"exit status {exit_code}"
+
+
+_SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
+
+_ERRNO_TEXT = re.compile(r"\[Errno \d+\] ([^:\n]+)")
+
+
+def _exec_failure(executable: str, stderr: bytes) -> str | None:
+    """The reason a child could not ``exec``, read from what it wrote to stderr.
+
+    Two writers are understood: Twisted's fork fallback (``Upon execvpe ...`` and a Python
+    traceback, exit status 1) and util-linux ``setsid`` (``setsid: failed to execute X: why``,
+    exit status 126 or 127).  ``None`` when stderr is neither.
+    """
+    if stderr.startswith(b"Upon execvpe"):
+        text = stderr.decode("utf-8", "replace")
+        match = _ERRNO_TEXT.search(text)
+        lines = [line for line in text.splitlines() if line.strip()]
+        why = match.group(1) if match else (lines[-1] if lines else "exec failed")
+        return f"cannot execute {executable}: {why}"
+    prefix = b"setsid: failed to execute "
+    if stderr.startswith(prefix):
+        line = stderr[len(prefix) :].split(b"\n", 1)[0].decode("utf-8", "replace")
+        return f"cannot execute {line}"
+    return None
+
+
+class _Capture:
+    """The first ``limit`` bytes of one output stream, and a count of the rest."""
+
+    __slots__ = ("data", "dropped", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def add(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        if room >= len(chunk):
+            self.data += chunk
+        else:
+            if room > 0:
+                self.data += chunk[:room]
+            self.dropped += len(chunk) - max(room, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What to spawn for one run: the program file and the argv it gets."""
+
+    executable: str  # the resolved file, for messages
+    argv: tuple[str, ...]  # argv[0] included
+
+
+class _Run(ProcessProtocol):
+    """One child process: collects its output, owns its timers, reports its outcome."""
+
+    def __init__(self, runner: ProcessRunner, execution: Execution, plan: _Plan) -> None:
+        self.runner = runner
+        self.execution = execution
+        self.plan = plan
+        self.deferred: Deferred[Outcome] = Deferred()
+        self.started = runner._clock.seconds()
+        self.pid: int | None = None
+        self.stdout = _Capture(runner.options.output_limit_bytes)
+        self.stderr = _Capture(runner.options.output_limit_bytes)
+        self.exited = False
+        self.ended = False
+        self.terminating = False
+        self.cause: str | None = None  # why we terminated it, if we did
+        self._timeout_call: IDelayedCall | None = None
+        self._grace_call: IDelayedCall | None = None
+        self._kill_call: IDelayedCall | None = None
+        self._drain_call: IDelayedCall | None = None
+
+    # -- ProcessProtocol ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+        self.transport.closeStdin()
+        timeout = self.runner.options.run_timeout
+        if timeout > 0:
+            self._timeout_call = self.runner._clock.callLater(
+                timeout, self.terminate, f"timed out after {timeout:g}s"
+            )
+
+    def outReceived(self, data: bytes) -> None:
+        self.stdout.add(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr.add(data)
+
+    def processExited(self, reason: Failure) -> None:
+        self.exited = True
+        self._timeout_call = _cancelled(self._timeout_call)
+        self._grace_call = _cancelled(self._grace_call)
+        if self._kill_call is not None and not self._group_alive():
+            self._kill_call = _cancelled(self._kill_call)
+        if self._kill_call is None:
+            # Normally the pipes are closed already and processEnded follows at once;
+            # this only fires if something the child started still holds them.
+            self._drain_call = self.runner._clock.callLater(
+                self.runner.options.exit_drain, self._close_pipes
+            )
+        # else: we sent SIGTERM and others in the child's process group outlived it: the
+        # pending SIGKILL to the group ends them, then the pipes drain.
+
+    def processEnded(self, reason: Failure) -> None:
+        self._cancel_all()
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            outcome = self._outcome(reason)
+        except Exception as e:  # never leave the run's Deferred unfired
+            self.runner.log.failure(
+                "job {job_id}: reading the outcome failed", job_id=self.execution.job_id
+            )
+            outcome = Outcome(False, f"internal error reading the outcome: {e!r}")
+        self.runner._finished(self, outcome)
+
+    # -- termination ----------------------------------------------------------------------
+
+    def shutdown(self, grace: float) -> None:
+        """Give the child ``grace`` seconds, then terminate it (runner is stopping)."""
+        if self.exited or self.terminating or self._grace_call is not None:
+            return
+        self._grace_call = self.runner._clock.callLater(
+            grace, self.terminate, "stopped at shutdown"
+        )
+
+    def terminate(self, cause: str) -> None:
+        """Send SIGTERM now and SIGKILL after ``kill_grace`` seconds."""
+        self._timeout_call = _cancelled(self._timeout_call)
+        self._grace_call = _cancelled(self._grace_call)
+        if self.exited or self.terminating:
+            return
+        self.terminating = True
+        self.cause = cause
+        self.runner.log.info(
+            "job {job_id}: {cause}; sending SIGTERM to pid {pid}",
+            job_id=self.execution.job_id,
+            rule_id=self.execution.rule_id,
+            attempt=self.execution.attempt,
+            pid=self.pid,
+            cause=cause,
+        )
+        self._signal(signal.SIGTERM)
+        self._kill_call = self.runner._clock.callLater(self.runner.options.kill_grace, self._kill)
+
+    def _kill(self) -> None:
+        self._kill_call = None
+        self.runner.log.warn(
+            "job {job_id}: pid {pid} still running {grace:g}s after SIGTERM; sending SIGKILL",
+            job_id=self.execution.job_id,
+            rule_id=self.execution.rule_id,
+            attempt=self.execution.attempt,
+            pid=self.pid,
+            grace=self.runner.options.kill_grace,
+        )
+        self._signal(signal.SIGKILL)
+        if self.exited and self._drain_call is None:
+            self._drain_call = self.runner._clock.callLater(
+                self.runner.options.exit_drain, self._close_pipes
+            )
+
+    def _signal(self, sig: int) -> None:
+        if self.pid is None:
+            return
+        if self.runner._setsid is not None:
+            try:
+                os.killpg(self.pid, sig)
+                return
+            except ProcessLookupError:
+                # No such group: the child has not called setsid() yet (or everything
+                # in it is gone); signal the child itself below.
+                pass
+            except OSError as e:
+                self.runner.log.warn(
+                    "job {job_id}: cannot signal process group {pid}: {error}",
+                    job_id=self.execution.job_id,
+                    pid=self.pid,
+                    error=e.strerror,
+                )
+        if self.exited or self.transport is None:
+            return
+        try:
+            self.transport.signalProcess(sig)
+        except ProcessExitedAlready:
+            pass
+        except OSError as e:
+            self.runner.log.warn(
+                "job {job_id}: cannot signal pid {pid}: {error}",
+                job_id=self.execution.job_id,
+                pid=self.pid,
+                error=e.strerror,
+            )
+
+    def _group_alive(self) -> bool:
+        """Whether any process is left in the child's own process group (``setsid``)."""
+        if self.runner._setsid is None or self.pid is None:
+            return False
+        try:
+            os.killpg(self.pid, 0)
+        except OSError:
+            return False
+        return True
+
+    def _close_pipes(self) -> None:
+        self._drain_call = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _cancel_all(self) -> None:
+        self._timeout_call = _cancelled(self._timeout_call)
+        self._grace_call = _cancelled(self._grace_call)
+        self._kill_call = _cancelled(self._kill_call)
+        self._drain_call = _cancelled(self._drain_call)
+
+    # -- result ---------------------------------------------------------------------------
+
+    def _outcome(self, reason: Failure) -> Outcome:
+        exit_code: int | None = getattr(reason.value, "exitCode", None)
+        sig: int | None = getattr(reason.value, "signal", None)
+        if self.cause is not None:
+            if self.cause.startswith("timed out"):
+                return Outcome(False, self.cause)
+            return Outcome(False, f"{self.cause} ({_describe_exit(exit_code, sig)})")
+        if sig is None and exit_code == 0:
+            return Outcome(True)
+        if sig is None and exit_code in (1, 126, 127):
+            why = _exec_failure(self.plan.executable, bytes(self.stderr.data))
+            if why is not None:
+                return Outcome(False, why)
+        return Outcome(False, _describe_exit(exit_code, sig))
+
+
+def _cancelled(call: IDelayedCall | None) -> IDelayedCall | None:
+    """Cancel ``call`` if it is still pending; returns ``None`` to clear the reference."""
+    if call is not None and call.active():
+        call.cancel()
+    return None
+
+
+@implementer(IRunner)
+class ProcessRunner:
+    """Common machinery of the process runners; subclasses say what to execute.
+
+    ``reactor`` must provide ``IReactorProcess`` and ``IReactorTime``.
+    """
+
+    log: ClassVar[Logger] = Logger()
+    #: The kind of spec this runner executes (its ``wire`` word appears in logs).
+    kind: ClassVar[RunnerKind]
+
+    def __init__(self, reactor: IReactorProcess, options: ProcessOptions) -> None:
+        self._reactor = reactor
+        self._clock = IReactorTime(reactor)
+        self.options = options
+        base = os.environ if options.base_environment is None else options.base_environment
+        self._base_env: dict[str, str] = dict(base)
+        self._search_path = self._base_env.get("PATH", os.defpath)
+        self._setsid: str | None = None
+        if options.new_session:
+            self._setsid = shutil.which("setsid", path=_SYSTEM_PATH) or shutil.which(
+                "setsid", path=self._search_path
+            )
+            if self._setsid is None:
+                self.log.warn(
+                    "no setsid program found: {runner} jobs share the daemon's process group,"
+                    " and a timeout or shutdown signals only the job's own process",
+                    runner=self.kind.wire,
+                )
+        self._live: set[_Run] = set()
+        self._stopping = False
+        self._stop_waiters: list[Deferred[None]] = []
+
+    @property
+    def running(self) -> int:
+        """How many children of this runner are alive (for STAT)."""
+        return len(self._live)
+
+    def _plan(self, spec: RunnerSpec) -> _Plan:
+        """The program and argv for ``spec``; raises ``_CannotExecute``."""
+        raise NotImplementedError
+
+    def run(self, execution: Execution) -> Deferred[Outcome]:
+        """Spawn the child for ``execution``; fires with its outcome, never errbacks."""
+        if self._stopping:
+            return self._fail_early(execution, "shutting down")
+        if execution.spec.kind is not self.kind:
+            return self._fail_early(
+                execution,
+                f"the {self.kind.wire} runner cannot run a {execution.spec.kind.wire} rule",
+            )
+        try:
+            plan = self._plan(execution.spec)
+        except _CannotExecute as e:
+            return self._fail_early(execution, e.reason)
+        env = dict(self._base_env)
+        env["ZTICK_JOB_ID"] = execution.job_id
+        env["ZTICK_EXECUTION_NS"] = str(execution.execution_ns)
+        env["ZTICK_RULE_ID"] = execution.rule_id
+        env["ZTICK_ATTEMPT"] = str(execution.attempt)
+        if self._setsid is not None:
+            executable, argv = self._setsid, (self._setsid, plan.executable, *plan.argv[1:])
+        else:
+            executable, argv = plan.executable, plan.argv
+        proto = _Run(self, execution, plan)
+        self._live.add(proto)
+        try:
+            self._reactor.spawnProcess(proto, executable, argv, env=env, path=None)
+        except Exception as e:
+            self._live.discard(proto)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            return self._fail_early(execution, f"cannot execute {executable}: {why}")
+        self.log.debug(
+            "job {job_id}: {runner} run started (rule {rule_id}, attempt {attempt}, pid {pid})",
+            job_id=execution.job_id,
+            rule_id=execution.rule_id,
+            attempt=execution.attempt,
+            pid=proto.pid,
+            runner=self.kind.wire,
+        )
+        return proto.deferred
+
+    def stop(self, grace: float) -> Deferred[None]:
+        """Refuse new runs; give live children ``grace`` s, then SIGTERM, then SIGKILL."""
+        self._stopping = True
+        if not self._live:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._stop_waiters.append(d)
+        for run in list(self._live):
+            run.shutdown(grace)
+        return d
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _fail_early(self, execution: Execution, reason: str) -> Deferred[Outcome]:
+        self._log_end(execution, None, Outcome(False, reason), 0.0)
+        return succeed(Outcome(False, reason))
+
+    def _finished(self, run: _Run, outcome: Outcome) -> None:
+        self._live.discard(run)
+        try:
+            self._log_output(run)
+            self._log_end(run.execution, run.pid, outcome, self._clock.seconds() - run.started)
+        finally:
+            run.deferred.callback(outcome)
+            if self._stopping and not self._live:
+                waiters, self._stop_waiters = self._stop_waiters, []
+                for d in waiters:
+                    d.callback(None)
+
+    def _log_output(self, run: _Run) -> None:
+        execution = run.execution
+        for stream, capture in (("stdout", run.stdout), ("stderr", run.stderr)):
+            if not capture.data and not capture.dropped:
+                continue
+            text = capture.data.decode("utf-8", "replace")
+            if text.endswith("\n"):
+                text = text[:-1]
+            fields = {
+                "job_id": execution.job_id,
+                "rule_id": execution.rule_id,
+                "attempt": execution.attempt,
+                "pid": run.pid,
+                "stream": stream,
+                "text": text,
+                "dropped": capture.dropped,
+            }
+            if capture.dropped:
+                self.log.info(
+                    "job {job_id} {stream}: {text}\n[{dropped} more bytes dropped]", **fields
+                )
+            else:
+                self.log.info("job {job_id} {stream}: {text}", **fields)
+
+    def _log_end(
+        self, execution: Execution, pid: int | None, outcome: Outcome, duration: float
+    ) -> None:
+        if outcome.success:
+            self.log.info(
+                "job {job_id}: {runner} run succeeded in {duration:.3f}s"
+                " (rule {rule_id}, attempt {attempt}, pid {pid})",
+                job_id=execution.job_id,
+                rule_id=execution.rule_id,
+                attempt=execution.attempt,
+                pid=pid,
+                duration=duration,
+                runner=self.kind.wire,
+            )
+        else:
+            self.log.warn(
+                "job {job_id}: {runner} run failed after {duration:.3f}s: {reason}"
+                " (rule {rule_id}, attempt {attempt}, pid {pid})",
+                job_id=execution.job_id,
+                rule_id=execution.rule_id,
+                attempt=execution.attempt,
+                pid=pid,
+                duration=duration,
+                reason=outcome.reason,
+                runner=self.kind.wire,
+            )
+
+
+class ShellRunner(ProcessRunner):
+    """``shell <command>``: runs ``[shell_path, *shell_args, command]``."""
+
+    kind = RunnerKind.SHELL
+
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        shell_path: str,
+        shell_args: Sequence[str],
+        options: ProcessOptions,
+    ) -> None:
+        super().__init__(reactor, options)
+        self.shell_path = shell_path
+        self.shell_args = tuple(shell_args)
+
+    def _plan(self, spec: RunnerSpec) -> _Plan:
+        assert isinstance(spec, ShellSpec)
+        executable = _resolve(self.shell_path, self._search_path)
+        return _Plan(executable, (self.shell_path, *self.shell_args, spec.command))
+
+
+class DirectRunner(ProcessRunner):
+    """``direct <executable> [args...]``: execve with literal arguments, no shell.
+
+    A name without a slash is looked up in the child's ``PATH`` as ``execvp`` does.
+    """
+
+    kind = RunnerKind.DIRECT
+
+    def __init__(self, reactor: IReactorProcess, options: ProcessOptions) -> None:
+        super().__init__(reactor, options)
+
+    def _plan(self, spec: RunnerSpec) -> _Plan:
+        assert isinstance(spec, DirectSpec)
+        executable = _resolve(spec.executable, self._search_path)
+        return _Plan(executable, (spec.executable, *spec.arguments))
+
+
+class AwfRunner(ProcessRunner):
+    """``awf <workflow> [--input k=v ...]``: runs ``awf run <workflow> [--input k=v ...]``."""
+
+    kind = RunnerKind.AWF
+
+    def __init__(
+        self, reactor: IReactorProcess, options: ProcessOptions, awf_executable: str = "awf"
+    ) -> None:
+        super().__init__(reactor, options)
+        self.awf_executable = awf_executable
+
+    def _plan(self, spec: RunnerSpec) -> _Plan:
+        assert isinstance(spec, AwfSpec)
+        name = self.awf_executable
+        try:
+            executable = _resolve(name, self._search_path)
+        except _CannotExecute as e:
+            if "/" in name:
+                raise
+            raise _CannotExecute(
+                f"{name} executable not found on PATH ({self._search_path})"
+            ) from e
+        argv = [name, "run", spec.workflow]
+        for item in spec.inputs:
+            argv += ["--input", item]
+        return _Plan(executable, tuple(argv))
