@@ -1,0 +1,177 @@
+"""Assemble a running daemon from a ``Config``: store, scheduler, runners, listener."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from ztick_tw import __version__
+from ztick_tw.config import Config
+from ztick_tw.model import RunnerKind
+from ztick_tw.protocol.server import ZtickFactory
+from ztick_tw.runners.base import IRunner
+from ztick_tw.runners.process import AwfRunner, DirectRunner, ProcessOptions, ShellRunner
+from ztick_tw.runners.unavailable import UnavailableRunner
+from ztick_tw.scheduler.core import Scheduler
+from ztick_tw.store.base import IStore, StoreError
+from ztick_tw.store.logfile import LogfileStore
+from ztick_tw.store.memory import MemoryStore
+
+log = Logger(namespace="ztick_tw")
+
+
+class StartupError(Exception):
+    """A known reason the daemon cannot start; its message is one line for stderr."""
+
+
+class SchedulerService(Service):
+    """Runs the scheduler between start and stop, and closes the store last.
+
+    Stopping stops the timer, lets running executions finish for the grace period
+    (then TERM, then KILL), records their outcomes, and flushes and closes the log.
+    """
+
+    def __init__(self, scheduler: Scheduler, store: IStore, grace: float) -> None:
+        self.scheduler = scheduler
+        self.store = store
+        self.grace = grace
+
+    def startService(self) -> None:
+        """Start the timer (after the replay done when the service was built)."""
+        super().startService()
+        self.scheduler.start()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop firing, wait for running jobs (bounded by the grace period), close the log."""
+        super().stopService()
+        log.info("stopping: waiting up to {grace}s for running jobs", grace=self.grace)
+        self.store.flush()
+        d = self.scheduler.stop(self.grace)
+
+        def close(result: object) -> None:
+            self.store.close()
+            log.info("stopped; log flushed and closed")
+
+        return d.addBoth(close)
+
+
+def make_store(config: Config, reactor: Any) -> IStore:
+    """The persistence backend named by ``[database] persistence``."""
+    db = config.database
+    if db.persistence == "memory":
+        return MemoryStore()
+    return LogfileStore(
+        reactor, db.logfile_path, db.fsync_on_persist, recover=db.recover_corrupt_log
+    )
+
+
+def make_runners(config: Config, reactor: Any) -> dict[RunnerKind, IRunner]:
+    """One runner per runner kind; kinds not built yet fail their jobs with a reason."""
+    options = ProcessOptions(
+        output_limit_bytes=config.scheduler.output_limit_bytes,
+        run_timeout=config.scheduler.run_timeout,
+    )
+    return {
+        RunnerKind.SHELL: ShellRunner(reactor, config.shell.path, config.shell.args, options),
+        RunnerKind.DIRECT: DirectRunner(reactor, options),
+        RunnerKind.AWF: AwfRunner(reactor, options),
+        RunnerKind.HTTP: UnavailableRunner(RunnerKind.HTTP),
+        RunnerKind.AMQP: UnavailableRunner(RunnerKind.AMQP),
+        RunnerKind.REDIS: UnavailableRunner(RunnerKind.REDIS),
+    }
+
+
+def _refuse_unbuilt(config: Config) -> None:
+    """Refuse settings whose feature is not built yet, rather than run without it."""
+    c = config.controller
+    if c.auth_file is not None:
+        raise StartupError(
+            f"{config.source}: [controller] auth_file: authentication is not supported by"
+            " this version of ztick-tw; refusing to start without it"
+        )
+    if c.tls_cert is not None or c.tls_key is not None:
+        raise StartupError(
+            f"{config.source}: [controller] tls_cert/tls_key: TLS is not supported by this"
+            " version of ztick-tw; refusing to start without it"
+        )
+
+
+def make_service(config: Config, reactor: Any) -> ZtickService:
+    """Build the daemon: replay the log, then a scheduler service and a listener.
+
+    Raises ``StartupError`` for problems an operator must fix (unreadable or damaged
+    logfile, settings this version cannot honour).
+    """
+    _refuse_unbuilt(config)
+    if config.http.listen is not None:
+        log.warn(
+            "{source}: [http] listen is set, but ztick-tw has no REST API yet; ignoring it",
+            source=config.source,
+        )
+    if config.telemetry.enabled:
+        log.warn(
+            "{source}: [telemetry] enabled, but ztick-tw does not export telemetry yet;"
+            " ignoring it",
+            source=config.source,
+        )
+    started = reactor.seconds()
+    try:
+        store = make_store(config, reactor)
+        entries = store.load()
+        scheduler = Scheduler(
+            reactor,
+            store,
+            make_runners(config, reactor),
+            max_concurrent=config.scheduler.max_concurrent_runs,
+            interrupted=config.scheduler.interrupted_jobs,
+        )
+        summary = scheduler.replay(entries)
+    except StoreError as e:
+        raise StartupError(str(e)) from None
+    except OSError as e:
+        where = e.filename or config.database.logfile_path
+        raise StartupError(f"{where}: cannot open logfile: {e.strerror}") from None
+    log.info(
+        "ztick-tw {version}: loaded {jobs} jobs and {rules} rules from {frames} {persistence}"
+        " frames in {seconds:.3f}s",
+        version=__version__,
+        jobs=summary.jobs,
+        rules=summary.rules,
+        frames=summary.frames,
+        persistence=store.name,
+        seconds=reactor.seconds() - started,
+    )
+    factory = ZtickFactory(
+        scheduler,
+        reactor,
+        persistence=store.name,
+        framerate=config.database.framerate,
+    )
+    top = ZtickService(config.controller.listen_endpoint)
+    SchedulerService(scheduler, store, config.scheduler.shutdown_grace).setServiceParent(top)
+    listener = strports.service(config.controller.listen_endpoint, factory, reactor=reactor)
+    listener._raiseSynchronously = True  # a failed bind stops startup
+    listener.setName("controller")
+    listener.setServiceParent(top)
+    return top
+
+
+class ZtickService(MultiService):
+    """The whole daemon: the scheduler service, then the listener (stopped first)."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__()
+        self.endpoint = endpoint
+
+    def startService(self) -> None:
+        """Start everything; a listener that cannot bind raises ``StartupError``."""
+        try:
+            super().startService()
+        except Exception as e:  # CannotListenError and friends from the endpoint
+            raise StartupError(f"cannot listen on {self.endpoint}: {e}") from e
+        log.info("listening on {endpoint} (pid {pid})", endpoint=self.endpoint, pid=os.getpid())
