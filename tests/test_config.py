@@ -572,16 +572,32 @@ def test_error_at_end_of_file_names_last_line() -> None:
     )
 
 
-def test_unquoted_word_gets_a_quoting_hint() -> None:
-    """A bare word (`persistence = memory`, fine for ztick) fails with a quoting hint."""
+def test_unquoted_words_are_read_as_ztick_reads_them() -> None:
+    """A ztick config with bare words (`persistence = memory`) loads, with a warning per line."""
     text = '[log]\nlevel = "info"\n\n[database]\npersistence = memory\nframerate = 512'
+    config = parse_config(text, SRC)
+    assert config.database.persistence == "memory"
+    assert config.warnings == (
+        f'{SRC}: line 5: unquoted value memory read as the string "memory", as ztick does;'
+        ' write persistence = "memory" to make the file valid TOML',
+    )
+    listen = parse_config("[controller]\nlisten = 127.0.0.1:5678\n", SRC)
+    assert listen.controller.listen == "127.0.0.1:5678"
+    assert len(listen.warnings) == 1
+
+
+def test_unquoted_word_that_is_still_invalid_gets_a_quoting_hint() -> None:
+    """A bare word that is also a wrong value fails on the value, naming the key."""
+    text = "[database]\npersistence = disk\n"
     assert _error(text) == (
-        f"{SRC}: line 5: invalid TOML: Invalid value (column 15); "
-        'strings need quotes in TOML: persistence = "memory"'
+        f'{SRC}: [database] persistence: must be one of "logfile", "memory", got "disk"'
     )
-    assert _error("[controller]\nlisten = 127.0.0.1:5678\n").endswith(
-        'strings need quotes in TOML: listen = "127.0.0.1:5678"'
-    )
+
+
+def test_invalid_toml_beyond_bare_words_keeps_the_toml_error() -> None:
+    """Other TOML errors are still reported, on their own line, after bare words are read."""
+    text = "[database]\npersistence = memory\nframerate = = 3\n"
+    assert _error(text).startswith(f"{SRC}: line 3: invalid TOML:")
 
 
 # ----------------------------------------------------------------------------- shell path

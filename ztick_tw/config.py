@@ -237,6 +237,8 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     source: str = DEFAULT_SOURCE
+    #: Things accepted for ztick's sake that an operator should fix (logged at startup).
+    warnings: tuple[str, ...] = ()
     """The file this configuration was read from (or ``DEFAULT_SOURCE``)."""
 
 
@@ -742,17 +744,51 @@ def _check_combinations(
 # --------------------------------------------------------------------------- entry points
 
 
+def _quote_bare_words(text: str) -> tuple[str, list[str]]:
+    """Quote unquoted string values (``persistence = memory``) as ztick's parser reads them.
+
+    ztick's hand-written parser takes a bare word as a string; TOML does not.  Returns
+    the rewritten text and one note per line changed.
+    """
+    out: list[str] = []
+    notes: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = _BARE_ASSIGNMENT.match(line)
+        if match is not None and _bare_word_hint(line):
+            key, word = match.groups()
+            line = f'{key} = "{word}"'
+            notes.append(
+                f'line {number}: unquoted value {word} read as the string "{word}", as ztick'
+                f' does; write {key} = "{word}" to make the file valid TOML'
+            )
+        out.append(line)
+    return "\n".join(out), notes
+
+
 def parse_config(text: str, source: str) -> Config:
-    """Parse and validate TOML ``text``; ``source`` names the file in error messages."""
+    """Parse and validate TOML ``text``; ``source`` names the file in error messages.
+
+    A file that is not valid TOML only because of unquoted words (which ztick accepts)
+    is read as ztick reads it, with a warning per line in ``Config.warnings``.
+    """
+    notes: list[str] = []
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise _toml_error(exc, text).with_source(source) from None
+        relaxed, notes = _quote_bare_words(text)
+        if not notes:
+            raise _toml_error(exc, text).with_source(source) from None
+        try:
+            document = tomllib.loads(relaxed)
+        except tomllib.TOMLDecodeError as relaxed_exc:
+            # Same line numbers: the rewrite changes lines, never adds or removes them.
+            raise _toml_error(relaxed_exc, relaxed).with_source(source) from None
     try:
         config = _build(document)
     except ConfigError as exc:
         raise exc.with_source(source) from None
-    return dataclasses.replace(config, source=source)
+    warnings = tuple(f"{source}: {note}" for note in notes)
+    return dataclasses.replace(config, source=source, warnings=warnings)
 
 
 def load_config(path: str | None) -> Config:

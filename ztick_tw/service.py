@@ -108,6 +108,8 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     logfile, settings this version cannot honour).
     """
     _refuse_unbuilt(config)
+    for warning in config.warnings:
+        log.warn("{warning}", warning=warning)
     if config.http.listen is not None:
         log.warn(
             "{source}: [http] listen is set, but ztick-tw has no REST API yet; ignoring it",
