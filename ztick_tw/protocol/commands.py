@@ -30,9 +30,10 @@ class CommandError(ValueError):
     """A request's arguments are invalid; the message is for the log."""
 
 
-_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})\Z")
-_TIME = re.compile(r"(\d{2}):(\d{2}):(\d{2})\Z")
-_INTEGER = re.compile(r"[+-]?\d+(?:_\d+)*\Z")
+# re.ASCII: ``\d`` must not match other scripts' digits (int() would accept them).
+_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})\Z", re.ASCII)
+_TIME = re.compile(r"(\d{2}):(\d{2}):(\d{2})\Z", re.ASCII)
+_INTEGER = re.compile(r"[+-]?\d+(?:_\d+)*\Z", re.ASCII)
 
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE")
 REDIS_COMMANDS = ("PUBLISH", "RPUSH", "LPUSH", "SET")
@@ -140,7 +141,7 @@ def _parse_http(args: Sequence[str]) -> HttpSpec:
         raise CommandError(f"http method {method!r} is not one of {', '.join(HTTP_METHODS)}")
     if not (url.startswith("http://") or url.startswith("https://")):
         raise CommandError("http URL must start with http:// or https://")
-    if not urlsplit(url).hostname:
+    if not _split_url("http URL", url).hostname:
         raise CommandError("http URL has no host")
     return HttpSpec(method, url)
 
@@ -187,7 +188,7 @@ def _parse_redis(args: Sequence[str]) -> RedisSpec:
         raise CommandError("redis URL must start with redis://")
     parts = _check_host_port("redis URL", url)
     db = parts.path.lstrip("/")
-    if db and not db.isdigit():
+    if db and not (db.isascii() and db.isdigit()):
         raise CommandError("redis URL: database must be a number")
     if command not in REDIS_COMMANDS:
         raise CommandError(f"redis command {command!r} is not one of {', '.join(REDIS_COMMANDS)}")
@@ -196,8 +197,15 @@ def _parse_redis(args: Sequence[str]) -> RedisSpec:
     return RedisSpec(url, command, key)
 
 
+def _split_url(what: str, url: str) -> SplitResult:
+    try:
+        return urlsplit(url)
+    except ValueError as e:  # e.g. an unbalanced "[" or a bad IPv6 literal
+        raise CommandError(f"{what} is malformed: {e}") from None
+
+
 def _check_host_port(what: str, url: str) -> SplitResult:
-    parts = urlsplit(url)
+    parts = _split_url(what, url)
     if not parts.hostname:
         raise CommandError(f"{what} has no host")
     try:

@@ -317,6 +317,7 @@ class ZtickFactory(Factory):
     """Builds ``ZtickProtocol``s that share one scheduler, and answers STAT."""
 
     protocol = ZtickProtocol  # type: ignore[assignment]
+    noisy = False  # no "Starting factory" lines; the service logs where it listens
 
     def __init__(
         self,

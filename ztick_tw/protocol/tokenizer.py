@@ -25,14 +25,23 @@ class TokenizeError(ValueError):
 def decode_line(line: bytes) -> str:
     r"""Decode a raw line (without its ``\n``), dropping one trailing ``\r``.
 
-    Raises ``TokenizeError`` naming the byte offset of invalid UTF-8.
+    Raises ``TokenizeError`` naming the byte offset of invalid UTF-8; its ``tokens``
+    are the whole tokens before the bad byte (so a known instruction can be answered).
     """
     if line.endswith(b"\r"):
         line = line[:-1]
     try:
         return line.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise TokenizeError(f"invalid UTF-8 at byte {e.start}", []) from None
+        head = line[: e.start].decode("utf-8")
+        try:
+            tokens = tokenize(head)
+        except TokenizeError as t:
+            tokens = t.tokens
+        else:
+            if tokens and not head.endswith(SPACE):
+                tokens.pop()  # the last token runs into the bad byte
+        raise TokenizeError(f"invalid UTF-8 at byte {e.start}", tokens) from None
 
 
 def tokenize(text: str) -> list[str]:

@@ -93,6 +93,10 @@ class Scheduler:
         self.lag = lag if lag is not None else LagWindow()
         self.timers = TimerSet(reactor, self.jobs, self._fire_due)
         self._queue: deque[_Queued] = deque()
+        # job -> its live run (queued or running).  A re-SET or REMOVE forgets it, so an
+        # older run of the job is void even when the job is re-set to the same time
+        # (its triggered table value would then be equal).
+        self._current: dict[str, _Queued] = {}
         self._running = 0
         self._pumping = False
         self._stopped = False
@@ -178,6 +182,9 @@ class Scheduler:
         """Stop firing; let running executions finish for ``grace`` s, then end them."""
         self._stopped = True
         self.timers.stop()
+        for item in self._queue:
+            if self._current.get(item.job_id) is item:
+                del self._current[item.job_id]
         self._queue.clear()
         stops = [runner.stop(grace) for runner in set(self._runners.values())]
         if not stops:
@@ -190,6 +197,7 @@ class Scheduler:
         """Create or replace a job (status back to ``planned``); persisted."""
         self.jobs.set(job_id, execution_ns)
         self._attempts.pop(job_id, None)
+        self._current.pop(job_id, None)
         now = now_ns(self._reactor)
         if execution_ns <= now:
             self._late_set[job_id] = now
@@ -210,6 +218,7 @@ class Scheduler:
             raise UnknownJob(job_id)
         self._attempts.pop(job_id, None)
         self._late_set.pop(job_id, None)
+        self._current.pop(job_id, None)
         return self._store.append(JobRemoval(job_id))
 
     def set_rule(self, rule: Rule) -> Commit | None:
@@ -258,7 +267,9 @@ class Scheduler:
             self.log.warn("job {job_id} failed: no rule matches it", job_id=job_id)
             return
         self._store.append(Job(job_id, execution_ns, JobStatus.TRIGGERED))
-        self._queue.append(_Queued(job_id, execution_ns, packed, rule, lag_base))
+        queued = _Queued(job_id, execution_ns, packed, rule, lag_base)
+        self._current[job_id] = queued
+        self._queue.append(queued)
 
     def _pump(self) -> None:
         """Start queued executions while there are free slots (never re-entered)."""
@@ -268,7 +279,10 @@ class Scheduler:
         try:
             while self._queue and self._running < self._max_concurrent and not self._stopped:
                 item = self._queue.popleft()
-                if self.jobs.raw(item.job_id) != item.packed:
+                if (
+                    self._current.get(item.job_id) is not item
+                    or self.jobs.raw(item.job_id) != item.packed
+                ):
                     # Re-set or removed while it waited: this run is void.
                     continue
                 try:
@@ -312,7 +326,10 @@ class Scheduler:
         self._running -= 1
         job_id = item.job_id
         try:
-            if self.jobs.raw(job_id) != item.packed:
+            current = self._current.get(job_id)
+            if current is item:
+                del self._current[job_id]
+            if current is not item or self.jobs.raw(job_id) != item.packed:
                 self.log.info(
                     "job {job_id} finished ({result}) but was re-set or removed meanwhile;"
                     " result not recorded",

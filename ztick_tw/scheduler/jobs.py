@@ -89,8 +89,9 @@ class JobTable:
     def items(self, prefix: str = "") -> Iterator[tuple[str, JobStatus, int]]:
         """``(id, status, execution_ns)`` of every job whose id starts with ``prefix``.
 
-        Jobs come in the order they were first set.  The table must not change while
-        the iterator is in use.
+        Jobs come in the order they were first set (after a replay, a job re-set in
+        the log comes where its last planned frame was).  The table must not change
+        while the iterator is in use.
         """
         for job_id, packed in self._jobs.items():
             if job_id.startswith(prefix):
@@ -197,6 +198,10 @@ class JobTable:
         old = self._jobs.get(job_id)
         if old is not None:
             self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
+            if status == PLANNED:
+                # A re-SET goes after the jobs set before it (``finish_load`` numbers
+                # planned jobs in dict order), as it did before the restart.
+                del self._jobs[job_id]
         self._jobs[job_id] = ((execution_ns + _OFFSET) << _SHIFT) | (status << _STATUS_SHIFT)
         self._counts[status] += 1
 
