@@ -147,11 +147,13 @@ class FakeRunner:
         """Executions whose Deferred has not fired yet."""
         return [e for e, d in self.runs if not d.called]
 
-    def complete(self, job_id: str, success: bool = True, reason: str = "") -> None:
+    def complete(
+        self, job_id: str, success: bool = True, reason: str = "", interrupted: bool = False
+    ) -> None:
         """Fire the oldest pending run of ``job_id`` with an ``Outcome``."""
         for execution, d in self.runs:
             if execution.job_id == job_id and not d.called:
-                d.callback(Outcome(success, reason))
+                d.callback(Outcome(success, reason, interrupted))
                 return
         raise AssertionError(f"no pending run of {job_id!r}")
 

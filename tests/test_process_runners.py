@@ -339,7 +339,7 @@ class StopTests(_Base):
         d = runner.stop(1)
         assert d.called
         outcome = await runner.run(_execution(DirectSpec("/bin/true")))
-        assert outcome == Outcome(False, "shutting down")
+        assert outcome == Outcome(False, "shutting down", interrupted=True)
 
     async def test_stop_lets_a_short_child_finish(self) -> None:
         """A child that ends within the grace period finishes normally."""
@@ -369,12 +369,14 @@ class StopTests(_Base):
         stopped = runner.stop(0.3)
         assert not stopped.called
         late = await runner.run(_execution(DirectSpec("/bin/true"), job_id="late"))
-        assert late == Outcome(False, "shutting down")
+        assert late == Outcome(False, "shutting down", interrupted=True)
         await stopped
         elapsed = reactor.seconds() - started
         assert run.called
         outcome = await run
-        assert outcome == Outcome(False, "stopped at shutdown (killed by signal 15 (SIGTERM))")
+        assert outcome == Outcome(
+            False, "stopped at shutdown (killed by signal 15 (SIGTERM))", interrupted=True
+        )
         assert elapsed >= 0.25
         assert elapsed < 20
         assert runner.running == 0
@@ -386,7 +388,9 @@ class StopTests(_Base):
         await deferLater(reactor, 0.2, lambda: None)  # let the shell set its trap
         await runner.stop(0)
         outcome = await run
-        assert outcome == Outcome(False, "stopped at shutdown (killed by signal 9 (SIGKILL))")
+        assert outcome == Outcome(
+            False, "stopped at shutdown (killed by signal 9 (SIGKILL))", interrupted=True
+        )
 
 
 class AwfRunnerTests(_Base):

@@ -250,6 +250,18 @@ def test_outcomes_persisted_as_job_frames() -> None:
     assert any("failed (rule {rule_id})" in m for m in w.messages())
 
 
+def test_run_interrupted_by_shutdown_stays_triggered() -> None:
+    """A run the daemon ended at shutdown is not recorded failed: it stays triggered."""
+    w = World()
+    w.rule("r", "")
+    w.scheduler.set_job("cut", PAST)
+    w.clock.advance(0)
+    w.runner.complete("cut", False, "stopped at shutdown (killed by signal 15)", True)
+    assert w.status("cut") is T
+    assert w.store.statuses("cut") == [P, T]
+    assert any("stays triggered" in m for m in w.messages())
+
+
 def test_same_instant_fires_in_set_order() -> None:
     """Jobs due at the same instant are started in the order they were set."""
     w = World(max_concurrent=1000)

@@ -23,10 +23,16 @@ class Execution:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How an execution ended: ``success`` and, when it failed, a reason for the log."""
+    """How an execution ended: ``success`` and, when it failed, a reason for the log.
+
+    ``interrupted`` means the daemon itself ended the run because it is shutting down:
+    the job did not get its chance, so it is left ``triggered`` and runs again at the
+    next start (``[scheduler] interrupted_jobs``).
+    """
 
     success: bool
     reason: str = ""
+    interrupted: bool = False
 
 
 class IRunner(Interface):

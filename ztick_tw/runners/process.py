@@ -53,6 +53,10 @@ __all__ = [
 ]
 
 
+#: Why a run was ended when the runner was stopped (the daemon is shutting down).
+SHUTDOWN_CAUSE = "stopped at shutdown"
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessOptions:
     """How process runners treat their children.
@@ -257,9 +261,7 @@ class _Run(ProcessProtocol):
         """Give the child ``grace`` seconds, then terminate it (runner is stopping)."""
         if self.exited or self.terminating or self._grace_call is not None:
             return
-        self._grace_call = self.runner._clock.callLater(
-            grace, self.terminate, "stopped at shutdown"
-        )
+        self._grace_call = self.runner._clock.callLater(grace, self.terminate, SHUTDOWN_CAUSE)
 
     def terminate(self, cause: str) -> None:
         """Send SIGTERM now and SIGKILL after ``kill_grace`` seconds."""
@@ -357,7 +359,11 @@ class _Run(ProcessProtocol):
         if self.cause is not None:
             if self.cause.startswith("timed out"):
                 return Outcome(False, self.cause)
-            return Outcome(False, f"{self.cause} ({_describe_exit(exit_code, sig)})")
+            return Outcome(
+                False,
+                f"{self.cause} ({_describe_exit(exit_code, sig)})",
+                interrupted=self.cause == SHUTDOWN_CAUSE,
+            )
         if sig is None and exit_code == 0:
             return Outcome(True)
         if sig is None and exit_code in (1, 126, 127):
@@ -419,7 +425,7 @@ class ProcessRunner:
     def run(self, execution: Execution) -> Deferred[Outcome]:
         """Spawn the child for ``execution``; fires with its outcome, never errbacks."""
         if self._stopping:
-            return self._fail_early(execution, "shutting down")
+            return self._fail_early(execution, "shutting down", interrupted=True)
         if execution.spec.kind is not self.kind:
             return self._fail_early(
                 execution,
@@ -469,9 +475,12 @@ class ProcessRunner:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _fail_early(self, execution: Execution, reason: str) -> Deferred[Outcome]:
-        self._log_end(execution, None, Outcome(False, reason), 0.0)
-        return succeed(Outcome(False, reason))
+    def _fail_early(
+        self, execution: Execution, reason: str, interrupted: bool = False
+    ) -> Deferred[Outcome]:
+        outcome = Outcome(False, reason, interrupted=interrupted)
+        self._log_end(execution, None, outcome, 0.0)
+        return succeed(outcome)
 
     def _finished(self, run: _Run, outcome: Outcome) -> None:
         self._live.discard(run)

@@ -337,6 +337,13 @@ class Scheduler:
                     result="success" if outcome.success else "failure",
                 )
                 return
+            if outcome.interrupted:
+                self.log.info(
+                    "job {job_id} was stopped by the shutdown; it stays triggered and runs"
+                    " again at the next start",
+                    job_id=job_id,
+                )
+                return
             status = JobStatus.EXECUTED if outcome.success else JobStatus.FAILED
             self.jobs.set_status(job_id, status)
             self._attempts.pop(job_id, None)
