@@ -65,6 +65,16 @@ def test_set_ns() -> None:
     assert h.store.entries == [Job("job", FUTURE, JobStatus.PLANNED)]
 
 
+def test_store_refusing_a_write_answers_error_and_keeps_the_connection() -> None:
+    """A store that raises on append gets ``ID ERROR``; the connection keeps serving."""
+    h = make_harness()
+    h.store.closed = True
+    conn, out = one(h, f"r1 SET job {FUTURE}\n".encode())
+    assert out == b"r1 ERROR\n"
+    conn.send(b"r2 STAT\n")
+    assert conn.take().startswith(b"r2 uptime_ns ")
+
+
 @pytest.mark.parametrize(
     ("args", "ns"),
     [

@@ -24,7 +24,7 @@ from ztick_tw.protocol.commands import CommandError, check_string, parse_executi
 from ztick_tw.protocol.tokenizer import TokenizeError, decode_line, tokenize
 from ztick_tw.scheduler.core import Scheduler, UnknownJob, UnknownRule
 from ztick_tw.scheduler.timers import now_ns
-from ztick_tw.store.base import Commit
+from ztick_tw.store.base import Commit, StoreError
 
 #: The longest line accepted, not counting its ``\n``; a longer one closes the connection.
 MAX_LINE_BYTES = 4096
@@ -159,6 +159,15 @@ class ZtickProtocol(LineReceiver):
             return
         try:
             handler(self, tokens[0], tokens)
+        except StoreError as e:
+            self.log.error(
+                "request {request_id} {instruction} from {peer}: cannot persist: {error}",
+                request_id=tokens[0],
+                instruction=tokens[1],
+                peer=self._peer,
+                error=str(e),
+            )
+            self._error(tokens[0])
         except CommandError as e:
             emit = self.log.debug if isinstance(e, NotFound) else self.log.info
             emit(
