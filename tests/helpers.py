@@ -61,6 +61,7 @@ class FakeStore:
         self.commits: list[Commit] = []
         self._open: Commit | None = None
         self.flushes = 0
+        self.written = 0
         self.closed = False
 
     def load(self) -> Iterator[Entry]:
@@ -93,6 +94,10 @@ class FakeStore:
         """Resolve every handed-out commit, oldest first."""
         for commit in self.commits:
             commit.resolve(error)
+
+    def write_through(self) -> None:
+        """Remember how many entries had been handed to the "file" (``written``)."""
+        self.written = len(self.entries)
 
     def flush(self) -> None:
         """Count the flushes."""

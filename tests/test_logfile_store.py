@@ -152,6 +152,21 @@ def test_appends_written_byte_exact_at_next_turn(logpath: Path) -> None:
     store.close()
 
 
+def test_write_through_writes_now_and_still_syncs(logpath: Path) -> None:
+    """``write_through`` puts the buffer in the file at once; the commit still waits for fsync."""
+    runner = ManualRunner()
+    store, clock, _ = loaded(logpath, runner=runner)
+    commit = store.append(Job("toto", 1605457800000000000, JobStatus.PLANNED))
+    assert commit is not None
+    store.write_through()
+    assert logpath.read_bytes() == SPEC_EXAMPLE
+    assert not commit.done
+    assert clock.getDelayedCalls() == []
+    runner.finish()
+    assert commit.done and commit.error is None
+    store.close()
+
+
 def test_replay_returns_entries_in_order(logpath: Path) -> None:
     """Everything appended comes back from load() in the same order after a restart."""
     entries: list[Entry] = [

@@ -6,8 +6,10 @@ import random
 from collections.abc import Iterable, Mapping
 
 import pytest
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from tests.helpers import (
     EPOCH_NS,
@@ -32,7 +34,7 @@ from ztick_tw.model import (
     RunnerKind,
     ShellSpec,
 )
-from ztick_tw.runners.base import IRunner, Outcome
+from ztick_tw.runners.base import Execution, IRunner, Outcome
 from ztick_tw.scheduler.core import (
     FIRE_BATCH,
     ReplaySummary,
@@ -248,6 +250,33 @@ def test_outcomes_persisted_as_job_frames() -> None:
     assert w.store.statuses("bad") == [P, T, F]
     assert all(j.execution_ns == PAST for j in w.store.job_frames())
     assert any("failed (rule {rule_id})" in m for m in w.messages())
+
+
+def test_triggered_frame_is_written_before_the_runner_starts() -> None:
+    """A runner starts only after its job's triggered frame was handed to the file.
+
+    So a daemon killed while the job runs restarts knowing the job had started.
+    """
+    seen: list[tuple[str, bool]] = []
+
+    @implementer(IRunner)
+    class CheckingRunner:
+        def run(self, execution: Execution) -> Deferred[Outcome]:
+            written = w.store.entries[: w.store.written]
+            seen.append(
+                (execution.job_id, Job(execution.job_id, PAST, JobStatus.TRIGGERED) in written)
+            )
+            return succeed(Outcome(True))
+
+        def stop(self, grace: float) -> Deferred[None]:
+            return succeed(None)
+
+    w = World(runners=all_kinds(CheckingRunner()))
+    w.rule("r", "")
+    w.scheduler.set_job("a", PAST)
+    w.scheduler.set_job("b", PAST)
+    w.clock.advance(0)
+    assert seen == [("a", True), ("b", True)]
 
 
 def test_run_interrupted_by_shutdown_stays_triggered() -> None:

@@ -255,6 +255,9 @@ class Scheduler:
                 self._fire_one(job_id, execution_ns, packed)
             except Exception:
                 self.log.failure("firing job {job_id} failed", job_id=job_id)
+        if due:
+            # The triggered frames reach the file before any runner starts.
+            self._store.write_through()
         self._pump()
 
     def _fire_one(self, job_id: str, execution_ns: int, packed: int) -> None:

@@ -77,6 +77,14 @@ class IStore(Interface):
         entry is on disk.  Never blocks the reactor.
         """
 
+    def write_through() -> None:
+        """Hand buffered entries to the operating system now, without waiting for fsync.
+
+        The scheduler calls this after marking jobs ``triggered`` and before starting
+        their runners, so a daemon killed while a job runs can never have lost the
+        record that the job started (only a power loss before the next fsync can).
+        """
+
     def flush() -> None:
         """Write whatever is buffered now (used at shutdown); may block briefly."""
 

@@ -386,6 +386,16 @@ class LogfileStore:
 
     # ----------------------------------------------------------------- shutdown
 
+    def write_through(self) -> None:
+        """Write the buffered batch now instead of at the end of the reactor turn.
+
+        The fsync (with ``fsync`` on) is started as usual, off the reactor thread.
+        """
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush()
+
     def flush(self) -> None:
         """Write the buffer and fsync now, blocking; resolves every pending commit.
 

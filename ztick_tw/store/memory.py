@@ -30,6 +30,9 @@ class MemoryStore:
         """Accept and forget ``entry``; nothing to wait for."""
         return None
 
+    def write_through(self) -> None:
+        """Nothing is buffered."""
+
     def flush(self) -> None:
         """Nothing is buffered."""
 
