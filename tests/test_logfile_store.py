@@ -167,6 +167,20 @@ def test_write_through_writes_now_and_still_syncs(logpath: Path) -> None:
     store.close()
 
 
+def test_second_store_on_a_locked_logfile_is_refused_before_reading(logpath: Path) -> None:
+    """A second store on a logfile in use fails with a clear error and changes nothing."""
+    first, _, _ = loaded(logpath)
+    logpath.write_bytes(SPEC_EXAMPLE + b"\x00\x00")  # a torn tail the second must not cut
+    second, _ = make(logpath)
+    with pytest.raises(StoreError, match="in use by another process"):
+        list(second.load())
+    assert logpath.read_bytes() == SPEC_EXAMPLE + b"\x00\x00"
+    first.close()
+    third, _, entries = loaded(logpath)
+    assert entries == [Job("toto", 1605457800000000000, JobStatus.PLANNED)]
+    third.close()
+
+
 def test_replay_returns_entries_in_order(logpath: Path) -> None:
     """Everything appended comes back from load() in the same order after a restart."""
     entries: list[Entry] = [
@@ -269,6 +283,7 @@ def test_recover_keeps_frames_before_damage(logpath: Path) -> None:
     assert logpath.read_bytes() == good
     side = logpath.parent / f"logfile.corrupt-{len(good)}"
     assert side.read_bytes() == damaged
+    assert side.stat().st_mode & 0o777 == 0o600  # may hold credentials, like the log
     message = texts(events)
     assert f"byte offset {len(good)}" in message
     assert "impossible frame length 0" in message

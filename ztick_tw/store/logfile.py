@@ -16,6 +16,7 @@ a later append is never glued onto partial bytes.
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import os
 from collections.abc import Callable, Iterator
@@ -161,6 +162,7 @@ class LogfileStore:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         ok = False
         try:
+            self._lock(fd)
             if not existed:
                 self._sync_directory()
             data = _read_all(fd)
@@ -229,10 +231,30 @@ class LogfileStore:
         finally:
             os.close(dir_fd)
 
+    def _lock(self, fd: int) -> None:
+        """Take an exclusive lock on the logfile, so two daemons never share one log.
+
+        The lock lives as long as the descriptor; a second ztick-tw on the same file
+        stops before it reads (let alone truncates) anything.
+        """
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreError(
+                    f"logfile {self.path} is in use by another process"
+                    " (is another ztick-tw running on it?)"
+                ) from None
+            raise StoreError(
+                f"logfile {self.path}: cannot lock it: {describe_os_error(exc)}"
+            ) from None
+
     def _save_damaged(self, damaged: bytes, offset: int) -> str:
         target = f"{self.path}.corrupt-{offset}"
         try:
-            with open(target, "wb") as out:
+            # Private like the logfile itself: the bytes can hold credentials.
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as out:
                 out.write(damaged)
                 out.flush()
                 os.fsync(out.fileno())
