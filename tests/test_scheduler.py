@@ -279,6 +279,25 @@ def test_triggered_frame_is_written_before_the_runner_starts() -> None:
     assert seen == [("a", True), ("b", True)]
 
 
+def test_job_waiting_for_a_slot_is_logged_triggered_only_when_it_starts() -> None:
+    """A queued job's triggered frame is written when it starts, not while it waits.
+
+    So a crash while it only waited reruns it as attempt 1, which is what it is.
+    """
+    w = World(max_concurrent=1)
+    w.rule("r", "")
+    w.scheduler.set_job("a", PAST)
+    w.scheduler.set_job("b", PAST + 1)
+    w.clock.advance(0)
+    assert w.runner.started == ["a"]
+    assert w.status("b") is T
+    assert w.store.statuses("b") == [P]
+    w.runner.complete("a")
+    assert w.runner.started == ["a", "b"]
+    assert w.store.statuses("b") == [P, T]
+    assert w.store.written == len(w.store.entries)
+
+
 def test_run_interrupted_by_shutdown_stays_triggered() -> None:
     """A run the daemon ended at shutdown is not recorded failed: it stays triggered."""
     w = World()

@@ -29,7 +29,7 @@ from ztick_tw.scheduler.jobs import TRIGGERED, JobTable, unpack_ns, unpack_statu
 from ztick_tw.scheduler.rules import RuleBook
 from ztick_tw.scheduler.timers import TimerSet, now_ns
 from ztick_tw.stats import LagWindow
-from ztick_tw.store.base import Commit, IStore
+from ztick_tw.store.base import Commit, IStore, StoreError
 
 #: How many due jobs one timer wake-up takes before yielding to the reactor.
 FIRE_BATCH = 1000
@@ -171,7 +171,7 @@ class Scheduler:
         else:
             self._attempts.pop(job_id, None)
             self.jobs.set_status(job_id, JobStatus.FAILED)
-            self._store.append(Job(job_id, execution_ns, JobStatus.FAILED))
+            self._persist(Job(job_id, execution_ns, JobStatus.FAILED))
             self.log.warn(
                 "job {job_id} was running when ztick-tw last stopped; marked failed"
                 " (interrupted_jobs = fail)",
@@ -255,9 +255,6 @@ class Scheduler:
                 self._fire_one(job_id, execution_ns, packed)
             except Exception:
                 self.log.failure("firing job {job_id} failed", job_id=job_id)
-        if due:
-            # The triggered frames reach the file before any runner starts.
-            self._store.write_through()
         self._pump()
 
     def _fire_one(self, job_id: str, execution_ns: int, packed: int) -> None:
@@ -266,34 +263,63 @@ class Scheduler:
         if rule is None:
             self.jobs.set_status(job_id, JobStatus.FAILED)
             self._attempts.pop(job_id, None)
-            self._store.append(Job(job_id, execution_ns, JobStatus.FAILED))
+            self._persist(Job(job_id, execution_ns, JobStatus.FAILED))
             self.log.warn("job {job_id} failed: no rule matches it", job_id=job_id)
             return
-        self._store.append(Job(job_id, execution_ns, JobStatus.TRIGGERED))
         queued = _Queued(job_id, execution_ns, packed, rule, lag_base)
         self._current[job_id] = queued
         self._queue.append(queued)
 
     def _pump(self) -> None:
-        """Start queued executions while there are free slots (never re-entered)."""
+        """Start queued executions while there are free slots (never re-entered).
+
+        Each started job's ``triggered`` frame is written (handed to the file, not yet
+        fsynced) before its runner starts, so a daemon that dies while the job runs
+        restarts knowing it had started; a job that only waited for a slot is still
+        ``planned`` in the log and simply runs at the next start.
+        """
         if self._pumping:
             return
         self._pumping = True
         try:
-            while self._queue and self._running < self._max_concurrent and not self._stopped:
-                item = self._queue.popleft()
-                if (
-                    self._current.get(item.job_id) is not item
-                    or self.jobs.raw(item.job_id) != item.packed
+            while True:
+                batch: list[_Queued] = []
+                while (
+                    self._queue
+                    and self._running + len(batch) < self._max_concurrent
+                    and not self._stopped
                 ):
-                    # Re-set or removed while it waited: this run is void.
-                    continue
-                try:
-                    self._start(item)
-                except Exception:
-                    self.log.failure("starting job {job_id} failed", job_id=item.job_id)
+                    item = self._queue.popleft()
+                    if (
+                        self._current.get(item.job_id) is not item
+                        or self.jobs.raw(item.job_id) != item.packed
+                    ):
+                        continue  # re-set or removed while it waited: this run is void
+                    batch.append(item)
+                if not batch:
+                    return
+                for item in batch:
+                    self._persist(Job(item.job_id, item.execution_ns, JobStatus.TRIGGERED))
+                self._store.write_through()
+                for item in batch:
+                    try:
+                        self._start(item)
+                    except Exception:
+                        self.log.failure("starting job {job_id} failed", job_id=item.job_id)
         finally:
             self._pumping = False
+
+    def _persist(self, job: Job) -> None:
+        """Record a status change; a store that refuses it is logged, the run goes on."""
+        try:
+            self._store.append(job)
+        except StoreError as e:
+            self.log.error(
+                "job {job_id}: cannot record status {status}: {error}",
+                job_id=job.id,
+                status=job.status.wire,
+                error=str(e),
+            )
 
     def _start(self, item: _Queued) -> None:
         runner = self._runners.get(item.rule.runner.kind)
@@ -350,7 +376,7 @@ class Scheduler:
             status = JobStatus.EXECUTED if outcome.success else JobStatus.FAILED
             self.jobs.set_status(job_id, status)
             self._attempts.pop(job_id, None)
-            self._store.append(Job(job_id, unpack_ns(item.packed), status))
+            self._persist(Job(job_id, unpack_ns(item.packed), status))
             if not outcome.success:
                 self.log.warn(
                     "job {job_id} failed (rule {rule_id}): {reason}",
