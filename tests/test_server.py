@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -478,6 +479,15 @@ def test_malformed_or_unknown_lines_are_silent(line: bytes) -> None:
     conn, out = one(h, line + b"\nz GET nope\n")
     assert out == b"z ERROR\n"
     assert not conn.closed
+
+
+def test_auth_secret_never_reaches_the_log() -> None:
+    """With auth off, ``AUTH <secret>`` is an unknown line; the secret is not logged."""
+    h = make_harness()
+    with capturedLogs() as events:
+        one(h, b"AUTH hunter2-secret\n")
+    assert events, "the ignored line is still logged"
+    assert not any("hunter2" in repr(event) for event in events)
 
 
 @pytest.mark.parametrize(

@@ -151,9 +151,10 @@ class ZtickProtocol(LineReceiver):
             return
         handler = self.handlers.get(tokens[1])
         if handler is None:
+            # The unknown word is not logged: in "AUTH <secret>" (auth off) it is a secret.
             self.log.debug(
-                "ignored unknown instruction {instruction!r} from {peer}",
-                instruction=tokens[1],
+                "ignored a line with an unknown instruction ({size} bytes) from {peer}",
+                size=len(tokens[1]),
                 peer=self._peer,
             )
             return
