@@ -61,8 +61,23 @@ def serve(args: list[str]) -> int:
         print(f"ztick-tw: {e}", file=sys.stderr)
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    _ignore_hangup()
     reactor.run()
     return 0
+
+
+def _ignore_hangup() -> None:
+    """A closed terminal (SIGHUP) must not kill the daemon without its clean shutdown."""
+    import signal
+
+    from twisted.logger import Logger
+
+    log = Logger(namespace="ztick_tw")
+
+    def hangup(signum: int, frame: object) -> None:
+        log.info("SIGHUP received: nothing to reload in this version; carrying on")
+
+    signal.signal(signal.SIGHUP, hangup)
 
 
 if __name__ == "__main__":
