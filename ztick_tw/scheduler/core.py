@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -117,22 +118,24 @@ class Scheduler:
         rules = self.rules
         attempts = self._attempts
         frames = 0
+        load = jobs.load  # the loop below runs once per frame: keep it lean
+        job_type = Job
         for entry in entries:
             frames += 1
-            kind = type(entry)
-            if kind is Job:
-                assert isinstance(entry, Job)
-                status = entry.status
+            if type(entry) is job_type:
+                job = cast(Job, entry)
+                status = job.status
                 if status == TRIGGERED:
-                    old = jobs.raw(entry.id)
+                    old = jobs.raw(job.id)
                     if old is not None and unpack_status(old) == JobStatus.TRIGGERED:
-                        attempts[entry.id] = attempts.get(entry.id, 1) + 1
-                elif entry.id in attempts:
-                    del attempts[entry.id]
-                jobs.load(entry.id, entry.execution_ns, status)
-            elif kind is Rule:
-                assert isinstance(entry, Rule)
-                rules.set(entry)
+                        attempts[job.id] = attempts.get(job.id, 1) + 1
+                elif attempts and job.id in attempts:
+                    del attempts[job.id]
+                load(job.id, job.execution_ns, status)
+                continue
+            kind = type(entry)
+            if kind is Rule:
+                rules.set(cast(Rule, entry))
             elif kind is JobRemoval:
                 jobs.unload(entry.id)
                 attempts.pop(entry.id, None)

@@ -194,16 +194,24 @@ class JobTable:
     # -- bulk loading ----------------------------------------------------------------
 
     def load(self, job_id: str, execution_ns: int, status: int) -> None:
-        """Replay one job frame without maintaining the heap; call ``finish_load`` after."""
-        old = self._jobs.get(job_id)
+        """Replay one job frame without maintaining the heap; call ``finish_load`` after.
+
+        A planned job gets its sequence number here, in frame order, so jobs due at
+        the same instant fire in the order they were set, as before the restart.
+        """
+        jobs = self._jobs
+        counts = self._counts
+        old = jobs.get(job_id)
         if old is not None:
-            self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
-            if status == PLANNED:
-                # A re-SET goes after the jobs set before it (``finish_load`` numbers
-                # planned jobs in dict order), as it did before the restart.
-                del self._jobs[job_id]
-        self._jobs[job_id] = ((execution_ns + _OFFSET) << _SHIFT) | (status << _STATUS_SHIFT)
-        self._counts[status] += 1
+            counts[(old >> _STATUS_SHIFT) & 3] -= 1
+        if status:
+            jobs[job_id] = ((execution_ns + _OFFSET) << _SHIFT) | (status << _STATUS_SHIFT)
+        else:
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            self._seq_ids.append(job_id)
+            jobs[job_id] = ((execution_ns + _OFFSET) << _SHIFT) | seq
+        counts[status] += 1
 
     def unload(self, job_id: str) -> None:
         """Replay one job removal frame (no error if the job is unknown)."""
@@ -212,8 +220,14 @@ class JobTable:
             self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
 
     def finish_load(self) -> None:
-        """Give every planned job a sequence number and build the heap in one pass."""
-        self._rebuild(include_all_planned=True)
+        """Build the due-heap from the loaded planned jobs in one pass."""
+        heap = [packed for packed in self._jobs.values() if not packed & _STATUS_MASK]
+        heapq.heapify(heap)
+        self._heap = heap
+        if self._next_seq > _SEQ_MASK:
+            self._compact()
+        else:
+            self._maybe_compact()
 
     # -- housekeeping ------------------------------------------------------------------
 
@@ -227,27 +241,16 @@ class JobTable:
             self._compact()
 
     def _compact(self) -> None:
-        self._rebuild(include_all_planned=False)
-
-    def _rebuild(self, include_all_planned: bool) -> None:
         """Renumber live planned jobs 0..n-1 keeping their order, and rebuild the heap."""
         jobs = self._jobs
         new_ids: list[str | None] = []
         heap: list[int] = []
-        if include_all_planned:
-            # After a bulk load no job has a sequence number yet: number them in
-            # dict (first-set) order.
-            candidates: Iterator[str] = iter(list(jobs))
-        else:
-            candidates = (
-                job_id
-                for seq, job_id in enumerate(self._seq_ids)
-                if job_id is not None and jobs.get(job_id, -1) & _LOW_MASK == seq
-            )
-        for job_id in candidates:
-            packed = jobs[job_id]
-            if packed & _STATUS_MASK:
+        for seq, job_id in enumerate(self._seq_ids):
+            if job_id is None:
                 continue
+            packed = jobs.get(job_id, -1)
+            if packed & _LOW_MASK != seq:
+                continue  # removed, re-set since, or no longer planned: a stale entry
             packed = (packed & ~_LOW_MASK) | len(new_ids)
             new_ids.append(job_id)
             jobs[job_id] = packed
