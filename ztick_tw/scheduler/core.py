@@ -123,7 +123,7 @@ class Scheduler:
         for entry in entries:
             frames += 1
             if type(entry) is job_type:
-                job = cast(Job, entry)
+                job = entry
                 status = job.status
                 if status == TRIGGERED:
                     old = jobs.raw(job.id)
