@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -138,6 +139,9 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     except OSError as e:
         where = e.filename or config.database.logfile_path
         raise StartupError(f"{where}: cannot open logfile: {e.strerror}") from None
+    # Everything allocated so far (imports, the replayed state) lives for good: keep the
+    # collector from walking it again, which otherwise shows up as 20-30 ms trigger lag.
+    gc.freeze()
     log.info(
         "ztick-tw {version}: loaded {jobs} jobs and {rules} rules from {frames} {persistence}"
         " frames in {seconds:.3f}s",
