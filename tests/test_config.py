@@ -862,3 +862,30 @@ def test_docs_describe_every_key() -> None:
         assert f"[{section}]" in text
         for key in keys:
             assert f"`{key}`" in text, f"[{section}] {key} missing from docs"
+
+
+def test_connection_limits_and_client_ca_keys() -> None:
+    """[controller] max_connections, idle_timeout and tls_client_ca parse, with defaults."""
+    default = parse_config("", SRC).controller
+    assert (default.max_connections, default.idle_timeout, default.tls_client_ca) == (
+        4096,
+        900.0,
+        None,
+    )
+    text = (
+        '[controller]\ntls_cert = "c.pem"\ntls_key = "k.pem"\ntls_client_ca = "ca.pem"\n'
+        "max_connections = 10\nidle_timeout = 2.5\n"
+    )
+    c = parse_config(text, SRC).controller
+    assert (c.max_connections, c.idle_timeout, c.tls_client_ca) == (10, 2.5, "ca.pem")
+    assert _error("[controller]\nmax_connections = 0\n").startswith(
+        f"{SRC}: [controller] max_connections: must be an integer from 1"
+    )
+
+
+def test_client_ca_without_tls_is_an_error() -> None:
+    """tls_client_ca without tls_cert and tls_key names the key and what is missing."""
+    assert _error('[controller]\ntls_client_ca = "ca.pem"\n') == (
+        f"{SRC}: [controller] tls_client_ca: client certificates need TLS:"
+        " set [controller] tls_cert and tls_key too"
+    )

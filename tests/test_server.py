@@ -25,6 +25,7 @@ from tests.helpers import (
     Harness,
     make_harness,
 )
+from ztick_tw.auth import Token, TokenStore
 from ztick_tw.model import (
     AmqpSpec,
     AwfSpec,
@@ -424,7 +425,7 @@ def test_stat_factory_options() -> None:
         persistence="logfile",
         framerate=60,
         compression=lambda: "running",
-        auth_enabled=True,
+        tokens=TokenStore([(Token("t", "*"), "secret")]),
         tls_enabled=True,
     )
     proto = factory.buildProtocol(None)
@@ -432,6 +433,9 @@ def test_stat_factory_options() -> None:
     transport = StringTransportWithDisconnection()
     transport.protocol = proto
     proto.makeConnection(transport)
+    proto.dataReceived(b"AUTH secret\n")
+    assert transport.value() == b"OK\n"
+    transport.clear()
     values = stat(Conn(proto, transport), "x")
     assert values["persistence"] == "logfile"
     assert values["compression"] == "running"

@@ -157,6 +157,12 @@ class ControllerConfig:
     auth_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_client_ca: str | None = None  # ztick-tw extension
+    """PEM CA certificates; when set, clients must present a certificate they signed."""
+    max_connections: int = 4096  # ztick-tw extension
+    """Connections served at once; more are closed at once (and logged)."""
+    idle_timeout: float = 900.0  # ztick-tw extension
+    """Seconds a connection may send nothing before it is closed; 0 turns it off."""
 
     @property
     def tls_enabled(self) -> bool:
@@ -517,6 +523,9 @@ _SCHEMA: dict[str, dict[str, _Validator]] = {
         "auth_file": _PATH,
         "tls_cert": _PATH,
         "tls_key": _PATH,
+        "tls_client_ca": _PATH,
+        "max_connections": _integer(1, 1_000_000),
+        "idle_timeout": _seconds,
     },
     "shell": {
         "path": _PATH,
@@ -718,6 +727,12 @@ def _check_combinations(
             "set without [controller] tls_cert; set both (TLS) or neither",
             section="controller",
             key="tls_key",
+        )
+    if controller.tls_client_ca is not None and not controller.tls_enabled:
+        raise ConfigError(
+            "client certificates need TLS: set [controller] tls_cert and tls_key too",
+            section="controller",
+            key="tls_client_ca",
         )
     if controller.tls_enabled and controller.listen_endpoint.startswith("ssl:"):
         raise ConfigError(

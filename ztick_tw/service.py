@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 from typing import Any
 
 from twisted.application import strports
@@ -12,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from ztick_tw import __version__
+from ztick_tw.auth import AuthFileError, TokenStore, load_tokens
 from ztick_tw.config import Config
 from ztick_tw.model import RunnerKind
 from ztick_tw.protocol.server import ZtickFactory
@@ -90,16 +92,36 @@ def make_runners(config: Config, reactor: Any) -> dict[RunnerKind, IRunner]:
 def _refuse_unbuilt(config: Config) -> None:
     """Refuse settings whose feature is not built yet, rather than run without it."""
     c = config.controller
-    if c.auth_file is not None:
-        raise StartupError(
-            f"{config.source}: [controller] auth_file: authentication is not supported by"
-            " this version of ztick-tw; refusing to start without it"
-        )
     if c.tls_cert is not None or c.tls_key is not None:
         raise StartupError(
             f"{config.source}: [controller] tls_cert/tls_key: TLS is not supported by this"
             " version of ztick-tw; refusing to start without it"
         )
+
+
+def load_auth(config: Config) -> TokenStore | None:
+    """The tokens of ``[controller] auth_file``, or ``None`` when auth is off."""
+    path = config.controller.auth_file
+    if path is None:
+        return None
+    try:
+        tokens, warnings = load_tokens(path)
+    except AuthFileError as e:
+        raise StartupError(str(e)) from None
+    for warning in warnings:
+        log.warn("{warning}", warning=warning)
+    log.info("authentication on: {count} token(s) from {path}", count=len(tokens), path=path)
+    return tokens
+
+
+def raise_descriptor_limit() -> None:
+    """Let the daemon hold as many descriptors as the hard limit allows (connections)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return
 
 
 def make_service(config: Config, reactor: Any) -> ZtickService:
@@ -109,6 +131,8 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     logfile, settings this version cannot honour).
     """
     _refuse_unbuilt(config)
+    tokens = load_auth(config)
+    raise_descriptor_limit()
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
     if config.http.listen is not None:
@@ -157,6 +181,9 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
         reactor,
         persistence=store.name,
         framerate=config.database.framerate,
+        tokens=tokens,
+        max_connections=config.controller.max_connections,
+        idle_timeout=config.controller.idle_timeout,
     )
     top = ZtickService(config.controller.listen_endpoint)
     SchedulerService(scheduler, store, config.scheduler.shutdown_grace).setServiceParent(top)

@@ -12,13 +12,19 @@ from collections import deque
 from collections.abc import Callable
 from typing import ClassVar
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ztick_tw.auth import Token, TokenStore
 from ztick_tw.model import JobStatus
 from ztick_tw.protocol.commands import CommandError, check_string, parse_execution, parse_rule
 from ztick_tw.protocol.tokenizer import TokenizeError, decode_line, tokenize
@@ -29,10 +35,19 @@ from ztick_tw.store.base import Commit, StoreError
 #: The longest line accepted, not counting its ``\n``; a longer one closes the connection.
 MAX_LINE_BYTES = 4096
 
+#: Answers one connection may have queued behind writes not yet on disk before we stop
+#: reading its requests (a client pipelining into a stalled disk cannot grow memory).
+MAX_WAITING_ANSWERS = 10_000
+
+#: How often, at most, "connection limit reached" is logged (with a count meanwhile).
+REFUSED_LOG_INTERVAL = 10.0
+
 Handler = Callable[["ZtickProtocol", str, list[str]], None]
 
+log = Logger(namespace="ztick_tw.protocol")
 
-@implementer(IHalfCloseableProtocol)
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class ZtickProtocol(LineReceiver):
     """One client connection speaking the ztick line protocol."""
 
@@ -50,25 +65,97 @@ class ZtickProtocol(LineReceiver):
         self._closing = False
         self._connected = False
         self._peer = "?"
+        self._token: Token | None = None  # who AUTH said this is (auth on)
+        self._auth_call: IDelayedCall | None = None
+        self._idle_call: IDelayedCall | None = None
+        self._pauses: set[str] = set()  # why reading is paused (back-pressure)
 
     # -- connection life cycle -------------------------------------------------------
 
     def connectionMade(self) -> None:
-        """Count the connection."""
-        self._connected = True
-        self.factory.connections += 1
+        """Count the connection, or close it at once when the limit is reached."""
+        factory = self.factory
         peer = self.transport.getPeer() if self.transport is not None else None
         self._peer = str(getattr(peer, "host", peer))
+        if factory.connections >= factory.max_connections:
+            factory.refused(self._peer)
+            self._closing = True
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        self._connected = True
+        factory.connections += 1
+        clock = factory.reactor
+        if factory.tokens is not None:
+            self._auth_call = clock.callLater(factory.auth_timeout, self._authTimedOut)
+        if factory.idle_timeout > 0:
+            self._idle_call = clock.callLater(factory.idle_timeout, self._idleTimedOut)
+        if self.transport is not None:
+            # The transport tells us when its write buffer is full (a client that does
+            # not read its answers): we then stop reading from it until it drains.
+            self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self.log.debug("client connected from {peer}", peer=self._peer)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Forget the connection; answers still waiting for the disk are dropped."""
+        for call in (self._auth_call, self._idle_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._auth_call = self._idle_call = None
         if self._connected:
             self._connected = False
             self.factory.connections -= 1
+            self.log.debug("client {peer} disconnected", peer=self._peer)
         self._waiting.clear()
         self._out.clear()
-        self.log.debug("client {peer} disconnected", peer=self._peer)
+
+    def _authTimedOut(self) -> None:
+        self._auth_call = None
+        self.log.info(
+            "client {peer} sent no AUTH within {seconds:g}s; closing",
+            peer=self._peer,
+            seconds=self.factory.auth_timeout,
+        )
+        self._close()
+
+    def _idleTimedOut(self) -> None:
+        self._idle_call = None
+        self.log.info(
+            "client {peer} sent nothing for {seconds:g}s; closing the idle connection",
+            peer=self._peer,
+            seconds=self.factory.idle_timeout,
+        )
+        self._close()
+
+    def _close(self) -> None:
+        """Stop reading, send what is ready, then close (after waiting answers)."""
+        self._closing = True
+        self._flush()
+
+    # -- back-pressure (IPushProducer, called by our transport) ------------------------
+
+    def pauseProducing(self) -> None:
+        """The client is not reading its answers: stop reading its requests."""
+        self._pause("write buffer full")
+
+    def resumeProducing(self) -> None:
+        """The client caught up: read again."""
+        self._resume("write buffer full")
+
+    def stopProducing(self) -> None:
+        """The connection is going away; nothing to do."""
+
+    def _pause(self, why: str) -> None:
+        if not self._pauses and IPushProducer.providedBy(self.transport):
+            self.transport.pauseProducing()
+        self._pauses.add(why)
+
+    def _resume(self, why: str) -> None:
+        if why not in self._pauses:
+            return
+        self._pauses.discard(why)
+        if not self._pauses and not self._closing and IPushProducer.providedBy(self.transport):
+            self.transport.resumeProducing()
 
     def readConnectionLost(self) -> None:
         """The client half-closed: answer all it sent (even a last partial line), then close."""
@@ -94,6 +181,8 @@ class ZtickProtocol(LineReceiver):
         """Split ``data`` into lines (in one pass, whatever the chunk size) and handle them."""
         if self._closing:
             return
+        if self._idle_call is not None:
+            self._idle_call.reset(self.factory.idle_timeout)
         buffered = self._buffer
         lines = (buffered + data if buffered else data).split(b"\n")
         self._buffer = lines.pop()
@@ -128,6 +217,9 @@ class ZtickProtocol(LineReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         """Handle one request line."""
+        if self._token is None and self.factory.tokens is not None:
+            self._authenticate(line)
+            return
         try:
             tokens = tokenize(decode_line(line))
         except TokenizeError as e:
@@ -180,12 +272,59 @@ class ZtickProtocol(LineReceiver):
             )
             self._error(tokens[0])
 
+    def _authenticate(self, line: bytes) -> None:
+        """The first line with auth on: ``AUTH <secret>`` gets ``OK``; anything else closes."""
+        tokens = self.factory.tokens
+        assert tokens is not None
+        try:
+            words = tokenize(decode_line(line))
+        except TokenizeError as e:
+            words = e.tokens
+        if not words:
+            return  # blank lines before AUTH are ignored
+        if len(words) >= 2 and words[0] == "AUTH":
+            token = tokens.authenticate(words[1])
+            if token is not None:
+                self._token = token
+                if self._auth_call is not None and self._auth_call.active():
+                    self._auth_call.cancel()
+                self._auth_call = None
+                self.log.info(
+                    "client {peer} authenticated as token {token} (namespace {namespace})",
+                    peer=self._peer,
+                    token=token.name,
+                    namespace=token.namespace,
+                )
+                self._reply(b"OK\n")
+                return
+            self.log.warn("client {peer} failed to authenticate; closing", peer=self._peer)
+        else:
+            self.log.info("client {peer} sent a request before AUTH; closing", peer=self._peer)
+        self._reply(b"ERROR\n")
+        self._close()
+
+    def _check_namespace(self, *identifiers: str) -> None:
+        token = self._token
+        if token is None:
+            return
+        for identifier in identifiers:
+            if not token.allows(identifier):
+                raise Denied(
+                    f"{identifier!r} is outside namespace {token.namespace!r}"
+                    f" of token {token.name}"
+                )
+
+    def _visible(self, identifier: str) -> bool:
+        return self._token is None or self._token.allows(identifier)
+
     # -- bytes out ---------------------------------------------------------------------
 
     def _reply(self, data: bytes, commit: Commit | None = None, error: bytes = b"") -> None:
         """Queue ``data`` after every earlier answer; if ``commit`` fails, send ``error``."""
         if self._waiting or (commit is not None and not commit.done):
             self._waiting.append((commit, data, error))
+            if len(self._waiting) >= MAX_WAITING_ANSWERS:
+                self._pause("answers waiting for the disk")
             if commit is not None and not commit.done and commit is not self._subscribed:
                 self._subscribed = commit
                 commit.subscribe(self._commitResolved)
@@ -210,6 +349,8 @@ class ZtickProtocol(LineReceiver):
             out.append(error if pending is not None and pending.error is not None else data)
         if self._subscribed is commit:
             self._subscribed = None
+        if len(waiting) < MAX_WAITING_ANSWERS // 2:
+            self._resume("answers waiting for the disk")
         if waiting:
             head = next((c for c, _, _ in waiting if c is not None and not c.done), None)
             if head is not None and head is not self._subscribed:
@@ -238,6 +379,7 @@ class ZtickProtocol(LineReceiver):
         execution_ns = parse_execution(tokens[3:])
         job_id = tokens[2]
         check_string("job identifier", job_id)
+        self._check_namespace(job_id)
         commit = self.factory.scheduler.set_job(job_id, execution_ns)
         self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
 
@@ -245,6 +387,7 @@ class ZtickProtocol(LineReceiver):
         """``ID GET <job>`` answers ``ID OK <status> <ns>``."""
         if len(tokens) < 3:
             raise CommandError("GET needs a job identifier")
+        self._check_namespace(tokens[2])
         found = self.factory.scheduler.get_job(tokens[2])
         if found is None:
             raise NotFound(f"no job {tokens[2]!r}")
@@ -253,10 +396,15 @@ class ZtickProtocol(LineReceiver):
 
     def do_QUERY(self, request_id: str, tokens: list[str]) -> None:
         """``ID QUERY [<prefix>]``: one line per matching job, then ``ID OK``."""
-        prefix = tokens[2] if len(tokens) > 2 else ""
+        prefix: str | None = tokens[2] if len(tokens) > 2 else ""
+        token = self._token
+        if token is not None and prefix is not None and not token.allows(prefix):
+            # Only jobs inside the namespace: narrow the prefix to it, or nothing matches.
+            prefix = token.namespace if token.namespace.startswith(prefix) else None
+        found = self.factory.scheduler.query(prefix) if prefix is not None else iter(())
         lines = [
             f"{request_id} {job_id} {status.wire} {execution_ns}\n"
-            for job_id, status, execution_ns in self.factory.scheduler.query(prefix)
+            for job_id, status, execution_ns in found
         ]
         lines.append(f"{request_id} OK\n")
         self._reply("".join(lines).encode())
@@ -265,6 +413,7 @@ class ZtickProtocol(LineReceiver):
         """``ID REMOVE <job>``."""
         if len(tokens) < 3:
             raise CommandError("REMOVE needs a job identifier")
+        self._check_namespace(tokens[2])
         try:
             commit = self.factory.scheduler.remove_job(tokens[2])
         except UnknownJob:
@@ -277,6 +426,7 @@ class ZtickProtocol(LineReceiver):
             return  # "RULE" without "SET" is not an instruction: no answer, as ztick
         if len(tokens) < 6:
             raise CommandError("RULE SET needs a rule id, a pattern and a runner")
+        self._check_namespace(tokens[3], tokens[4])
         rule = parse_rule(tokens[3], tokens[4], tokens[5], tokens[6:])
         commit = self.factory.scheduler.set_rule(rule)
         self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
@@ -285,6 +435,7 @@ class ZtickProtocol(LineReceiver):
         """``ID REMOVERULE <rule>``."""
         if len(tokens) < 3:
             raise CommandError("REMOVERULE needs a rule id")
+        self._check_namespace(tokens[2])
         try:
             commit = self.factory.scheduler.remove_rule(tokens[2])
         except UnknownRule:
@@ -295,6 +446,8 @@ class ZtickProtocol(LineReceiver):
         """``ID LISTRULES``: one line per rule, rendered as ztick does, then ``ID OK``."""
         lines = []
         for rule in self.factory.scheduler.list_rules():
+            if not (self._visible(rule.id) and self._visible(rule.pattern)):
+                continue
             words = " ".join((rule.id, rule.pattern, rule.runner.kind.wire, *rule.runner.args()))
             lines.append(f"{request_id} {words}\n")
         lines.append(f"{request_id} OK\n")
@@ -323,6 +476,10 @@ class NotFound(CommandError):
     """The job or rule named in a request does not exist."""
 
 
+class Denied(CommandError):
+    """The request touches ids outside the authenticated token's namespace."""
+
+
 class ZtickFactory(Factory):
     """Builds ``ZtickProtocol``s that share one scheduler, and answers STAT."""
 
@@ -337,18 +494,47 @@ class ZtickFactory(Factory):
         persistence: str,
         framerate: int = 512,
         compression: Callable[[], str] = lambda: "idle",
-        auth_enabled: bool = False,
+        tokens: TokenStore | None = None,
         tls_enabled: bool = False,
+        max_connections: int = 4096,
+        idle_timeout: float = 0.0,
+        auth_timeout: float = 5.0,
     ) -> None:
         self.scheduler = scheduler
         self.reactor = reactor
         self.persistence = persistence
         self.framerate = framerate
         self.compression = compression
-        self.auth_enabled = auth_enabled
+        self.tokens = tokens
         self.tls_enabled = tls_enabled
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.auth_timeout = auth_timeout
         self.connections = 0
         self.started_ns = now_ns(reactor)
+        self._refused = 0
+        self._refused_logged_at: float | None = None
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether clients must AUTH first (an auth file is configured)."""
+        return self.tokens is not None
+
+    def refused(self, peer: str) -> None:
+        """Note a connection closed at the limit; log it at most every 10 s, with a count."""
+        self._refused += 1
+        now = self.reactor.seconds()
+        last = self._refused_logged_at
+        if last is None or now - last >= REFUSED_LOG_INTERVAL:
+            log.warn(
+                "connection limit reached ({limit} connections): refused {count} connection(s)"
+                " since the last report, the latest from {peer}",
+                limit=self.max_connections,
+                count=self._refused,
+                peer=peer,
+            )
+            self._refused = 0
+            self._refused_logged_at = now
 
     def stats(self) -> list[tuple[str, str | int]]:
         """The STAT lines, ztick's keys first, in ztick's order, then ztick-tw's."""
