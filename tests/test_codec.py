@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Sequence
 from typing import Any, cast
 
 import pytest
@@ -493,3 +494,214 @@ def test_scan_of_damaged_log_never_raises(entries: list[Entry], data: st.DataObj
         assert result.good_end == len(log)
     else:
         assert result.problem.offset == result.good_end
+
+
+# --------------------------------------------------------------------- torn or damaged length
+#
+# A declared length running past the end is a torn last write only when nothing whole
+# follows the header: if complete frames resume somewhere after it and run to the end,
+# the length was damaged in the middle of the log and cutting it off would silently
+# drop those frames.
+
+
+def _frames_and_starts(entries: Sequence[Entry]) -> tuple[bytes, list[int]]:
+    """The encoded log and the offset of every frame, plus the end offset last."""
+    starts = [0]
+    frames = [encode(e) for e in entries]
+    for frame in frames:
+        starts.append(starts[-1] + len(frame))
+    return b"".join(frames), starts
+
+
+MIXED: list[Entry] = [
+    Job("backup.daily", 1_700_000_000_000_000_000),
+    Rule("r1", "backup.", ShellSpec("tar czf /tmp/b.tgz /etc")),
+    Job("report.weekly", 1_700_000_600_000_000_000, JobStatus.EXECUTED),
+    JobRemoval("backup.daily"),
+    Rule("r2", "report.", DirectSpec("/usr/bin/env", ("true", ""))),
+    RuleRemoval("r1"),
+    Job("x", -1, JobStatus.FAILED),
+]
+
+
+@pytest.mark.parametrize("last", range(len(MIXED)), ids=lambda i: type(MIXED[i]).__name__)
+def test_torn_last_frame_is_torn_at_every_cut_point(last: int) -> None:
+    """A log whose last frame (any entry type) is cut anywhere inside is a torn tail.
+
+    The whole frames before it are kept, ``good_end`` is the last frame's offset, and
+    the reason still says how many payload bytes were declared.
+    """
+    entries = MIXED[: last + 1]
+    data, starts = _frames_and_starts(entries)
+    for cut in range(starts[-2] + 1, len(data)):
+        result = scan(data[:cut])
+        assert list(result) == entries[:-1], cut
+        assert result.problem is not None
+        assert (result.problem.kind, result.problem.offset) == ("torn", starts[-2]), cut
+        assert result.good_end == starts[-2]
+
+
+def test_torn_batch_is_torn_wherever_it_is_cut() -> None:
+    """One write of several frames, cut anywhere, is torn at the frame the cut is in.
+
+    The whole frames of the batch before the cut are kept; the cut frame's own bytes
+    (its id, time, status) never look like whole frames running to the end.
+    """
+    before = [Job(f"job.{i:04}", i) for i in range(20)]
+    batch = [Job(f"batch.{i:03}", 10**18 + i, JobStatus(i % 4)) for i in range(12)]
+    data, starts = _frames_and_starts([*before, *batch])
+    for cut in range(starts[20] + 1, len(data)):
+        if cut in starts:
+            continue
+        whole = max(i for i, s in enumerate(starts) if s <= cut)
+        result = scan(data[:cut])
+        assert list(result) == [*before, *batch][:whole], cut
+        assert result.problem is not None
+        assert (result.problem.kind, result.problem.offset) == ("torn", starts[whole]), cut
+
+
+def test_torn_large_rule_frame_is_torn() -> None:
+    """A big rule frame (many arguments, lots of zero bytes inside) cut near its end is torn."""
+    big = encode(Rule("big", "p", DirectSpec("/bin/echo", ("",) * 30000 + ("a" * 500,))))
+    head = encode(Job("a", 1))
+    for cut in (5, len(big) // 2, len(big) - 501, len(big) - 1):
+        result = scan(head + big[:cut])
+        assert list(result) == [Job("a", 1)]
+        assert result.problem is not None
+        assert (result.problem.kind, result.problem.offset) == ("torn", len(head))
+
+
+@pytest.mark.parametrize("damaged", [0, 1, 2, 4, 5])
+def test_damaged_length_in_the_middle_is_corrupt_at_that_frame(damaged: int) -> None:
+    """A length field damaged to run past the end, with good frames after it: corrupt.
+
+    The problem is at the damaged frame's offset (not a torn tail), the frames before
+    it are decoded, and the reason names where whole frames resume.
+    """
+    data, starts = _frames_and_starts(MIXED)
+    bad = bytearray(data)
+    offset = starts[damaged]
+    bad[offset : offset + 4] = struct.pack(">I", len(data) - offset)  # 4 bytes too many
+    result = scan(bytes(bad))
+    assert list(result) == MIXED[:damaged]
+    assert result.good_end == offset
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("corrupt", offset)
+    assert f"from byte offset {starts[damaged + 1]} run to the end" in result.problem.reason
+    assert f"{len(MIXED) - damaged - 1} whole frame" in result.problem.reason
+
+
+def test_damaged_length_up_to_the_limit_is_corrupt() -> None:
+    """A damaged length anywhere up to MAX_FRAME_BYTES, overrunning the end, is corrupt."""
+    data, starts = _frames_and_starts(MIXED)
+    for length in (len(data), 0x1000, 0xFFFF, MAX_FRAME_BYTES):
+        bad = bytearray(data)
+        bad[starts[2] : starts[2] + 4] = struct.pack(">I", length)
+        result = scan(bytes(bad))
+        assert list(result) == MIXED[:2]
+        assert result.problem is not None
+        assert (result.problem.kind, result.problem.offset) == ("corrupt", starts[2]), length
+
+
+def test_damaged_length_with_only_the_last_frame_after_it_is_corrupt() -> None:
+    """One whole frame after the damaged header is enough to call it damage."""
+    data, starts = _frames_and_starts(MIXED)
+    bad = bytearray(data)
+    offset = starts[-3]
+    bad[offset + 2] ^= 0x40  # length += 0x4000: runs past the end
+    result = scan(bytes(bad))
+    assert list(result) == MIXED[:-2]
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("corrupt", offset)
+    assert f"1 whole frame from byte offset {starts[-2]}" in result.problem.reason
+
+
+def test_damaged_header_with_garbage_then_good_frames_is_corrupt() -> None:
+    """Damage spanning a header and some bytes after it still finds the good frames."""
+    data, starts = _frames_and_starts(MIXED)
+    bad = bytearray(data)
+    bad[starts[1] : starts[2] - 3] = b"\x00\x00\xff\xff" + b"\xee" * (
+        starts[2] - 3 - starts[1] - 4
+    )
+    result = scan(bytes(bad))
+    assert list(result) == MIXED[:1]
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("corrupt", starts[1])
+
+
+def test_overrun_followed_by_garbage_only_stays_torn() -> None:
+    """Random-looking bytes after an overrunning header, with no whole frame, are torn.
+
+    (Such a tail cannot hide a good frame, so cutting it loses nothing that was whole.)
+    """
+    head = encode(Job("a", 1))
+    tail = struct.pack(">I", 4000) + bytes(range(256)) * 3 + b"\x00" * 100
+    result = scan(head + tail)
+    assert list(result) == [Job("a", 1)]
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("torn", len(head))
+
+
+def test_embedded_frame_at_a_torn_cut_is_reported_as_damage() -> None:
+    """The known false alarm: a torn frame whose cut bytes end in a whole embedded frame.
+
+    A job id can hold bytes that encode a frame.  If a crash cuts the job's frame just
+    after them, the tail looks exactly like a damaged length followed by a good frame,
+    and is reported as corrupt: startup stops (safe) and ``--recover-corrupt-log``
+    keeps everything before it, which is what cutting a torn tail would have kept.
+    """
+    inner = encode(JobRemoval("x"))
+    job = Job("evil" + inner.decode("utf-8") + "tail", 5)
+    frame = encode(job)
+    cut = frame.index(inner) + len(inner)
+    result = scan(encode(Job("a", 1)) + frame[:cut])
+    assert list(result) == [Job("a", 1)]
+    assert result.problem is not None
+    assert result.problem.kind == "corrupt"
+    assert result.problem.offset == len(encode(Job("a", 1)))
+
+
+@given(st.lists(_entry, min_size=1, max_size=8), st.data())
+@settings(max_examples=300)
+def test_cutting_the_last_frame_is_always_torn(entries: list[Entry], data: st.DataObject) -> None:
+    """For any log cut inside its last frame, scan keeps the rest and reports torn."""
+    log, starts = _frames_and_starts(entries)
+    cut = data.draw(st.integers(starts[-2] + 1, len(log) - 1), label="cut")
+    result = scan(log[:cut])
+    assert list(result) == entries[:-1]
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("torn", starts[-2])
+
+
+@given(st.lists(_entry, min_size=2, max_size=8), st.data())
+@settings(max_examples=500)
+def test_damage_in_the_middle_never_silently_drops_whole_frames(
+    entries: list[Entry], data: st.DataObject
+) -> None:
+    """Overwriting any region before the last frame never makes whole frames vanish.
+
+    For a single damaged region ``[a, b)`` (random bytes, often starting on a frame's
+    length field) with at least one intact frame after it, scan either decodes to the
+    end, or reports ``corrupt`` no later than the first intact frame after the damage.
+    It never calls it a torn tail (which is cut off with only a warning), and the
+    frames before the damage always come back unchanged.
+    """
+    log, starts = _frames_and_starts(entries)
+    last_start = starts[-2]
+    if data.draw(st.booleans(), label="on a frame start"):
+        a = data.draw(st.sampled_from(starts[:-2]), label="a")
+    else:
+        a = data.draw(st.integers(0, last_start - 1), label="a")
+    b = data.draw(st.integers(a + 1, min(last_start, a + 16)), label="b")
+    damaged = bytearray(log)
+    damaged[a:b] = data.draw(st.binary(min_size=b - a, max_size=b - a), label="bytes")
+    result = scan(bytes(damaged))
+    got = list(result)
+    intact_before = sum(1 for end in starts[1:] if end <= a)
+    assert got[:intact_before] == entries[:intact_before]
+    if result.problem is None:
+        assert result.good_end == len(log)
+        return
+    first_intact_after = min(s for s in starts[:-1] if s >= b)
+    assert result.problem.kind == "corrupt", result.problem
+    assert result.problem.offset <= first_intact_after

@@ -10,10 +10,12 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import random
 import resource
 import shutil
 import signal
 import stat
+import struct
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,10 +29,19 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest as trial
 from zope.interface.verify import verifyObject
 
-from ztick_tw.model import Entry, Job, JobRemoval, JobStatus, Rule, ShellSpec
+from ztick_tw.model import (
+    DirectSpec,
+    Entry,
+    Job,
+    JobRemoval,
+    JobStatus,
+    Rule,
+    RuleRemoval,
+    ShellSpec,
+)
 from ztick_tw.store import logfile as logfile_module
 from ztick_tw.store.base import Commit, CorruptLogError, IStore, StoreError
-from ztick_tw.store.codec import CodecError, encode, scan
+from ztick_tw.store.codec import MAX_FRAME_BYTES, CodecError, encode, scan
 from ztick_tw.store.logfile import LogfileStore
 
 SPEC_EXAMPLE = bytes.fromhex("00 00 00 10 00 00 04 74 6f 74 6f 16 47 bb 5c ee e1 50 00 00")
@@ -291,6 +302,174 @@ def test_recover_keeps_frames_before_damage(logpath: Path) -> None:
     clock.advance(0)
     assert list(scan(logpath.read_bytes())) == [*entries, Job("d", 4)]
     store.close()
+
+
+# --------------------------------------------------------------------- kinds of damage
+#
+# Each kind of damage, in the middle of a log (good frames after it) and as the last
+# frame: load refuses with CorruptLogError at the exact offset of the first bad frame
+# after yielding every frame before it, leaves the file alone, and recover=True keeps
+# exactly the frames before it.
+
+BEFORE_DAMAGE: list[Entry] = [
+    Job("backup.daily", 1_700_000_000_000_000_000),
+    Rule("r1", "backup.", ShellSpec("tar czf /tmp/b.tgz /etc")),
+    Job("report.weekly", 1_700_000_600_000_000_000, JobStatus.EXECUTED),
+    JobRemoval("backup.daily"),
+    Job("x", -1, JobStatus.FAILED),
+]
+AFTER_DAMAGE: list[Entry] = [
+    Job("after.1", 1_800_000_000_000_000_000),
+    Rule("r2", "after.", DirectSpec("/bin/true")),
+    RuleRemoval("r1"),
+]
+
+
+def _payload_frame(payload: bytes) -> bytes:
+    """A frame with a correct length header around an arbitrary payload."""
+    return struct.pack(">I", len(payload)) + payload
+
+
+def _with_byte(entry: Entry, index: int, value: int) -> bytes:
+    """``entry``'s frame with the byte at ``index`` (negative: from the end) replaced."""
+    frame = bytearray(encode(entry))
+    frame[index] = value
+    return bytes(frame)
+
+
+#: name -> (bad frame bytes, words of the reason)
+DAMAGE: dict[str, tuple[bytes, str]] = {
+    "length 0": (b"\x00\x00\x00\x00" + encode(Job("gone", 1))[4:], "impossible frame length 0"),
+    "length over 1 MiB": (
+        struct.pack(">I", MAX_FRAME_BYTES + 1) + encode(Job("gone", 1))[4:],
+        f"impossible frame length {MAX_FRAME_BYTES + 1}",
+    ),
+    "length 0xffffffff": (
+        b"\xff\xff\xff\xff" + encode(Job("gone", 1))[4:],
+        "impossible frame length 4294967295",
+    ),
+    "unknown type byte 4": (_with_byte(Job("gone", 1), 4, 4), "unknown entry type byte 4"),
+    "unknown type byte 255": (
+        _with_byte(JobRemoval("gone"), 4, 255),
+        "unknown entry type byte 255",
+    ),
+    "unknown runner kind": (
+        _with_byte(Rule("bad", "p", ShellSpec("true")), 4 + 1 + 5 + 3, 6),
+        "unknown runner kind 6",
+    ),
+    "bad status byte": (_with_byte(Job("gone", 1), -1, 4), "bad job status byte 4"),
+    "truncated string": (
+        # A rule whose shell command declares 100 bytes; the frame ends after 4 of them.
+        _payload_frame(b"\x01\x00\x03bad\x00\x01p\x00\x00\x64true"),
+        "shell command needs 100 bytes",
+    ),
+    "invalid UTF-8 id": (_with_byte(Job("gone", 1), 7, 0xFF), "job id is not valid UTF-8"),
+    "trailing bytes": (_payload_frame(encode(JobRemoval("gone"))[4:] + b"!"), "1 trailing bytes"),
+}
+
+
+def _damaged_log(bad: bytes, last: bool) -> tuple[bytes, int]:
+    """A log of BEFORE_DAMAGE, ``bad``, then AFTER_DAMAGE (unless ``last``); bad's offset."""
+    before = b"".join(encode(e) for e in BEFORE_DAMAGE)
+    after = b"" if last else b"".join(encode(e) for e in AFTER_DAMAGE)
+    return before + bad + after, len(before)
+
+
+def _load_until_error(path: Path) -> tuple[list[Entry], CorruptLogError]:
+    """The entries a plain load yields before it raises CorruptLogError, and the error."""
+    store, _ = make(path)
+    got: list[Entry] = []
+    with pytest.raises(CorruptLogError) as info:
+        for entry in store.load():
+            got.append(entry)
+    return got, info.value
+
+
+def _check_refused_then_recovered(path: Path, content: bytes, offset: int) -> CorruptLogError:
+    """The refusal and the recovery every kind of damage must get; returns the error."""
+    path.write_bytes(content)
+    got, error = _load_until_error(path)
+    assert error.offset == offset
+    assert error.path == str(path)
+    assert f"corrupt frame at byte offset {offset}:" in str(error)
+    assert got == BEFORE_DAMAGE  # nothing before the damage is dropped
+    assert path.read_bytes() == content  # refusing changes nothing on disk
+    with capturedLogs() as events:
+        store, clock, entries = loaded(path, recover=True)
+    assert entries == BEFORE_DAMAGE
+    assert path.read_bytes() == content[:offset]
+    assert (path.parent / f"{path.name}.corrupt-{offset}").read_bytes() == content[offset:]
+    assert f"corrupt frame at byte offset {offset}" in texts(events)
+    store.append(Job("new", 9))
+    clock.advance(0)
+    assert list(scan(path.read_bytes())) == [*BEFORE_DAMAGE, Job("new", 9)]
+    store.close()
+    return error
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["middle", "last frame"])
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_each_kind_of_damage_is_refused_at_its_offset(
+    logpath: Path, kind: str, last: bool
+) -> None:
+    """Impossible lengths, unknown type/runner/status bytes, short strings: refused exactly.
+
+    In the middle of the log or as its last frame, load raises CorruptLogError naming
+    the bad frame's first byte and why, after yielding every frame before it; with
+    recover=True exactly those frames are kept and the rest is saved aside.
+    """
+    bad, reason = DAMAGE[kind]
+    content, offset = _damaged_log(bad, last)
+    error = _check_refused_then_recovered(logpath, content, offset)
+    assert reason in error.reason
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_bytes_over_the_middle_are_refused_at_the_first_bad_frame(
+    logpath: Path, seed: int
+) -> None:
+    """Random bytes written over a stretch of the log from a frame boundary are refused.
+
+    The damage covers the header of the frame after BEFORE_DAMAGE and some bytes after
+    it (seeded, so the test is repeatable); good frames follow.  Whatever length the
+    random header declares, the error is at that frame's offset, never further on.
+    """
+    rng = random.Random(seed)
+    good_after = b"".join(encode(e) for e in AFTER_DAMAGE)
+    content, offset = _damaged_log(encode(Job("victim.job", 5)) + good_after, last=False)
+    damaged = bytearray(content)
+    size = rng.randrange(4, 40)
+    damaged[offset : offset + size] = rng.randbytes(size)
+    _check_refused_then_recovered(logpath, bytes(damaged), offset)
+
+
+@pytest.mark.parametrize("extra", [1, 2, 4, 1000, MAX_FRAME_BYTES])
+def test_length_damaged_to_run_past_the_end_is_refused_not_cut(logpath: Path, extra: int) -> None:
+    """A length field damaged in the middle so that it runs past the end is corruption.
+
+    It looks like a torn last frame, but whole frames follow it: load refuses instead
+    of cutting them off with a warning (which would lose them silently).
+    """
+    victim = encode(Job("victim.job", 5))
+    content, offset = _damaged_log(victim + b"".join(encode(e) for e in AFTER_DAMAGE), False)
+    damaged = bytearray(content)
+    length = min(len(content) - offset - 4 + extra, MAX_FRAME_BYTES)
+    damaged[offset : offset + 4] = struct.pack(">I", length)
+    error = _check_refused_then_recovered(logpath, bytes(damaged), offset)
+    assert "run to the end of the data" in error.reason
+
+
+def test_torn_last_frame_is_still_cut_with_a_warning(logpath: Path) -> None:
+    """For contrast: the same log cut inside its last frame loads, minus that frame."""
+    content, offset = _damaged_log(encode(Rule("r9", "x", ShellSpec("echo cut"))), last=True)
+    for cut in (offset + 2, offset + 4, offset + 9, len(content) - 1):
+        logpath.write_bytes(content[:cut])
+        with capturedLogs() as events:
+            store, _, entries = loaded(logpath)
+        assert entries == BEFORE_DAMAGE
+        assert logpath.read_bytes() == content[:offset]
+        assert f"torn last frame at byte offset {offset}" in texts(events)
+        store.close()
 
 
 # --------------------------------------------------------------------- group commit

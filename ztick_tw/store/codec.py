@@ -23,6 +23,7 @@ load in well under a second), so the job frame has a dedicated fast path both wa
 
 from __future__ import annotations
 
+import re
 import struct
 import types
 from collections.abc import Callable, Iterator
@@ -418,8 +419,16 @@ class ScanProblem:
     ``kind`` is ``"torn"`` when the remainder is an incomplete last frame (a crash
     mid-write: fewer than 4 header bytes, a declared length running past the end, or
     a zero-filled tail) and ``"corrupt"`` when a complete frame is bad (it fails to
-    decode, or declares a length of 0 or over ``MAX_FRAME_BYTES``).  ``offset`` is
-    the byte offset of the frame's first byte, ``end`` the length of the data.
+    decode, or declares a length of 0 or over ``MAX_FRAME_BYTES``).
+
+    A declared length running past the end is only ``"torn"`` when nothing whole
+    follows it: if, from some offset after that header, complete decodable frames run
+    exactly to the end of the data (see ``_resync_point``), the length field was
+    damaged in the middle of the log and the frames after it are real, so it is
+    ``"corrupt"``: cutting it off as a torn tail would silently drop them.
+
+    ``offset`` is the byte offset of the frame's first byte, ``end`` the length of
+    the data.
     """
 
     kind: Literal["torn", "corrupt"]
@@ -543,12 +552,20 @@ class Scan:
             return None
         end = pos + FRAME_HEADER_BYTES + length
         if end > n:
-            self.problem = ScanProblem(
-                "torn",
-                pos,
-                n,
-                f"frame declares {length} payload bytes but only {left - 4} follow",
-            )
+            shortfall = f"frame declares {length} payload bytes but only {left - 4} follow"
+            resync = _resync_point(data, pos)
+            if resync is None:
+                self.problem = ScanProblem("torn", pos, n, shortfall)
+            else:
+                at, frames = resync
+                self.problem = ScanProblem(
+                    "corrupt",
+                    pos,
+                    n,
+                    f"{shortfall}, yet {frames} whole frame{'s' if frames > 1 else ''} "
+                    f"from byte offset {at} run to the end of the data: a damaged length, "
+                    "not a torn last write",
+                )
             return None
         try:
             entry = decode_payload(data[pos + FRAME_HEADER_BYTES : end])
@@ -556,6 +573,91 @@ class Scan:
             self.problem = ScanProblem("corrupt", pos, n, f"{length}-byte frame: {exc.reason}")
             return None
         return entry, end
+
+
+#: The smallest frame a writer produces: header, type byte, an empty id (removals).
+_MIN_FRAME_BYTES: Final = FRAME_HEADER_BYTES + 3
+
+#: Where a frame could start: a big-endian length from 3 to 0x10FFFF (so its first
+#: byte is 0), then a type byte of 0 to 3.  A lookahead, so matches may overlap.
+_HEADER_LIKE: Final = re.compile(
+    rb"(?=\x00(?:[\x01-\x10][\x00-\xff]{2}|\x00[\x01-\xff][\x00-\xff]|\x00\x00[\x03-\xff])"
+    rb"[\x00-\x03])"
+)
+
+
+def _frame_end(data: bytes, pos: int) -> int:
+    """The end of a whole, decodable frame at ``pos``, or -1 if there is none there.
+
+    The cheap checks (length, type byte, and for the fixed-shape entries the length
+    implied by the id's length) reject almost every offset before anything is decoded.
+    """
+    n = len(data)
+    if n - pos < _MIN_FRAME_BYTES:
+        return -1
+    length: int
+    entry_type: int
+    first_len: int
+    length, entry_type, first_len = _FRAME_HEAD.unpack_from(data, pos)
+    end = pos + FRAME_HEADER_BYTES + length
+    if length < 3 or length > MAX_FRAME_BYTES or end > n or entry_type > TYPE_RULE_REMOVAL:
+        return -1
+    if entry_type == TYPE_JOB:
+        if length != first_len + 12:
+            return -1
+    elif entry_type == TYPE_RULE:
+        if length < first_len + 8:  # type, id, pattern, runner kind, one string
+            return -1
+    elif length != first_len + 3:
+        return -1
+    try:
+        decode_payload(data[pos + FRAME_HEADER_BYTES : end])
+    except CodecError:
+        return -1
+    return end
+
+
+def _resync_point(data: bytes, bad: int) -> tuple[int, int] | None:
+    """Where whole frames resume after a bad header at ``bad``, if they do.
+
+    Returns ``(offset, frames)`` for the first offset after ``bad`` from which a chain
+    of ``frames`` (one or more) complete, decodable frames runs exactly to the end of
+    ``data``, or ``None`` when there is no such offset, as after a real torn write
+    (the bytes after the header are then the start of one frame).
+
+    Only called when a header at ``bad`` declares a length (at most
+    ``MAX_FRAME_BYTES``) running past the end, so at most about 1 MiB is searched.
+    Candidates are found by ``_HEADER_LIKE`` (in C, skipping runs of zeros and
+    random bytes quickly) and the cheap checks of ``_frame_end`` reject nearly all of
+    them before decoding; every offset known to lead nowhere is remembered, so each is
+    examined at most once (a real torn tail costs microseconds, a megabyte of
+    adversarial bytes about a second).
+    """
+    n = len(data)
+    dead = bytearray(n - bad)  # dead[p - bad]: no chain from p reaches the end
+    search = _HEADER_LIKE.search
+    last = n - _MIN_FRAME_BYTES
+    candidate = bad + 1
+    while candidate <= last:
+        found = search(data, candidate)
+        if found is None or found.start() > last:
+            return None
+        candidate = found.start()
+        path: list[int] = []
+        pos = candidate
+        while pos != n and not dead[pos - bad]:
+            end = _frame_end(data, pos)
+            if end < 0:
+                break
+            path.append(pos)
+            pos = end
+        if pos == n:
+            return candidate, len(path)
+        dead[pos - bad] = 1
+        for visited in path:
+            dead[visited - bad] = 1
+        candidate += 1
+    return None
 
 
 def scan(data: bytes, start: int = 0) -> Scan:
