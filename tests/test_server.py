@@ -914,3 +914,14 @@ def test_answers_do_not_depend_on_chunking(lines: list[str], cuts: list[int], cr
     chunked.send(payload[pos:])
     assert chunked.take() == expected
     assert expected.count(b"\n") >= sum(1 for line in lines if line and line[0] in "abcdefghilm")
+
+
+def test_request_ids_are_escaped_and_bounded_in_the_log() -> None:
+    """A request id with control characters is logged escaped and cut to a bounded length."""
+    h = make_harness()
+    with capturedLogs() as events:
+        one(h, b"\x1b[31mred" + b"x" * 500 + b" GET nope\n")
+    texts = [str(e.get("request_id")) for e in events if "request_id" in e]
+    assert texts, "the refused GET is logged with its request id"
+    assert all("\x1b" not in t and len(t) <= 83 for t in texts)
+    assert texts[0].startswith("\\x1b[31mred")

@@ -43,6 +43,8 @@ def parse_integer_ns(text: str) -> int:
     """Parse a signed 64-bit nanosecond timestamp written in decimal."""
     if not _INTEGER.match(text):
         raise CommandError(f"timestamp {text!r} is neither an integer nor a date")
+    if len(text) > 40:  # far beyond i64 even with "_" separators; int() would refuse anyway
+        raise CommandError(f"timestamp {text[:20]}... is outside the signed 64-bit range")
     value = int(text)
     if not I64_MIN <= value <= I64_MAX:
         raise CommandError(f"timestamp {text} is outside the signed 64-bit range")

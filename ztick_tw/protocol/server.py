@@ -38,6 +38,13 @@ MAX_LINE_BYTES = 4096
 #: Answers one connection may have queued behind writes not yet on disk before we stop
 #: reading its requests (a client pipelining into a stalled disk cannot grow memory).
 MAX_WAITING_ANSWERS = 10_000
+MAX_WAITING_BYTES = 4 * 1024 * 1024
+
+#: Bytes of answers one connection may queue from one chunk of requests before the rest
+#: of the chunk waits for the client to read them.
+OUTPUT_BUDGET = 256 * 1024
+
+_BACKLOG = "answers not yet read by the client"
 
 #: How often, at most, "connection limit reached" is logged (with a count meanwhile).
 REFUSED_LOG_INTERVAL = 10.0
@@ -69,6 +76,10 @@ class ZtickProtocol(LineReceiver):
         self._auth_call: IDelayedCall | None = None
         self._idle_call: IDelayedCall | None = None
         self._pauses: set[str] = set()  # why reading is paused (back-pressure)
+        self._backlog = False  # lines left in the buffer by the output budget
+        self._backlog_call: IDelayedCall | None = None
+        self._out_bytes = 0  # bytes in _out
+        self._waiting_bytes = 0  # bytes of answers in _waiting
 
     # -- connection life cycle -------------------------------------------------------
 
@@ -98,16 +109,18 @@ class ZtickProtocol(LineReceiver):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Forget the connection; answers still waiting for the disk are dropped."""
-        for call in (self._auth_call, self._idle_call):
+        for call in (self._auth_call, self._idle_call, self._backlog_call):
             if call is not None and call.active():
                 call.cancel()
-        self._auth_call = self._idle_call = None
+        self._auth_call = self._idle_call = self._backlog_call = None
         if self._connected:
             self._connected = False
             self.factory.connections -= 1
             self.log.debug("client {peer} disconnected", peer=self._peer)
         self._waiting.clear()
+        self._waiting_bytes = 0
         self._out.clear()
+        self._out_bytes = 0
 
     def _authTimedOut(self) -> None:
         self._auth_call = None
@@ -139,8 +152,9 @@ class ZtickProtocol(LineReceiver):
         self._pause("write buffer full")
 
     def resumeProducing(self) -> None:
-        """The client caught up: read again."""
+        """The client caught up: read again (and handle lines held back meanwhile)."""
         self._resume("write buffer full")
+        self._drain_backlog()
 
     def stopProducing(self) -> None:
         """The connection is going away; nothing to do."""
@@ -178,10 +192,16 @@ class ZtickProtocol(LineReceiver):
     # -- bytes in ----------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        """Split ``data`` into lines (in one pass, whatever the chunk size) and handle them."""
+        """Split ``data`` into lines (in one pass, whatever the chunk size) and handle them.
+
+        Handling stops once about ``OUTPUT_BUDGET`` bytes of answers are queued: the rest
+        of the lines wait in the buffer, reading pauses until the client has taken the
+        answers (``resumeProducing``), then handling goes on.  So a client that pipelines
+        big answers (``QUERY`` over many jobs) and never reads them costs bounded memory.
+        """
         if self._closing:
             return
-        if self._idle_call is not None:
+        if self._idle_call is not None and data:
             self._idle_call.reset(self.factory.idle_timeout)
         buffered = self._buffer
         lines = (buffered + data if buffered else data).split(b"\n")
@@ -189,19 +209,48 @@ class ZtickProtocol(LineReceiver):
         self._in_data = True
         try:
             limit = self.MAX_LENGTH
-            for line in lines:
+            for index, line in enumerate(lines):
                 if len(line) > limit:
                     self.lineLengthExceeded(line)
                     break
                 self.lineReceived(line)
                 if self._closing:
                     break
+                if self._out_bytes + self._waiting_bytes > OUTPUT_BUDGET:
+                    rest = lines[index + 1 :]
+                    if rest:
+                        rest.append(self._buffer)
+                        self._buffer = b"\n".join(rest)
+                        self._hold_backlog()
+                    break
             else:
+                self._backlog = False
                 if len(self._buffer) > limit:
                     self.lineLengthExceeded(self._buffer)
         finally:
             self._in_data = False
             self._flush()
+
+    def _hold_backlog(self) -> None:
+        """Keep the buffered lines for later: when the client has read (or next turn)."""
+        self._backlog = True
+        self._pause(_BACKLOG)
+        if self._backlog_call is None:
+            # If the transport does not ask us to wait (its buffer is not full), go on at
+            # the next reactor turn, after the other clients had theirs.
+            self._backlog_call = self.factory.reactor.callLater(0, self._backlog_turn)
+
+    def _backlog_turn(self) -> None:
+        self._backlog_call = None
+        if "write buffer full" not in self._pauses:
+            self._drain_backlog()
+
+    def _drain_backlog(self) -> None:
+        """Handle lines held back by the output budget, now that the client caught up."""
+        if self._backlog and not self._closing and self._connected:
+            self._backlog = False
+            self._resume(_BACKLOG)
+            self.dataReceived(b"")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """A line over 4096 bytes: answer what came before it, then close this connection."""
@@ -227,7 +276,7 @@ class ZtickProtocol(LineReceiver):
             if len(tokens) >= 2 and tokens[1] in self.handlers:
                 self.log.info(
                     "request {request_id} from {peer}: {reason}",
-                    request_id=tokens[0],
+                    request_id=_for_log(tokens[0]),
                     peer=self._peer,
                     reason=e.reason,
                 )
@@ -255,8 +304,8 @@ class ZtickProtocol(LineReceiver):
         except StoreError as e:
             self.log.error(
                 "request {request_id} {instruction} from {peer}: cannot persist: {error}",
-                request_id=tokens[0],
-                instruction=tokens[1],
+                request_id=_for_log(tokens[0]),
+                instruction=_for_log(tokens[1]),
                 peer=self._peer,
                 error=str(e),
             )
@@ -265,8 +314,8 @@ class ZtickProtocol(LineReceiver):
             emit = self.log.debug if isinstance(e, NotFound) else self.log.info
             emit(
                 "request {request_id} {instruction} from {peer} refused: {reason}",
-                request_id=tokens[0],
-                instruction=tokens[1],
+                request_id=_for_log(tokens[0]),
+                instruction=_for_log(tokens[1]),
                 peer=self._peer,
                 reason=str(e),
             )
@@ -314,6 +363,18 @@ class ZtickProtocol(LineReceiver):
                     f" of token {token.name}"
                 )
 
+    def _check_owned_rule(self, rule_id: str) -> None:
+        """A tenant may not replace or remove a rule whose pattern is outside its namespace.
+
+        (Such a rule, made by a wider token with an id inside this namespace, is not
+        even listed to this tenant.)
+        """
+        if self._token is None:
+            return
+        existing = self.factory.scheduler.rules.get(rule_id)
+        if existing is not None:
+            self._check_namespace(existing.pattern)
+
     def _visible(self, identifier: str) -> bool:
         return self._token is None or self._token.allows(identifier)
 
@@ -323,15 +384,21 @@ class ZtickProtocol(LineReceiver):
         """Queue ``data`` after every earlier answer; if ``commit`` fails, send ``error``."""
         if self._waiting or (commit is not None and not commit.done):
             self._waiting.append((commit, data, error))
-            if len(self._waiting) >= MAX_WAITING_ANSWERS:
+            self._waiting_bytes += len(data)
+            if (
+                len(self._waiting) >= MAX_WAITING_ANSWERS
+                or self._waiting_bytes >= MAX_WAITING_BYTES
+            ):
                 self._pause("answers waiting for the disk")
             if commit is not None and not commit.done and commit is not self._subscribed:
                 self._subscribed = commit
                 commit.subscribe(self._commitResolved)
         elif commit is not None and commit.error is not None:
             self._out.append(error)
+            self._out_bytes += len(error)
         else:
             self._out.append(data)
+            self._out_bytes += len(data)
         if not self._in_data:
             self._flush()
 
@@ -346,10 +413,16 @@ class ZtickProtocol(LineReceiver):
             if pending is not None and not pending.done:
                 break
             waiting.popleft()
-            out.append(error if pending is not None and pending.error is not None else data)
+            self._waiting_bytes -= len(data)
+            answer = error if pending is not None and pending.error is not None else data
+            out.append(answer)
+            self._out_bytes += len(answer)
         if self._subscribed is commit:
             self._subscribed = None
-        if len(waiting) < MAX_WAITING_ANSWERS // 2:
+        if (
+            len(waiting) < MAX_WAITING_ANSWERS // 2
+            and self._waiting_bytes < MAX_WAITING_BYTES // 2
+        ):
             self._resume("answers waiting for the disk")
         if waiting:
             head = next((c for c, _, _ in waiting if c is not None and not c.done), None)
@@ -362,12 +435,18 @@ class ZtickProtocol(LineReceiver):
     def _flush(self) -> None:
         if not self._connected or self.transport is None:
             self._out.clear()
+            self._out_bytes = 0
             return
         if self._out:
             data = b"".join(self._out)
             self._out.clear()
+            self._out_bytes = 0
             self.transport.write(data)
         if self._closing and not self._waiting:
+            # A producer still registered would be resumed (not closed) when the write
+            # buffer drains, leaving the connection open for good.
+            if getattr(self.transport, "producer", None) is self:
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
 
     # -- instructions ------------------------------------------------------------------
@@ -427,6 +506,7 @@ class ZtickProtocol(LineReceiver):
         if len(tokens) < 6:
             raise CommandError("RULE SET needs a rule id, a pattern and a runner")
         self._check_namespace(tokens[3], tokens[4])
+        self._check_owned_rule(tokens[3])
         rule = parse_rule(tokens[3], tokens[4], tokens[5], tokens[6:])
         commit = self.factory.scheduler.set_rule(rule)
         self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
@@ -436,6 +516,7 @@ class ZtickProtocol(LineReceiver):
         if len(tokens) < 3:
             raise CommandError("REMOVERULE needs a rule id")
         self._check_namespace(tokens[2])
+        self._check_owned_rule(tokens[2])
         try:
             commit = self.factory.scheduler.remove_rule(tokens[2])
         except UnknownRule:
@@ -470,6 +551,12 @@ ZtickProtocol.handlers = {
     "LISTRULES": ZtickProtocol.do_LISTRULES,
     "STAT": ZtickProtocol.do_STAT,
 }
+
+
+def _for_log(text: str, limit: int = 80) -> str:
+    """Client-chosen text made safe for a log line: control characters escaped, bounded."""
+    shown = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 class NotFound(CommandError):
