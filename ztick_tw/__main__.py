@@ -54,6 +54,7 @@ def serve(args: list[str]) -> int:
     globalLogBeginner.beginLoggingTo(
         [make_observer(config.log.level, config.log.format)], redirectStandardIO=False
     )
+    _ignore_hangup()  # before startService: TLS reload chains its SIGHUP handler onto it
     try:
         service = make_service(config, reactor)
         service.startService()
@@ -61,7 +62,6 @@ def serve(args: list[str]) -> int:
         print(f"ztick-tw: {e}", file=sys.stderr)
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    _ignore_hangup()
     reactor.run()
     return 0
 
@@ -75,7 +75,7 @@ def _ignore_hangup() -> None:
     log = Logger(namespace="ztick_tw")
 
     def hangup(signum: int, frame: object) -> None:
-        log.info("SIGHUP received: nothing to reload in this version; carrying on")
+        log.info("SIGHUP received (TLS certificates, if any, are reloaded); carrying on")
 
     signal.signal(signal.SIGHUP, hangup)
 

@@ -10,6 +10,7 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
 from ztick_tw import __version__
@@ -24,6 +25,7 @@ from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.store.base import IStore, StoreError
 from ztick_tw.store.logfile import LogfileStore
 from ztick_tw.store.memory import MemoryStore
+from ztick_tw.tls import ReloadableServerTLS, TLSReloadService, TLSSetupError, tls_factory
 
 log = Logger(namespace="ztick_tw")
 
@@ -89,14 +91,17 @@ def make_runners(config: Config, reactor: Any) -> dict[RunnerKind, IRunner]:
     }
 
 
-def _refuse_unbuilt(config: Config) -> None:
-    """Refuse settings whose feature is not built yet, rather than run without it."""
+def make_tls(config: Config) -> ReloadableServerTLS | None:
+    """The TLS context of ``[controller] tls_cert``/``tls_key``, or ``None`` (plain TCP)."""
     c = config.controller
-    if c.tls_cert is not None or c.tls_key is not None:
-        raise StartupError(
-            f"{config.source}: [controller] tls_cert/tls_key: TLS is not supported by this"
-            " version of ztick-tw; refusing to start without it"
-        )
+    if c.tls_cert is None or c.tls_key is None:
+        return None
+    try:
+        creator = ReloadableServerTLS(c.tls_cert, c.tls_key, c.tls_client_ca)
+    except TLSSetupError as e:
+        raise StartupError(str(e)) from None
+    log.info("TLS on: {description}", description=creator.describe())
+    return creator
 
 
 def load_auth(config: Config) -> TokenStore | None:
@@ -109,7 +114,7 @@ def load_auth(config: Config) -> TokenStore | None:
     except AuthFileError as e:
         raise StartupError(str(e)) from None
     for warning in warnings:
-        log.warn("{warning}", warning=warning)
+        log.warn("{problem}", problem=warning)
     log.info("authentication on: {count} token(s) from {path}", count=len(tokens), path=path)
     return tokens
 
@@ -130,11 +135,11 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     Raises ``StartupError`` for problems an operator must fix (unreadable or damaged
     logfile, settings this version cannot honour).
     """
-    _refuse_unbuilt(config)
     tokens = load_auth(config)
+    tls = make_tls(config)
     raise_descriptor_limit()
     for warning in config.warnings:
-        log.warn("{warning}", warning=warning)
+        log.warn("{problem}", problem=warning)
     if config.http.listen is not None:
         log.warn(
             "{source}: [http] listen is set, but ztick-tw has no REST API yet; ignoring it",
@@ -182,12 +187,16 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
         persistence=store.name,
         framerate=config.database.framerate,
         tokens=tokens,
+        tls_enabled=tls is not None,
         max_connections=config.controller.max_connections,
         idle_timeout=config.controller.idle_timeout,
     )
+    served: IProtocolFactory = factory if tls is None else tls_factory(factory, tls)
     top = ZtickService(config.controller.listen_endpoint)
     SchedulerService(scheduler, store, config.scheduler.shutdown_grace).setServiceParent(top)
-    listener = strports.service(config.controller.listen_endpoint, factory, reactor=reactor)
+    if tls is not None:
+        TLSReloadService(reactor, tls).setServiceParent(top)  # SIGHUP reloads the certificate
+    listener = strports.service(config.controller.listen_endpoint, served, reactor=reactor)
     listener._raiseSynchronously = True  # a failed bind stops startup
     listener.setName("controller")
     listener.setServiceParent(top)
