@@ -54,7 +54,6 @@ def serve(args: list[str]) -> int:
     globalLogBeginner.beginLoggingTo(
         [make_observer(config.log.level, config.log.format)], redirectStandardIO=False
     )
-    _ignore_hangup()  # before startService: TLS reload chains its SIGHUP handler onto it
     try:
         service = make_service(config, reactor)
         service.startService()
@@ -64,20 +63,6 @@ def serve(args: list[str]) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
     return 0
-
-
-def _ignore_hangup() -> None:
-    """A closed terminal (SIGHUP) must not kill the daemon without its clean shutdown."""
-    import signal
-
-    from twisted.logger import Logger
-
-    log = Logger(namespace="ztick_tw")
-
-    def hangup(signum: int, frame: object) -> None:
-        log.info("SIGHUP received (TLS certificates, if any, are reloaded); carrying on")
-
-    signal.signal(signal.SIGHUP, hangup)
 
 
 if __name__ == "__main__":

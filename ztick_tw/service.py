@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import resource
+import signal
 from typing import Any
 
 from twisted.application import strports
@@ -194,6 +195,7 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     served: IProtocolFactory = factory if tls is None else tls_factory(factory, tls)
     top = ZtickService(config.controller.listen_endpoint)
     SchedulerService(scheduler, store, config.scheduler.shutdown_grace).setServiceParent(top)
+    HangupService().setServiceParent(top)
     if tls is not None:
         TLSReloadService(reactor, tls).setServiceParent(top)  # SIGHUP reloads the certificate
     listener = strports.service(config.controller.listen_endpoint, served, reactor=reactor)
@@ -201,6 +203,31 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     listener.setName("controller")
     listener.setServiceParent(top)
     return top
+
+
+class HangupService(Service):
+    """SIGHUP is logged and survived (a closed terminal must not kill the daemon).
+
+    Installed first, so that TLS certificate reload chains onto it. Under twistd too.
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        """Install the SIGHUP handler."""
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> None:
+        """Put the previous handler back."""
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _hangup(self, signum: int, frame: object) -> None:
+        log.info("SIGHUP received (TLS certificates, if any, are reloaded); carrying on")
 
 
 class ZtickService(MultiService):
