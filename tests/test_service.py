@@ -7,7 +7,7 @@ import signal
 
 from twisted.logger import capturedLogs
 
-from ztick_tw.service import HangupService
+from ztick_tw.service import HangupService, with_backlog
 
 
 def test_hangup_is_logged_and_survived_then_handler_restored() -> None:
@@ -30,3 +30,13 @@ def test_hangup_is_logged_and_survived_then_handler_restored() -> None:
         assert seen == [signal.SIGHUP]
     finally:
         signal.signal(signal.SIGHUP, old)
+
+
+def test_listen_backlog_is_raised_unless_given() -> None:
+    """tcp/tcp6/unix endpoints get backlog=1024; a given backlog and other kinds are kept."""
+    assert with_backlog("tcp:5678:interface=127.0.0.1") == (
+        "tcp:5678:interface=127.0.0.1:backlog=1024"
+    )
+    assert with_backlog("unix:/run/z.sock:mode=660") == "unix:/run/z.sock:mode=660:backlog=1024"
+    assert with_backlog("tcp:5678:backlog=10") == "tcp:5678:backlog=10"
+    assert with_backlog("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"

@@ -198,11 +198,25 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     HangupService().setServiceParent(top)
     if tls is not None:
         TLSReloadService(reactor, tls).setServiceParent(top)  # SIGHUP reloads the certificate
-    listener = strports.service(config.controller.listen_endpoint, served, reactor=reactor)
+    listener = strports.service(
+        with_backlog(config.controller.listen_endpoint), served, reactor=reactor
+    )
     listener._raiseSynchronously = True  # a failed bind stops startup
     listener.setName("controller")
     listener.setServiceParent(top)
     return top
+
+
+#: Pending connections the kernel queues for us; Twisted's default of 50 overflows when
+#: a thousand clients reconnect at once (each dropped SYN is retried a second later).
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(endpoint: str) -> str:
+    """A ``tcp:``/``tcp6:``/``unix:`` endpoint with a large backlog unless one is given."""
+    if endpoint.split(":", 1)[0] in ("tcp", "tcp6", "unix") and "backlog=" not in endpoint:
+        return f"{endpoint}:backlog={LISTEN_BACKLOG}"
+    return endpoint
 
 
 class HangupService(Service):
