@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.daemon import BenchError, kill_all
 from bench.machine import ForeignLoad, busy_percent, describe
-from bench.report import Metric, save_json, table, write_docs
+from bench.report import Metric, merge_results, save_json, table, write_docs
 from bench.scenarios import SCENARIOS, Context
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +106,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--write-docs",
         action="store_true",
-        help=f"replace the generated block of {DOCS.relative_to(ROOT)} with these results",
+        help=f"replace the generated block of {DOCS.relative_to(ROOT)} with these results;"
+        " with --only, merge them into the newest complete results file of the same mode"
+        " (or --base FILE) first",
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        metavar="FILE",
+        help="with --only and --write-docs: the complete results file to merge into",
     )
     parser.add_argument(
         "--from-results",
@@ -149,11 +157,55 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.wait_quiet = 0.0 if args.quick else 30.0
     if args.retries is None:
         args.retries = 0 if args.quick else 1
-    if args.write_docs and args.only and not args.from_results:
-        parser.error("--write-docs needs all scenarios (the table is rewritten as a whole)")
+    if args.base and not (args.write_docs and args.only and not args.from_results):
+        parser.error("--base only goes with --only and --write-docs")
     if args.from_results and not args.write_docs:
         parser.error("--from-results only goes with --write-docs")
     return args
+
+
+def complete_results(directory: Path, quick: bool) -> Path | None:
+    """The newest results file in ``directory`` of a complete, error-free run of this mode."""
+    for path in sorted(directory.glob("*.json"), reverse=True):
+        if path.name == RESULTS.name:
+            continue
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if bool(saved.get("quick")) == quick and not saved.get("only") and not saved.get("errors"):
+            return path
+    return None
+
+
+def merge_into_docs(args: argparse.Namespace, results: dict[str, Any], archive: Path) -> int:
+    """``--only ... --write-docs``: merge this run into a complete one, then write the docs."""
+    kind = "quick" if args.quick else "full"
+    base_path = Path(args.base) if args.base else complete_results(RESULTS.parent, args.quick)
+    if base_path is None:
+        print(
+            f"not writing {DOCS}: no results file of a complete {kind} run in"
+            f" {RESULTS.parent} to merge into (run all scenarios with --write-docs)",
+            file=sys.stderr,
+        )
+        return 2
+    base = json.loads(base_path.read_text())
+    if base.get("only") or base.get("errors") or bool(base.get("quick")) != args.quick:
+        print(
+            f"not writing {DOCS}: {base_path} is not a complete, error-free {kind} run",
+            file=sys.stderr,
+        )
+        return 2
+    merged = merge_results(base, results, list(SCENARIOS), base_path.name, archive.name)
+    merged_path = archive.with_name(archive.name.replace("-only.json", "-merged.json"))
+    save_json(merged_path, merged)
+    save_json(RESULTS, merged)
+    write_docs(DOCS, merged)
+    print(
+        f"updated {DOCS}: {', '.join(args.only)} from this run, the rest from {base_path};"
+        f" merged results in {merged_path} and {RESULTS}"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         if errors:
             print(f"not writing {DOCS}: some scenarios failed", file=sys.stderr)
+        elif args.only:
+            return merge_into_docs(args, results, archive)
         else:
             write_docs(DOCS, results)
             print(f"updated {DOCS}")

@@ -57,9 +57,13 @@ class Metric:
         return out
 
 
+#: Units of figures that are counts: shown as whole numbers.
+COUNT_UNITS = frozenset({"connections", "conn-s", "errors", "fds"})
+
+
 def fmt_number(value: float, unit: str = "") -> str:
     """Human formatting: thousands separators for big numbers, 2-3 digits for small."""
-    if abs(value) >= 1000:
+    if abs(value) >= 1000 or unit in COUNT_UNITS:
         text = f"{value:,.0f}"
     elif abs(value) >= 100:
         text = f"{value:.0f}"
@@ -144,6 +148,22 @@ def generated_block(results: dict[str, Any]) -> str:
     passed = sum(1 for m in metrics if m.passed)
     targeted = sum(1 for m in metrics if m.passed is not None)
     mode = "quick" if results.get("quick") else "full"
+    parts = results.get("parts") or []
+    if len(parts) > 1:
+        runs = "; ".join(
+            f"`{p['command']}` ({p['date']}, {p['seconds']:.0f} s): {', '.join(p['scenarios'])}"
+            for p in parts
+        )
+        heading = (
+            f"### Results ({mode} runs, {passed} of {targeted} targets met)\n\n"
+            f"Merged from {len(parts)} runs on this machine (the machine table is the first"
+            f" one's): {runs}."
+        )
+    else:
+        heading = (
+            f"### Results ({mode} run, {results['seconds']:.0f} s,"
+            f" {passed} of {targeted} targets met)"
+        )
     foreign = results.get("foreign_busy_percent", {})
     noise = (
         "CPU used by other user processes while each scenario ran (percent of all cores,"
@@ -157,12 +177,64 @@ def generated_block(results: dict[str, Any]) -> str:
         [
             BEGIN,
             f"### Machine\n\n{machine_table(results['machine'])}",
-            f"### Results ({mode} run, {results['seconds']:.0f} s,"
-            f" {passed} of {targeted} targets met)\n\n{table(metrics, markdown=True)}",
+            f"{heading}\n\n{table(metrics, markdown=True)}",
             f"### How each figure was measured\n\n{details(metrics)}\n\n{noise}".rstrip(),
             END,
         ]
     )
+
+
+def merge_results(
+    base: dict[str, Any],
+    part: dict[str, Any],
+    order: Sequence[str],
+    base_name: str,
+    part_name: str,
+) -> dict[str, Any]:
+    """``base`` (a complete run) with the scenarios ``part`` ran replaced by ``part``'s.
+
+    ``order`` is the scenario order of the table.  The result is a complete results
+    dict again (``only`` empty) whose ``parts`` say which run measured which scenario.
+    """
+    redone = set(part["only"])
+    rank = {name: i for i, name in enumerate(order)}
+    metrics = [m for m in base["metrics"] if m["scenario"] not in redone] + part["metrics"]
+    metrics.sort(key=lambda m: rank.get(m["scenario"], len(rank)))
+    parts = base.get("parts") or [
+        {
+            "file": base_name,
+            "command": base["command"],
+            "date": base["machine"].get("date"),
+            "seconds": base["seconds"],
+            "scenarios": list(dict.fromkeys(m["scenario"] for m in base["metrics"])),
+        }
+    ]
+    parts = [{**p, "scenarios": [s for s in p["scenarios"] if s not in redone]} for p in parts]
+    parts = [p for p in parts if p["scenarios"]]
+    parts.append(
+        {
+            "file": part_name,
+            "command": part["command"],
+            "date": part["machine"].get("date"),
+            "seconds": part["seconds"],
+            "scenarios": list(part["only"]),
+        }
+    )
+
+    def by_scenario(key: str) -> dict[str, float]:
+        values = {**base.get(key, {}), **part.get(key, {})}
+        return dict(sorted(values.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+    return {
+        **base,
+        "only": [],
+        "seconds": round(sum(p["seconds"] for p in parts), 1),
+        "metrics": metrics,
+        "errors": {},
+        "background_busy_percent": by_scenario("background_busy_percent"),
+        "foreign_busy_percent": by_scenario("foreign_busy_percent"),
+        "parts": parts,
+    }
 
 
 def metric_from_json(data: dict[str, Any]) -> Metric:

@@ -960,6 +960,13 @@ def scenario_shell_rate(ctx: Context) -> list[Metric]:
     ]
 
 
+def scenario_load1000(ctx: Context) -> list[Metric]:
+    """Issue 3: 1,000 connections x SET/GET/QUERY for 30 s: answers, fairness, RSS, fds."""
+    from bench.load import load1000  # bench.load builds on this module
+
+    return load1000(ctx)
+
+
 SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
     "set_memory": scenario_set_memory,
     "set_logfile": scenario_set_logfile,
@@ -969,4 +976,5 @@ SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
     "trigger_lag": scenario_trigger_lag,
     "sleep_jobs": scenario_sleep_jobs,
     "shell_rate": scenario_shell_rate,
+    "load1000": scenario_load1000,
 }
