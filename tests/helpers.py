@@ -308,3 +308,27 @@ def make_harness(
         scheduler.start()
     factory = ZtickFactory(scheduler, clock, persistence="memory")
     return Harness(clock, store, runner, scheduler, factory)
+
+
+#: STAT's keys in order: SPEC §1's, then ztick-tw's lag keys.  Written out here (not read
+#: from the code) because this order is the contract the tests hold the daemon to.
+STAT_KEYS = [
+    "uptime_ns",
+    "connections",
+    "jobs_total",
+    "jobs_planned",
+    "jobs_triggered",
+    "jobs_executed",
+    "jobs_failed",
+    "rules_total",
+    "executions_pending",
+    "executions_inflight",
+    "persistence",
+    "compression",
+    "auth_enabled",
+    "tls_enabled",
+    "framerate",
+    "trigger_lag_p50_us",
+    "trigger_lag_p99_us",
+    "trigger_lag_max_us",
+]

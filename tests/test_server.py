@@ -20,6 +20,7 @@ from twisted.trial import unittest
 from tests.helpers import (
     EPOCH_NS,
     SECOND_NS,
+    STAT_KEYS,
     Conn,
     FakeStore,
     Harness,
@@ -339,28 +340,6 @@ def test_removerule_exact_bytes() -> None:
 
 
 # -- STAT -----------------------------------------------------------------------------------
-
-
-STAT_KEYS = [
-    "uptime_ns",
-    "connections",
-    "jobs_total",
-    "jobs_planned",
-    "jobs_triggered",
-    "jobs_executed",
-    "jobs_failed",
-    "rules_total",
-    "executions_pending",
-    "executions_inflight",
-    "persistence",
-    "compression",
-    "auth_enabled",
-    "tls_enabled",
-    "framerate",
-    "trigger_lag_p50_us",
-    "trigger_lag_p99_us",
-    "trigger_lag_max_us",
-]
 
 
 def stat(conn: Conn, request_id: str = "s") -> dict[str, str]:

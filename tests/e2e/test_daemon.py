@@ -35,31 +35,11 @@ from tests.e2e.daemon import (
     wait_status,
     wait_until,
 )
+from tests.helpers import STAT_KEYS
 
 SECOND = 1_000_000_000
 #: 2030-01-06 03:00:00 UTC in nanoseconds.
 JAN_2030_NS = 1_893_898_800_000_000_000
-
-STAT_KEYS = [
-    "uptime_ns",
-    "connections",
-    "jobs_total",
-    "jobs_planned",
-    "jobs_triggered",
-    "jobs_executed",
-    "jobs_failed",
-    "rules_total",
-    "executions_pending",
-    "executions_inflight",
-    "persistence",
-    "compression",
-    "auth_enabled",
-    "tls_enabled",
-    "framerate",
-    "trigger_lag_p50_us",
-    "trigger_lag_p99_us",
-    "trigger_lag_max_us",
-]
 
 
 @pytest.fixture
