@@ -52,7 +52,7 @@ def serve(args: list[str]) -> int:
     from twisted.logger import globalLogBeginner
 
     globalLogBeginner.beginLoggingTo(
-        [make_observer(config.log.level, config.log.format)], redirectStandardIO=False
+        [make_observer(config.log.min_level, config.log.format)], redirectStandardIO=False
     )
     try:
         service = make_service(config, reactor)

@@ -19,16 +19,6 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-#: ztick's level names (``[log] level``) mapped to Twisted's; ``off`` shows nothing.
-LEVELS: dict[str, LogLevel | None] = {
-    "off": None,
-    "error": LogLevel.error,
-    "warn": LogLevel.warn,
-    "info": LogLevel.info,
-    "debug": LogLevel.debug,
-    "trace": LogLevel.debug,
-}
-
 
 @implementer(ILogFilterPredicate)
 class _Nothing:
@@ -39,9 +29,12 @@ class _Nothing:
 
 
 def make_observer(
-    level: str = "info", fmt: str = "text", stream: TextIO | None = None
+    threshold: LogLevel | None = LogLevel.info, fmt: str = "text", stream: TextIO | None = None
 ) -> ILogObserver:
-    """An observer writing events at ``level`` or above to ``stream`` (stderr by default).
+    """An observer writing events at ``threshold`` or above to ``stream`` (stderr by default).
+
+    ``threshold`` is ``Config.log.min_level``: ``None`` (``[log] level = "off"``) shows
+    nothing.
 
     ``fmt`` is ``text`` (Twisted's classic ``timestamp [namespace] message`` lines) or
     ``json`` (one JSON object per line with every named field, for log shippers).
@@ -50,7 +43,6 @@ def make_observer(
     base = (
         jsonFileLogObserver(out, recordSeparator="") if fmt == "json" else textFileLogObserver(out)
     )
-    threshold = LEVELS[level]
     if threshold is None:
         return FilteringLogObserver(base, [_Nothing()])
     return FilteringLogObserver(base, [LogLevelFilterPredicate(defaultLogLevel=threshold)])
