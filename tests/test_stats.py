@@ -91,3 +91,17 @@ def test_matches_reference(samples: list[int], size: int, fraction: float) -> No
     assert len(window) == len(recent)
     assert window.percentile(fraction) == nearest_rank(recent, fraction)
     assert window.maximum() == max(recent)
+
+
+def test_percentiles_from_one_sort_match_single_percentiles() -> None:
+    """``percentiles`` gives what ``percentile`` gives for each fraction (0s when empty)."""
+    window = LagWindow(size=100)
+    assert window.percentiles(0.5, 0.99) == [0, 0]
+    for lag in [7, 3, 90, 15, 1, 42, 8]:
+        window.record(lag)
+    assert window.percentiles(0.5, 0.99, 1.0) == [
+        window.percentile(0.5),
+        window.percentile(0.99),
+        window.percentile(1.0),
+    ]
+    assert window.percentiles(0.5, 1.0) == [8, 90]

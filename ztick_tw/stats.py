@@ -34,11 +34,19 @@ class LagWindow:
 
     def percentile(self, fraction: float) -> int:
         """The ``fraction`` (0-1) percentile of the window, nearest-rank; 0 when empty."""
+        return self.percentiles(fraction)[0]
+
+    def percentiles(self, *fractions: float) -> list[int]:
+        """Several percentiles (see ``percentile``) from one sort of the window."""
         if not self._samples:
-            return 0
+            return [0] * len(fractions)
         ordered = sorted(self._samples)
-        rank = max(1, -(-int(fraction * 1_000_000) * len(ordered) // 1_000_000))
-        return ordered[min(rank, len(ordered)) - 1]
+        size = len(ordered)
+        out = []
+        for fraction in fractions:
+            rank = max(1, -(-int(fraction * 1_000_000) * size // 1_000_000))
+            out.append(ordered[min(rank, size) - 1])
+        return out
 
     def maximum(self) -> int:
         """The largest lag in the window; 0 when empty."""

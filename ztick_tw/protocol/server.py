@@ -44,7 +44,10 @@ MAX_WAITING_BYTES = 4 * 1024 * 1024
 #: of the chunk waits for the client to read them.
 OUTPUT_BUDGET = 256 * 1024
 
+# Why reading from a client is paused (any one of them is enough).
+_WRITE_FULL = "write buffer full"
 _BACKLOG = "answers not yet read by the client"
+_DISK_WAIT = "answers waiting for the disk"
 
 #: How often, at most, "connection limit reached" is logged (with a count meanwhile).
 REFUSED_LOG_INTERVAL = 10.0
@@ -149,11 +152,11 @@ class ZtickProtocol(LineReceiver):
 
     def pauseProducing(self) -> None:
         """The client is not reading its answers: stop reading its requests."""
-        self._pause("write buffer full")
+        self._pause(_WRITE_FULL)
 
     def resumeProducing(self) -> None:
         """The client caught up: read again (and handle lines held back meanwhile)."""
-        self._resume("write buffer full")
+        self._resume(_WRITE_FULL)
         self._drain_backlog()
 
     def stopProducing(self) -> None:
@@ -242,7 +245,7 @@ class ZtickProtocol(LineReceiver):
 
     def _backlog_turn(self) -> None:
         self._backlog_call = None
-        if "write buffer full" not in self._pauses:
+        if _WRITE_FULL not in self._pauses:
             self._drain_backlog()
 
     def _drain_backlog(self) -> None:
@@ -389,7 +392,7 @@ class ZtickProtocol(LineReceiver):
                 len(self._waiting) >= MAX_WAITING_ANSWERS
                 or self._waiting_bytes >= MAX_WAITING_BYTES
             ):
-                self._pause("answers waiting for the disk")
+                self._pause(_DISK_WAIT)
             if commit is not None and not commit.done and commit is not self._subscribed:
                 self._subscribed = commit
                 commit.subscribe(self._commitResolved)
@@ -404,6 +407,10 @@ class ZtickProtocol(LineReceiver):
 
     def _error(self, request_id: str) -> None:
         self._reply(f"{request_id} ERROR\n".encode())
+
+    def _ok(self, request_id: str, commit: Commit | None) -> None:
+        """``ID OK`` once ``commit`` is on disk (``ID ERROR`` if it fails to get there)."""
+        self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
 
     def _commitResolved(self, commit: Commit) -> None:
         waiting = self._waiting
@@ -423,10 +430,12 @@ class ZtickProtocol(LineReceiver):
             len(waiting) < MAX_WAITING_ANSWERS // 2
             and self._waiting_bytes < MAX_WAITING_BYTES // 2
         ):
-            self._resume("answers waiting for the disk")
+            self._resume(_DISK_WAIT)
         if waiting:
-            head = next((c for c, _, _ in waiting if c is not None and not c.done), None)
-            if head is not None and head is not self._subscribed:
+            # The loop stopped at an answer whose commit is still pending: wait for it.
+            head = waiting[0][0]
+            assert head is not None
+            if head is not self._subscribed:
                 self._subscribed = head
                 head.subscribe(self._commitResolved)
         if not self._in_data:
@@ -460,7 +469,7 @@ class ZtickProtocol(LineReceiver):
         check_string("job identifier", job_id)
         self._check_namespace(job_id)
         commit = self.factory.scheduler.set_job(job_id, execution_ns)
-        self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
+        self._ok(request_id, commit)
 
     def do_GET(self, request_id: str, tokens: list[str]) -> None:
         """``ID GET <job>`` answers ``ID OK <status> <ns>``."""
@@ -497,7 +506,7 @@ class ZtickProtocol(LineReceiver):
             commit = self.factory.scheduler.remove_job(tokens[2])
         except UnknownJob:
             raise NotFound(f"no job {tokens[2]!r}") from None
-        self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
+        self._ok(request_id, commit)
 
     def do_RULE(self, request_id: str, tokens: list[str]) -> None:
         """``ID RULE SET <rule> <pattern> <runner> <args...>``."""
@@ -509,7 +518,7 @@ class ZtickProtocol(LineReceiver):
         self._check_owned_rule(tokens[3])
         rule = parse_rule(tokens[3], tokens[4], tokens[5], tokens[6:])
         commit = self.factory.scheduler.set_rule(rule)
-        self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
+        self._ok(request_id, commit)
 
     def do_REMOVERULE(self, request_id: str, tokens: list[str]) -> None:
         """``ID REMOVERULE <rule>``."""
@@ -521,7 +530,7 @@ class ZtickProtocol(LineReceiver):
             commit = self.factory.scheduler.remove_rule(tokens[2])
         except UnknownRule:
             raise NotFound(f"no rule {tokens[2]!r}") from None
-        self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
+        self._ok(request_id, commit)
 
     def do_LISTRULES(self, request_id: str, tokens: list[str]) -> None:
         """``ID LISTRULES``: one line per rule, rendered as ztick does, then ``ID OK``."""
@@ -627,6 +636,7 @@ class ZtickFactory(Factory):
         """The STAT lines, ztick's keys first, in ztick's order, then ztick-tw's."""
         s = self.scheduler
         jobs = s.jobs
+        p50, p99 = s.lag.percentiles(0.50, 0.99)
         return [
             ("uptime_ns", now_ns(self.reactor) - self.started_ns),
             ("connections", self.connections),
@@ -643,7 +653,7 @@ class ZtickFactory(Factory):
             ("auth_enabled", int(self.auth_enabled)),
             ("tls_enabled", int(self.tls_enabled)),
             ("framerate", self.framerate),
-            ("trigger_lag_p50_us", s.lag.percentile(0.50)),
-            ("trigger_lag_p99_us", s.lag.percentile(0.99)),
+            ("trigger_lag_p50_us", p50),
+            ("trigger_lag_p99_us", p99),
             ("trigger_lag_max_us", s.lag.maximum()),
         ]
