@@ -19,6 +19,7 @@ class Execution:
     rule_id: str
     attempt: int  # 1 for the first run, raised when a run is retried
     spec: RunnerSpec
+    fired_ns: int = 0  # when the scheduler handed it to the runner (reactor clock, ns)
 
 
 @dataclass(frozen=True, slots=True)

@@ -330,7 +330,7 @@ class Scheduler:
         self.lag.record((start - item.lag_base_ns) // 1000)
         attempt = self._attempts.get(item.job_id, 1)
         execution = Execution(
-            item.job_id, item.execution_ns, item.rule.id, attempt, item.rule.runner
+            item.job_id, item.execution_ns, item.rule.id, attempt, item.rule.runner, start
         )
         self._running += 1
         if runner is None:
