@@ -517,13 +517,13 @@ def test_telemetry_endpoint_without_enabled_is_fine() -> None:
             "unknown key [controller] level (it belongs in [log], not [controller])",
         ),
         ("[http]\nport = 5680", "unknown key [http] port (known keys: listen)"),
-        ("[shell]\ntimeout = 30", "unknown key [shell] timeout (known keys: path, args)"),
+        ("[shell]\nwait = 30", "unknown key [shell] wait (known keys: path, args)"),
         ("[logg]\nlevel = 1", "unknown section [logg] (did you mean [log]?)"),
         ("[Database]\nframerate = 1", "unknown section [Database] (did you mean [database]?)"),
         (
             "[server]\nport = 1",
             "unknown section [server] (known sections: [log], "
-            "[controller], [shell], [database], [http], [telemetry], [scheduler])",
+            "[controller], [shell], [database], [http], [telemetry], [scheduler], [runners])",
         ),
         ('level = "info"', "key level is outside any section (did you mean [log] level?)"),
         ("bogus = 1", "key bogus is outside any section"),

@@ -2,10 +2,11 @@
 
 Every key of ztick's configuration is accepted with ztick's meaning and default, so a
 ztick config file loads unchanged; ztick-tw adds a few keys of its own (``[log] format``,
-the ``[scheduler]`` section, ``[database] recover_corrupt_log``).  Validation is strict:
-an unknown section or key, a value of the wrong TOML type or outside its range, or a bad
-combination raises :class:`ConfigError`, whose text is one line naming the file, the
-key and the problem.  ``docs/configuration.md`` is the reference for every key.
+the ``[scheduler]`` and ``[runners]`` sections, ``[database] recover_corrupt_log``).
+Validation is strict: an unknown section or key, a value of the wrong TOML type or
+outside its range, or a bad combination raises :class:`ConfigError`, whose text is one
+line naming the file, the key and the problem.  ``docs/configuration.md`` is the
+reference for every key.
 
 ``[controller] listen`` and ``[http] listen`` take ztick's ``host:port`` form or a Twisted
 server endpoint string; :func:`listen_endpoint` turns the former into the latter, and the
@@ -49,7 +50,9 @@ __all__ = [
     "LogConfig",
     "LogFormat",
     "LogLevelName",
+    "MessageFormatName",
     "Persistence",
+    "RunnersConfig",
     "SchedulerConfig",
     "ShellConfig",
     "TelemetryConfig",
@@ -62,6 +65,7 @@ LogLevelName = Literal["off", "error", "warn", "info", "debug", "trace"]
 LogFormat = Literal["text", "json"]
 Persistence = Literal["logfile", "memory"]
 InterruptedJobs = Literal["rerun", "fail"]
+MessageFormatName = Literal["ztick", "json"]
 
 DEFAULT_LISTEN = "127.0.0.1:5678"
 DEFAULT_SOURCE = "(built-in defaults)"
@@ -232,6 +236,20 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RunnersConfig:
+    """``[runners]`` (ztick-tw extension): how the http, redis and amqp runners deliver."""
+
+    timeout: float = 30.0
+    """Seconds one delivery may take, connecting included (ztick's fixed 30 s)."""
+    message_format: MessageFormatName = "ztick"
+    http_ca_file: str | None = None
+    http_signing_secret_file: str | None = None
+    http_max_response_bytes: int = 65536
+    amqp_persistent: bool = True
+    amqp_ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration; ``Config()`` is the built-in default."""
 
@@ -242,6 +260,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runners: RunnersConfig = field(default_factory=RunnersConfig)
     source: str = DEFAULT_SOURCE
     #: Things accepted for ztick's sake that an operator should fix (logged at startup).
     warnings: tuple[str, ...] = ()
@@ -493,6 +512,13 @@ def _seconds(value: object) -> object:
     return float(value)
 
 
+def _positive_seconds(value: object) -> object:
+    seconds = _seconds(value)
+    if seconds == 0:
+        raise _Invalid("must be a number of seconds > 0, got 0")
+    return seconds
+
+
 def _string_list(value: object) -> object:
     if not isinstance(value, list):
         raise _Invalid(f"must be an array of strings, got {_describe(value)}")
@@ -554,6 +580,15 @@ _SCHEMA: dict[str, dict[str, _Validator]] = {
         "run_timeout": _seconds,
         "output_limit_bytes": _integer(0),
         "shutdown_grace": _seconds,
+    },
+    "runners": {
+        "timeout": _positive_seconds,
+        "message_format": _choice(get_args(MessageFormatName)),
+        "http_ca_file": _PATH,
+        "http_signing_secret_file": _PATH,
+        "http_max_response_bytes": _integer(0, _U32_MAX),
+        "amqp_persistent": _boolean,
+        "amqp_ca_file": _PATH,
     },
 }
 
@@ -695,6 +730,7 @@ def _build(document: Mapping[str, Any]) -> Config:
 
     telemetry = TelemetryConfig(**cast(dict[str, Any], values.get("telemetry", {})))
     scheduler = SchedulerConfig(**cast(dict[str, Any], values.get("scheduler", {})))
+    runners = RunnersConfig(**cast(dict[str, Any], values.get("runners", {})))
 
     _check_combinations(controller, http, telemetry)
     try:
@@ -710,6 +746,7 @@ def _build(document: Mapping[str, Any]) -> Config:
         http=http,
         telemetry=telemetry,
         scheduler=scheduler,
+        runners=runners,
     )
 
 
