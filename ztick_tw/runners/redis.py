@@ -1,0 +1,837 @@
+"""The ``redis`` runner: ``redis <url> <PUBLISH|RPUSH|LPUSH|SET> <key>``.
+
+A job sends ``<command> <key> <value>`` where the value is
+:func:`~ztick_tw.runners.message.queue_message` (ztick: the bare job id).  An error reply
+(``-ERR``, ``-WRONGTYPE``, ``-NOAUTH`` ...) fails the job with the server's text; any
+other reply is success (so a ``PUBLISH`` that reached 0 subscribers succeeds, as in
+ztick).
+
+Unlike ztick, which opens a connection per job, the runner keeps **one persistent,
+pipelined connection per rule URL** (the whole URL is the key), opened on the first job
+that needs it.  Jobs that arrive while it is being opened queue on it.  Once it is up,
+``AUTH`` and ``SELECT`` go out (when the URL asks for them); once they are accepted, the
+queued commands go out in one write, and so does each later job as it comes.  Replies
+are matched to jobs in order (RESP replies are FIFO).
+
+Failures:
+
+* ``NetworkOptions.timeout`` covers connecting and the reply.  A job whose reply is late
+  poisons the pipeline (every later reply would be matched to the wrong job), so the
+  connection is dropped, every job on it fails with the timeout, and the next job
+  reconnects.  A job still waiting for the connection fails alone.
+* A connection that cannot be set up (refused, connect timeout, ``AUTH``/``SELECT``
+  refused, not speaking RESP) fails the jobs waiting for it and starts a back-off window
+  (0.5 s, doubling up to 30 s, reset by the next connection that comes up): during it,
+  jobs for that URL fail at once with ``unavailable (last connect attempt: ...)`` instead
+  of each trying to connect.  The first job after the window tries again.
+* A connection lost with jobs on it fails them (``connection lost``); the next job
+  reconnects, so a restarted server is picked up without restarting the daemon.
+
+Reasons and logs name the endpoint as ``host:port[/db]`` (or :func:`redact_url`), never
+with the password.
+
+The RESP2 client here (:class:`RespParser`, :func:`encode_command`,
+:class:`RedisClientProtocol`) is self-contained: no third-party redis library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+from urllib.parse import unquote, urlsplit
+
+from twisted.internet import error as neterror
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IReactorTCP,
+    IReactorTime,
+    ITCPTransport,
+    ITransport,
+)
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ztick_tw.model import RedisSpec
+from ztick_tw.runners.base import Execution, IRunner, Outcome
+from ztick_tw.runners.message import NetworkOptions, queue_message, redact_url
+
+__all__ = [
+    "BACKOFF_MAX",
+    "BACKOFF_START",
+    "DEFAULT_PORT",
+    "REDIS_COMMANDS",
+    "RedisClientProtocol",
+    "RedisEndpoint",
+    "RedisError",
+    "RedisRunner",
+    "Reply",
+    "RespParser",
+    "RespProtocolError",
+    "encode_command",
+    "parse_redis_url",
+]
+
+#: The port of a ``redis://`` URL that names none.
+DEFAULT_PORT = 6379
+#: The commands a redis rule may send.
+REDIS_COMMANDS = frozenset({"PUBLISH", "RPUSH", "LPUSH", "SET"})
+#: The first back-off window after a failed connect, in seconds; it doubles per failure.
+BACKOFF_START = 0.5
+#: The longest back-off window, in seconds.
+BACKOFF_MAX = 30.0
+
+#: Why a job was ended when the runner was stopped (the daemon is shutting down).
+SHUTDOWN_CAUSE = "stopped at shutdown"
+
+_SUCCESS = Outcome(True)
+_EPSILON = 1e-9  # float slack when comparing a deadline with the reactor's clock
+
+
+# ------------------------------------------------------------------------------ RESP
+
+
+class RedisError(Exception):
+    """An error reply (``-ERR ...``, ``-WRONGTYPE ...``): a value in the reply stream."""
+
+    @property
+    def message(self) -> str:
+        """The server's text, e.g. ``WRONGTYPE Operation against a key ...``."""
+        return str(self.args[0]) if self.args else ""
+
+
+class RespProtocolError(Exception):
+    """The peer sent bytes that are not RESP2: the connection cannot be trusted."""
+
+
+#: A decoded reply: simple string ``str``, bulk ``bytes``, integer ``int``, null bulk or
+#: null array ``None``, array ``list``, error reply :class:`RedisError` (not raised).
+Reply = str | bytes | int | None | list["Reply"] | RedisError
+
+
+def encode_command(*args: bytes) -> bytes:
+    """``args`` as a RESP array of bulk strings (the request format of every command)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+class RespParser:
+    """An incremental RESP2 reply parser: feed it bytes as they come, get whole replies.
+
+    Data may be split anywhere (inside a line, a bulk string, a nested array); what is
+    incomplete is kept for the next :meth:`feed`.  Malformed input raises
+    :class:`RespProtocolError` and leaves the parser unusable.
+    """
+
+    def __init__(self, max_bulk: int = 512 * 1024 * 1024, max_line: int = 64 * 1024) -> None:
+        self.max_bulk = max_bulk
+        self.max_line = max_line
+        self._buf = bytearray()
+        # Arrays being filled, innermost last: [items so far, expected count].
+        self._stack: list[tuple[list[Reply], int]] = []
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet part of a whole reply (excluding array headers)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Reply]:
+        """Add ``data``; return the replies it completes, in order."""
+        buf = self._buf
+        buf += data
+        size = len(buf)
+        stack = self._stack
+        out: list[Reply] = []
+        pos = 0
+        value: Reply
+        while pos < size:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                if size - pos > self.max_line:
+                    raise RespProtocolError(f"reply line longer than {self.max_line} bytes")
+                break
+            if end - pos > self.max_line:
+                raise RespProtocolError(f"reply line longer than {self.max_line} bytes")
+            kind = buf[pos]
+            if kind == 0x2B:  # "+" simple string
+                value = buf[pos + 1 : end].decode("utf-8", "replace")
+                pos = end + 2
+            elif kind == 0x3A:  # ":" integer
+                value = _integer(buf, pos + 1, end)
+                pos = end + 2
+            elif kind == 0x24:  # "$" bulk string
+                length = _integer(buf, pos + 1, end)
+                if length == -1:
+                    value = None
+                    pos = end + 2
+                else:
+                    if length < 0 or length > self.max_bulk:
+                        raise RespProtocolError(f"bad bulk string length {length}")
+                    start = end + 2
+                    stop = start + length
+                    if stop + 2 > size:
+                        break  # incomplete: parse this element again with more data
+                    if buf[stop : stop + 2] != b"\r\n":
+                        raise RespProtocolError("bulk string not followed by CRLF")
+                    value = bytes(buf[start:stop])
+                    pos = stop + 2
+            elif kind == 0x2A:  # "*" array
+                count = _integer(buf, pos + 1, end)
+                pos = end + 2
+                if count == -1:
+                    value = None
+                elif count == 0:
+                    value = []
+                elif count < 0:
+                    raise RespProtocolError(f"bad array length {count}")
+                else:
+                    stack.append(([], count))
+                    continue
+            elif kind == 0x2D:  # "-" error
+                value = RedisError(buf[pos + 1 : end].decode("utf-8", "replace"))
+                pos = end + 2
+            else:
+                raise RespProtocolError(f"unexpected reply type byte {bytes([kind])!r}")
+            # Put the value into the array it belongs to; close arrays that are full.
+            while stack:
+                items, count = stack[-1]
+                items.append(value)
+                if len(items) < count:
+                    break
+                stack.pop()
+                value = items
+            else:
+                out.append(value)
+        if pos:
+            del buf[:pos]
+        return out
+
+
+def _integer(buf: bytearray, start: int, end: int) -> int:
+    text = bytes(buf[start:end])
+    digits = text[1:] if text[:1] == b"-" else text
+    if not digits.isdigit():
+        raise RespProtocolError(f"bad integer {text[:40]!r}")
+    return int(text)
+
+
+class RedisClientProtocol(Protocol):
+    """A small general-purpose RESP2 client: :meth:`execute` commands, pipelined.
+
+    Replies are matched to requests in order.  An error reply errbacks with
+    :class:`RedisError`; a lost connection errbacks everything pending with the
+    reason.  Replies that answer no request (pub/sub messages after ``SUBSCRIBE``) go
+    to ``push_handler`` when one is set.  The runner uses its own leaner protocol; this
+    one is for tools and tests.
+    """
+
+    def __init__(self, push_handler: Callable[[Reply], None] | None = None) -> None:
+        self.push_handler = push_handler
+        self._parser = RespParser()
+        self._pending: deque[Deferred[Reply]] = deque()
+        self.connected_deferred: Deferred[RedisClientProtocol] = Deferred()
+        self.lost_deferred: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        """Fire ``connected_deferred``."""
+        self.connected_deferred.callback(self)
+
+    def execute(self, *args: bytes | str | int) -> Deferred[Reply]:
+        """Send one command; fires with its reply."""
+        assert self.transport is not None, "not connected"
+        d: Deferred[Reply] = Deferred()
+        self._pending.append(d)
+        self.transport.write(encode_command(*(_arg(a) for a in args)))
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        """Parse replies; fire the pending requests in order (or pass pushes on)."""
+        try:
+            replies = self._parser.feed(data)
+        except RespProtocolError as e:
+            self._fail_all(e)
+            _abort(self.transport)
+            return
+        for reply in replies:
+            if self._pending:
+                d = self._pending.popleft()
+                if isinstance(reply, RedisError):
+                    d.errback(reply)
+                else:
+                    d.callback(reply)
+            elif self.push_handler is not None:
+                self.push_handler(reply)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Errback every pending request with ``reason``; fire ``lost_deferred``."""
+        self._fail_all(reason)
+        self.lost_deferred.callback(None)
+
+    def _fail_all(self, reason: Failure | BaseException) -> None:
+        pending, self._pending = self._pending, deque()
+        for d in pending:
+            d.errback(reason)
+
+
+def _abort(transport: ITransport | None) -> None:
+    """Close ``transport`` at once, dropping unsent data (``loseConnection`` if it can't)."""
+    if transport is None:
+        return
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()
+
+
+def _arg(value: bytes | str | int) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8")
+
+
+# ------------------------------------------------------------------------------ URLs
+
+
+@dataclass(frozen=True, slots=True)
+class RedisEndpoint:
+    """A parsed ``redis://[user[:pass]@]host[:port][/db]`` URL."""
+
+    host: str
+    port: int = DEFAULT_PORT
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    db: int | None = None
+
+    @property
+    def label(self) -> str:
+        """``host:port`` or ``host:port/db``: how reasons and logs name the endpoint."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        text = f"{host}:{self.port}"
+        return text if self.db is None else f"{text}/{self.db}"
+
+    def handshake(self) -> list[tuple[str, bytes]]:
+        """The commands sent first on a new connection, each with its step name.
+
+        ``AUTH [user] pass`` when the URL has a password (a user without one sends
+        ``AUTH user ""``, which a ``nopass`` ACL user accepts), then ``SELECT db``.
+        """
+        steps: list[tuple[str, bytes]] = []
+        if self.password is not None:
+            secret = self.password.encode("utf-8")
+            if self.username:
+                steps.append(("auth", encode_command(b"AUTH", self.username.encode(), secret)))
+            else:
+                steps.append(("auth", encode_command(b"AUTH", secret)))
+        elif self.username:
+            steps.append(("auth", encode_command(b"AUTH", self.username.encode(), b"")))
+        if self.db is not None:
+            steps.append(("select", encode_command(b"SELECT", b"%d" % self.db)))
+        return steps
+
+
+def parse_redis_url(url: str) -> RedisEndpoint:
+    """Parse a rule's URL; ``ValueError`` (with a message free of secrets) if it is bad.
+
+    User and password are percent-decoded.  An empty password counts as none.
+    """
+    if not url.startswith("redis://"):
+        raise ValueError("URL must start with redis://")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError("malformed URL (bad host or port)") from None
+    host = parts.hostname
+    if not host:
+        raise ValueError("URL has no host")
+    db_text = parts.path.lstrip("/")
+    db: int | None = None
+    if db_text:
+        if not (db_text.isascii() and db_text.isdigit()):
+            raise ValueError("database must be a number")
+        db = int(db_text)
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return RedisEndpoint(host, DEFAULT_PORT if port is None else port, username, password, db)
+
+
+# ---------------------------------------------------------------------------- runner
+
+
+class _Job:
+    """One execution on its way to a redis server."""
+
+    __slots__ = ("command", "deadline", "deferred", "execution", "key", "payload")
+
+    def __init__(
+        self, execution: Execution, command: str, key: str, payload: bytes, deadline: float
+    ) -> None:
+        self.execution = execution
+        self.command = command
+        self.key = key
+        self.payload = payload
+        self.deadline = deadline
+        self.deferred: Deferred[Outcome] = Deferred()
+
+
+class _TargetProtocol(Protocol):
+    """The runner's connection to one URL: writes jobs, hands replies to its target."""
+
+    def __init__(self, target: _Target, factory: _TargetFactory) -> None:
+        self.target = target
+        self.factory = factory
+        self.attached = True  # False once the target has let go of this connection
+        self.parser = RespParser()
+
+    def connectionMade(self) -> None:
+        self.target.runner._live.add(self)
+        if ITCPTransport.providedBy(self.transport):
+            tcp = ITCPTransport(self.transport)
+            tcp.setTcpNoDelay(True)
+            tcp.setTcpKeepAlive(True)
+        self.target.connected(self)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def abort(self) -> None:
+        """Let go of this connection and close it without flushing."""
+        self.attached = False
+        _abort(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.attached:
+            return
+        try:
+            replies = self.parser.feed(data)
+        except RespProtocolError as e:
+            self.target.protocol_error(self, str(e))
+            return
+        target = self.target
+        for reply in replies:
+            if not self.attached:
+                return
+            target.reply(reply)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        runner = self.target.runner
+        runner._live.discard(self)
+        if self.attached:
+            self.attached = False
+            self.target.lost(self, reason)
+        runner._maybe_closed()
+
+
+class _TargetFactory(ClientFactory):
+    """One connection attempt to one target (a new factory per attempt)."""
+
+    noisy = False
+
+    def __init__(self, target: _Target) -> None:
+        self.target = target
+
+    def buildProtocol(self, addr: IAddress | None) -> _TargetProtocol:
+        return _TargetProtocol(self.target, self)
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        value = reason.value
+        self.target.connect_failed(self, value if value is not None else Exception("failed"))
+
+
+def _describe_connect_error(e: BaseException) -> str:
+    if isinstance(e, neterror.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, neterror.TimeoutError | neterror.TCPTimedOutError):
+        return "connect timed out"
+    if isinstance(e, neterror.DNSLookupError):
+        return "cannot resolve host"
+    if isinstance(e, neterror.NoRouteError):
+        return "no route to host"
+    if isinstance(e, neterror.ConnectError) and e.osError:
+        text = str(e.osError)
+    else:
+        text = str(e) or type(e).__name__
+    text = text.strip().rstrip(".")
+    return text[:1].lower() + text[1:]
+
+
+class _Target:
+    """Everything about one rule URL: its connection, its jobs in order, its back-off.
+
+    ``jobs`` holds the target's jobs in the order they started: until the connection is
+    set up (``writer`` is set) none is sent; after that all of them are, and the head is
+    the one the next reply answers.  One timer, armed for the head's deadline, watches
+    the whole queue.
+    """
+
+    def __init__(self, runner: RedisRunner, url: str, endpoint: RedisEndpoint) -> None:
+        self.runner = runner
+        self.url = url
+        self.endpoint = endpoint
+        self.label = endpoint.label
+        self.jobs: deque[_Job] = deque()
+        self.protocol: _TargetProtocol | None = None  # connected (maybe still in setup)
+        self.writer: _TargetProtocol | None = None  # the protocol once setup is done
+        self.factory: _TargetFactory | None = None  # the attempt in progress
+        self.connector: IConnector | None = None
+        self.setup: deque[str] = deque()  # handshake replies still expected
+        self.timer: IDelayedCall | None = None
+        self.backoff = 0.0  # the current window; 0 = the last connection came up
+        self.retry_at = 0.0  # until this reactor time new jobs fail at once
+        self.last_error = ""
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def submit(self, job: _Job) -> str | None:
+        """Queue ``job`` (sending it if connected); a reason when it must fail at once."""
+        runner = self.runner
+        writer = self.writer
+        if writer is not None:
+            writer.write(job.payload)
+        elif self.factory is None and self.protocol is None:
+            if runner._clock.seconds() < self.retry_at:
+                return f"redis {self.label}: unavailable (last connect attempt: {self.last_error})"
+            runner._inflight += 1
+            self.jobs.append(job)
+            self._arm()
+            self._connect()
+            return None
+        runner._inflight += 1
+        self.jobs.append(job)
+        if self.timer is None:
+            self._arm()
+        return None
+
+    def reply(self, value: Reply) -> None:
+        """The next reply on the connection: a handshake step's or the head job's."""
+        if self.setup:
+            step = self.setup.popleft()
+            if isinstance(value, RedisError):
+                why = f"{step} refused: {value.message}"
+                self._drop(f"redis {self.label}: {why}", backoff=why)
+            elif not self.setup:
+                self._ready()
+            return
+        if not self.jobs:
+            why = "protocol error: a reply nobody asked for"
+            self._drop(f"redis {self.label}: {why}", backoff=why)
+            return
+        job = self.jobs.popleft()
+        if isinstance(value, RedisError):
+            outcome = Outcome(
+                False, f"redis {self.label}: {job.command} {job.key}: {value.message}"
+            )
+        else:
+            outcome = _SUCCESS
+        self.runner._finish(job, outcome)
+
+    def _arm(self) -> None:
+        timeout = self.runner._timeout
+        if self.timer is None and self.jobs and timeout is not None:
+            clock = self.runner._clock
+            delay = max(0.0, self.jobs[0].deadline - clock.seconds())
+            self.timer = clock.callLater(delay, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        jobs = self.jobs
+        if not jobs:
+            return
+        now = self.runner._clock.seconds() + _EPSILON
+        if jobs[0].deadline > now:
+            self._arm()
+            return
+        after = f"timed out after {self.runner._timeout:g}s"
+        if self.protocol is not None:
+            # Replies are matched in order: a late one would answer the wrong job.
+            self.runner.log.warn(
+                "redis {endpoint}: no reply within {timeout:g}s; dropping the connection"
+                " and failing its {count} job(s)",
+                endpoint=self.label,
+                timeout=self.runner._timeout,
+                count=len(jobs),
+            )
+            self._drop(f"redis {self.label}: {after} waiting for a reply")
+            return
+        expired: list[_Job] = []
+        while jobs and jobs[0].deadline <= now:
+            expired.append(jobs.popleft())
+        self._arm()
+        outcome = Outcome(False, f"redis {self.label}: {after} connecting")
+        for job in expired:
+            self.runner._finish(job, outcome)
+
+    def fail_all(self, outcome: Outcome) -> None:
+        """End every job of this target with ``outcome``."""
+        jobs, self.jobs = self.jobs, deque()
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+        finish = self.runner._finish
+        for job in jobs:
+            finish(job, outcome)
+
+    # -- connection ------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        runner = self.runner
+        factory = _TargetFactory(self)
+        self.factory = factory
+        runner.connect_attempts += 1
+        try:
+            self.connector = runner._reactor.connectTCP(
+                self.endpoint.host, self.endpoint.port, factory, timeout=runner._connect_timeout
+            )
+        except Exception as e:  # e.g. a host name the reactor cannot even try
+            self.connect_failed(factory, e)
+
+    def connected(self, protocol: _TargetProtocol) -> None:
+        """The TCP connection is up: send the handshake, or the queued jobs if there is none.
+
+        Jobs wait for the handshake's replies: after a refused ``AUTH`` the connection
+        would still run them as the default user, after a refused ``SELECT`` in db 0.
+        """
+        if protocol.factory is not self.factory or self.runner._closing:
+            protocol.abort()
+            return
+        self.protocol = protocol
+        self.factory = None
+        self.connector = None
+        steps = self.endpoint.handshake()
+        if steps:
+            self.setup = deque(name for name, _ in steps)
+            protocol.write(b"".join(payload for _, payload in steps))
+        else:
+            self._ready()
+
+    def _ready(self) -> None:
+        """Setup is done: send every queued job in one write; later jobs go straight out."""
+        protocol = self.writer = self.protocol
+        assert protocol is not None
+        if self.jobs:
+            protocol.write(b"".join(job.payload for job in self.jobs))
+        level = self.runner.log.info if self.backoff else self.runner.log.debug
+        level(
+            "redis {endpoint}: connected ({url})",
+            endpoint=self.label,
+            url=redact_url(self.url),
+        )
+        self.backoff = 0.0
+        self.retry_at = 0.0
+        self.last_error = ""
+
+    def connect_failed(self, factory: _TargetFactory, reason: BaseException) -> None:
+        """The connection attempt ``factory`` failed: back off and fail its jobs."""
+        if factory is not self.factory:
+            return  # an attempt we gave up on already
+        self.factory = None
+        self.connector = None
+        why = _describe_connect_error(reason)
+        self._start_backoff(why)
+        self.fail_all(Outcome(False, f"redis {self.label}: {why}"))
+
+    def lost(self, protocol: _TargetProtocol, reason: Failure) -> None:
+        """The connection closed under us (server restart, idle close, network)."""
+        if protocol is not self.protocol:
+            return
+        in_setup = bool(self.setup)
+        self.protocol = self.writer = None
+        self.setup.clear()
+        count = len(self.jobs)
+        if in_setup:
+            self._start_backoff("connection lost during setup")
+        if count:
+            self.runner.log.warn(
+                "redis {endpoint}: connection lost with {count} job(s) in flight",
+                endpoint=self.label,
+                count=count,
+            )
+        else:
+            self.runner.log.info("redis {endpoint}: connection closed", endpoint=self.label)
+        self.fail_all(Outcome(False, f"redis {self.label}: connection lost"))
+
+    def protocol_error(self, protocol: _TargetProtocol, why: str) -> None:
+        """The server sent something that is not RESP2."""
+        if protocol is self.protocol:
+            self._drop(f"redis {self.label}: protocol error: {why}", backoff="protocol error")
+        else:
+            protocol.abort()
+
+    def _drop(self, reason: str, backoff: str | None = None) -> None:
+        """Close the connection and fail every job on it with ``reason``."""
+        protocol = self.protocol
+        self.protocol = self.writer = None
+        self.setup.clear()
+        if protocol is not None:
+            protocol.abort()
+        if backoff is not None:
+            self._start_backoff(backoff)
+        self.fail_all(Outcome(False, reason))
+
+    def _start_backoff(self, why: str) -> None:
+        self.backoff = BACKOFF_START if self.backoff == 0 else min(self.backoff * 2, BACKOFF_MAX)
+        self.retry_at = self.runner._clock.seconds() + self.backoff
+        self.last_error = why
+        self.runner.log.warn(
+            "redis {endpoint}: {why}; jobs for it fail at once for {backoff:g}s ({url})",
+            endpoint=self.label,
+            why=why,
+            backoff=self.backoff,
+            url=redact_url(self.url),
+        )
+
+    def close(self) -> None:
+        """Stop connecting, close the connection, cancel the timer (the runner stops)."""
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+        self.factory = None
+        connector, self.connector = self.connector, None
+        if connector is not None:
+            with contextlib.suppress(neterror.NotConnectingError):
+                connector.stopConnecting()
+        protocol, self.protocol, self.writer = self.protocol, None, None
+        if protocol is not None:
+            protocol.abort()
+
+
+@implementer(IRunner)
+class RedisRunner:
+    """Runs ``redis`` rules over one pooled, pipelined connection per URL.
+
+    ``reactor`` must provide ``IReactorTCP`` and ``IReactorTime``.
+    """
+
+    log: ClassVar[Logger] = Logger()
+
+    def __init__(self, reactor: IReactorTCP, options: NetworkOptions) -> None:
+        self._reactor = reactor
+        self._clock = IReactorTime(reactor)
+        self.options = options
+        self._timeout: float | None = options.timeout if options.timeout > 0 else None
+        self._connect_timeout = options.timeout if options.timeout > 0 else 30.0
+        self._format = options.message_format
+        self._targets: dict[str, _Target] = {}
+        self._inflight = 0
+        self._live: set[_TargetProtocol] = set()  # connections not yet closed
+        self._stopping = False
+        self._closing = False
+        self._grace_call: IDelayedCall | None = None
+        self._stop_waiters: list[Deferred[None]] = []
+        #: How many TCP connections this runner has tried to open (for tests and STAT).
+        self.connect_attempts = 0
+
+    @property
+    def running(self) -> int:
+        """How many executions are in flight (queued for a connection or sent)."""
+        return self._inflight
+
+    @property
+    def connections(self) -> int:
+        """How many connections are open (one per URL in use at most)."""
+        return len(self._live)
+
+    def run(self, execution: Execution) -> Deferred[Outcome]:
+        """Send the job's command; fires with its outcome, never errbacks."""
+        if self._stopping:
+            return succeed(Outcome(False, "runner stopped"))
+        spec = execution.spec
+        if not isinstance(spec, RedisSpec):
+            return succeed(Outcome(False, f"the redis runner cannot run a {spec.kind.wire} rule"))
+        target = self._targets.get(spec.url)
+        if target is None:
+            try:
+                endpoint = parse_redis_url(spec.url)
+            except ValueError as e:
+                return succeed(Outcome(False, f"redis {redact_url(spec.url)}: {e}"))
+            target = self._targets[spec.url] = _Target(self, spec.url, endpoint)
+        command = spec.command
+        if command not in REDIS_COMMANDS:
+            return succeed(
+                Outcome(False, f"redis {target.label}: command {command!r} is not supported")
+            )
+        try:
+            payload = encode_command(
+                command.encode(), spec.key.encode("utf-8"), queue_message(execution, self._format)
+            )
+        except UnicodeError as e:  # e.g. a lone surrogate in an id read from an old log
+            return succeed(Outcome(False, f"redis {target.label}: cannot encode the command: {e}"))
+        deadline = self._clock.seconds() + (self._timeout or 0.0)
+        job = _Job(execution, command, spec.key, payload, deadline)
+        refused = target.submit(job)
+        if refused is not None:
+            return succeed(Outcome(False, refused))
+        return job.deferred
+
+    def stop(self, grace: float) -> Deferred[None]:
+        """Refuse new jobs; give in-flight ones ``grace`` s, then fail them (interrupted).
+
+        Fires once every connection is closed.
+        """
+        d: Deferred[None] = Deferred()
+        self._stop_waiters.append(d)
+        if self._stopping:
+            self._maybe_closed()
+            return d
+        self._stopping = True
+        if self._inflight == 0:
+            self._close()
+        else:
+            self._grace_call = self._clock.callLater(max(0.0, grace), self._grace_over)
+        return d
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _finish(self, job: _Job, outcome: Outcome) -> None:
+        self._inflight -= 1
+        job.deferred.callback(outcome)
+        if self._stopping and self._inflight == 0 and not self._closing:
+            self._close()
+
+    def _grace_over(self) -> None:
+        self._grace_call = None
+        if self._inflight:
+            self.log.warn(
+                "redis runner: {count} job(s) still in flight at shutdown; failing them",
+                count=self._inflight,
+            )
+        for target in list(self._targets.values()):
+            target.fail_all(
+                Outcome(False, f"redis {target.label}: {SHUTDOWN_CAUSE}", interrupted=True)
+            )
+        self._close()
+
+    def _close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._grace_call is not None:
+            if self._grace_call.active():
+                self._grace_call.cancel()
+            self._grace_call = None
+        targets = list(self._targets.values())
+        self._targets.clear()
+        for target in targets:
+            target.close()
+        for protocol in list(self._live):  # connections a target had already let go of
+            protocol.abort()
+        self._maybe_closed()
+
+    def _maybe_closed(self) -> None:
+        if self._closing and not self._live:
+            waiters, self._stop_waiters = self._stop_waiters, []
+            for d in waiters:
+                d.callback(None)
