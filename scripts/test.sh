@@ -4,6 +4,27 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The runner tests start a real redis-server and RabbitMQ broker of their own, on loopback
+# (the tests start and stop them; the system services are not used).
+missing=()
+command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
+[ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== apt-get install ${missing[*]}"
+    SUDO=()
+    [ "$(id -u)" -eq 0 ] || SUDO=(sudo -n)
+    # policy-rc.d keeps Debian from starting the system services we do not use.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+        "${SUDO[@]}" chmod +x /usr/sbin/policy-rc.d
+        remove_policy=1
+    fi
+    "${SUDO[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+    if [ -n "${remove_policy:-}" ]; then "${SUDO[@]}" rm -f /usr/sbin/policy-rc.d; fi
+fi
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv

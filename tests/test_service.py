@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
-from twisted.logger import capturedLogs
+import pytest
+from twisted.logger import capturedLogs, formatEvent
 
-from ztick_tw.service import HangupService, with_backlog
+from tests.certs import make_pki
+from ztick_tw.config import Config, parse_config
+from ztick_tw.runners.message import NetworkOptions
+from ztick_tw.service import HangupService, StartupError, network_options, with_backlog
 
 
 def test_hangup_is_logged_and_survived_then_handler_restored() -> None:
@@ -40,3 +45,74 @@ def test_listen_backlog_is_raised_unless_given() -> None:
     assert with_backlog("unix:/run/z.sock:mode=660") == "unix:/run/z.sock:mode=660:backlog=1024"
     assert with_backlog("tcp:5678:backlog=10") == "tcp:5678:backlog=10"
     assert with_backlog("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"
+
+
+def _config(tmp_path: Path, runners: str) -> Config:
+    return parse_config(f"[runners]\n{runners}\n", str(tmp_path / "ztick.toml"))
+
+
+def test_network_options_default_to_ztick_behaviour(tmp_path: Path) -> None:
+    """Without [runners]: 30 s timeout, ztick messages, system trust, unsigned webhooks."""
+    options = network_options(Config())
+    assert options == NetworkOptions()
+    assert options.timeout == 30.0
+    assert options.message_format == "ztick"
+    assert options.http_signing_secret is None
+
+
+def test_network_options_carry_every_runners_key(tmp_path: Path) -> None:
+    """Each [runners] key reaches the runners' options; the secret is read and stripped."""
+    secret = tmp_path / "webhook.secret"
+    secret.write_bytes(b"  s3cret-key\n")
+    secret.chmod(0o600)
+    ca = make_pki(str(tmp_path / "pki")).ca.cert_path
+    config = _config(
+        tmp_path,
+        f'timeout = 2.5\nmessage_format = "json"\nhttp_ca_file = "{ca}"\n'
+        f'http_signing_secret_file = "{secret}"\nhttp_max_response_bytes = 10\n'
+        f'amqp_persistent = false\namqp_ca_file = "{ca}"',
+    )
+    with capturedLogs() as events:
+        options = network_options(config)
+    assert options == NetworkOptions(2.5, "json", str(ca), b"s3cret-key", 10, False, str(ca))
+    assert not [e for e in events if "other users" in str(e.get("log_format"))]
+
+
+def test_a_readable_secret_file_is_warned_about_without_its_content(tmp_path: Path) -> None:
+    """A signing secret others can read is logged as a warning that never shows the secret."""
+    secret = tmp_path / "webhook.secret"
+    secret.write_text("top-secret-value")
+    secret.chmod(0o644)
+    with capturedLogs() as events:
+        network_options(_config(tmp_path, f'http_signing_secret_file = "{secret}"'))
+    warnings = [formatEvent(e) for e in events if "other users" in str(e.get("log_format"))]
+    assert len(warnings) == 1
+    assert "chmod 600" in warnings[0]
+    assert all("top-secret-value" not in formatEvent(e) for e in events)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "cannot read it"), (b" \n", "the file is empty")],
+)
+def test_a_missing_or_empty_secret_file_stops_startup(
+    tmp_path: Path, content: bytes | None, problem: str
+) -> None:
+    """A signing secret file that is missing or empty is a startup error naming the key."""
+    secret = tmp_path / "webhook.secret"
+    if content is not None:
+        secret.write_bytes(content)
+    config = _config(tmp_path, f'http_signing_secret_file = "{secret}"')
+    with pytest.raises(StartupError) as error:
+        network_options(config)
+    assert str(error.value).startswith(f"[runners] http_signing_secret_file {secret}: {problem}")
+
+
+def test_a_ca_file_without_certificates_stops_startup(tmp_path: Path) -> None:
+    """http_ca_file must be readable and hold at least one PEM certificate."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    with pytest.raises(StartupError, match="holds no PEM certificate"):
+        network_options(_config(tmp_path, f'http_ca_file = "{ca}"'))
+    with pytest.raises(StartupError, match=r"^\[runners\] http_ca_file: cannot read"):
+        network_options(_config(tmp_path, f'http_ca_file = "{tmp_path / "missing.pem"}"'))

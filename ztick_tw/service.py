@@ -19,9 +19,12 @@ from ztick_tw.auth import AuthFileError, TokenStore, load_tokens
 from ztick_tw.config import Config
 from ztick_tw.model import RunnerKind
 from ztick_tw.protocol.server import ZtickFactory
+from ztick_tw.runners.amqp import AmqpRunner
 from ztick_tw.runners.base import IRunner
+from ztick_tw.runners.http import HttpRunner, load_trust_root
+from ztick_tw.runners.message import NetworkOptions
 from ztick_tw.runners.process import AwfRunner, DirectRunner, ProcessOptions, ShellRunner
-from ztick_tw.runners.unavailable import UnavailableRunner
+from ztick_tw.runners.redis import RedisRunner
 from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.store.base import IStore, StoreError
 from ztick_tw.store.logfile import LogfileStore
@@ -76,19 +79,68 @@ def make_store(config: Config, reactor: Any) -> IStore:
     )
 
 
+def _read_signing_secret(path: str) -> bytes:
+    """The webhook signing key in ``path`` (surrounding whitespace stripped)."""
+    where = f"[runners] http_signing_secret_file {path}"
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+            mode = os.fstat(f.fileno()).st_mode
+    except OSError as e:
+        raise StartupError(f"{where}: cannot read it: {e.strerror}") from None
+    if not secret:
+        raise StartupError(f"{where}: the file is empty (it must hold the signing secret)")
+    if mode & 0o077:
+        log.warn(
+            "{where} can be read by other users (mode {mode:o}); chmod 600 it",
+            where=where,
+            mode=mode & 0o777,
+        )
+    return secret
+
+
+def _check_ca_file(key: str, path: str) -> None:
+    """Refuse a CA bundle that cannot be read or holds no usable PEM certificate."""
+    try:
+        load_trust_root(path)
+    except ValueError as e:
+        raise StartupError(f"[runners] {key}: {e}") from None
+
+
+def network_options(config: Config) -> NetworkOptions:
+    """``[runners]`` turned into the http/redis/amqp runners' options (files read here)."""
+    r = config.runners
+    for key, path in (("http_ca_file", r.http_ca_file), ("amqp_ca_file", r.amqp_ca_file)):
+        if path is not None:
+            _check_ca_file(key, path)
+    secret = None
+    if r.http_signing_secret_file is not None:
+        secret = _read_signing_secret(r.http_signing_secret_file)
+    return NetworkOptions(
+        timeout=r.timeout,
+        message_format=r.message_format,
+        http_ca_file=r.http_ca_file,
+        http_signing_secret=secret,
+        http_max_response_bytes=r.http_max_response_bytes,
+        amqp_persistent=r.amqp_persistent,
+        amqp_ca_file=r.amqp_ca_file,
+    )
+
+
 def make_runners(config: Config, reactor: Any) -> dict[RunnerKind, IRunner]:
-    """One runner per runner kind; kinds not built yet fail their jobs with a reason."""
+    """One runner per runner kind, all inside this reactor."""
     options = ProcessOptions(
         output_limit_bytes=config.scheduler.output_limit_bytes,
         run_timeout=config.scheduler.run_timeout,
     )
+    network = network_options(config)
     return {
         RunnerKind.SHELL: ShellRunner(reactor, config.shell.path, config.shell.args, options),
         RunnerKind.DIRECT: DirectRunner(reactor, options),
         RunnerKind.AWF: AwfRunner(reactor, options),
-        RunnerKind.HTTP: UnavailableRunner(RunnerKind.HTTP),
-        RunnerKind.AMQP: UnavailableRunner(RunnerKind.AMQP),
-        RunnerKind.REDIS: UnavailableRunner(RunnerKind.REDIS),
+        RunnerKind.HTTP: HttpRunner(reactor, network),
+        RunnerKind.AMQP: AmqpRunner(reactor, network, ca_file=network.amqp_ca_file),
+        RunnerKind.REDIS: RedisRunner(reactor, network),
     }
 
 

@@ -1,0 +1,3 @@
+"""Fixtures shared across test modules: the real Redis and RabbitMQ servers the tests start."""
+
+pytest_plugins = ("tests.redis_server", "tests.rabbitmq_server")
