@@ -967,6 +967,18 @@ def scenario_load1000(ctx: Context) -> list[Metric]:
     return load1000(ctx)
 
 
+def _network(name: str, doc: str) -> Callable[[Context], list[Metric]]:
+    """Issue 4's scenario ``name`` from ``bench.network`` (imported when it runs)."""
+
+    def run(ctx: Context) -> list[Metric]:
+        from bench.network import SCENARIOS as NETWORK  # bench.network builds on this module
+
+        return NETWORK[name](ctx)
+
+    run.__doc__ = doc
+    return run
+
+
 SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
     "set_memory": scenario_set_memory,
     "set_logfile": scenario_set_logfile,
@@ -977,4 +989,7 @@ SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
     "sleep_jobs": scenario_sleep_jobs,
     "shell_rate": scenario_shell_rate,
     "load1000": scenario_load1000,
+    "net_http": _network("net_http", "Issue 4: http POSTs/s, 10,000 due in 1 s (≥ 1,000/s)."),
+    "net_redis": _network("net_redis", "Issue 4: redis RPUSH/s, 10,000 due in 1 s (≥ 2,000/s)."),
+    "net_amqp": _network("net_amqp", "Issue 4: amqp publishes/s, 10,000 due in 1 s (≥ 2,000/s)."),
 }
