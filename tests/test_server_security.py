@@ -490,6 +490,23 @@ def test_star_token_queries_everything(prefix: str | None, expected: list[str]) 
     assert sorted(query_ids(answers(h, ROOT_SECRET, request))) == expected
 
 
+def test_broker_credentials_are_shown_only_inside_the_rules_namespace() -> None:
+    """A redis/amqp/http rule's URL, with its password, is listed only to its namespace."""
+    h = seeded()
+    root = authed(h, ROOT_SECRET)
+    root.send(
+        b"r RULE SET b.mq b.mq. amqp amqp://u:amqp-pw@10.0.0.5/ ex key\n"
+        b"r RULE SET b.rd b.rd. redis redis://:redis-pw@10.0.0.5/1 RPUSH q\n"
+        b"r RULE SET b.wh b.wh. http POST https://u:hook-pw@hooks.example/x?t=tok\n"
+    )
+    assert root.take() == b"r OK\n" * 3
+    outside = answers(h, ALPHA_SECRET, "l LISTRULES")
+    inside = answers(h, BETA_SECRET, "l LISTRULES")
+    for secret in (b"amqp-pw", b"redis-pw", b"hook-pw", b"tok"):
+        assert secret not in outside
+        assert secret in inside
+
+
 def test_listrules_only_shows_rules_inside_the_namespace() -> None:
     """LISTRULES shows a rule only when both its id and its pattern are inside."""
     h = seeded()
