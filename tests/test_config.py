@@ -532,7 +532,7 @@ def test_telemetry_endpoint_without_enabled_is_fine() -> None:
             "[database.extra]\nx = 1",
             "unknown key [database] extra (known keys: persistence, "
             "logfile_path, fsync_on_persist, framerate, compression_interval, "
-            "recover_corrupt_log)",
+            "recover_corrupt_log, retention)",
         ),
     ],
 )

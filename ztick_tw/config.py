@@ -198,6 +198,8 @@ class DatabaseConfig:
     compression_interval: int = 3600
     """Seconds between compactions; 0 turns compaction off."""
     recover_corrupt_log: bool = False  # ztick-tw extension
+    retention: float = 0.0  # ztick-tw extension
+    """Seconds executed/failed jobs are kept after their execution time; 0 = forever."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,6 +566,7 @@ _SCHEMA: dict[str, dict[str, _Validator]] = {
         "framerate": _integer(1, _U16_MAX),
         "compression_interval": _integer(0, _U32_MAX),
         "recover_corrupt_log": _boolean,
+        "retention": _seconds,
     },
     "http": {
         "listen": _listen,

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from ztick_tw import __version__
 from ztick_tw.auth import AuthFileError, TokenStore, load_tokens
+from ztick_tw.compaction import CompactionService
 from ztick_tw.config import Config
 from ztick_tw.model import RunnerKind
 from ztick_tw.protocol.server import ZtickFactory
@@ -234,9 +235,19 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
         persistence=store.name,
         seconds=reactor.seconds() - started,
     )
+    compaction = None
+    if isinstance(store, LogfileStore):
+        compaction = CompactionService(
+            reactor,
+            scheduler,
+            store,
+            config.database.compression_interval,
+            config.database.retention,
+        )
     factory = ZtickFactory(
         scheduler,
         reactor,
+        compression=(lambda: compaction.status) if compaction is not None else (lambda: "idle"),
         persistence=store.name,
         framerate=config.database.framerate,
         tokens=tokens,
@@ -247,6 +258,8 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     served: IProtocolFactory = factory if tls is None else tls_factory(factory, tls)
     top = ZtickService(config.controller.listen_endpoint)
     SchedulerService(scheduler, store, config.scheduler.shutdown_grace).setServiceParent(top)
+    if compaction is not None:
+        compaction.setServiceParent(top)  # stopped before the store is closed
     HangupService().setServiceParent(top)
     if tls is not None:
         TLSReloadService(reactor, tls).setServiceParent(top)  # SIGHUP reloads the certificate

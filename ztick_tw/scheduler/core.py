@@ -7,7 +7,7 @@ tested with a ``Clock``, a memory store and fake runners.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -28,6 +28,7 @@ from ztick_tw.model import (
 from ztick_tw.runners.base import Execution, IRunner, Outcome
 from ztick_tw.scheduler.jobs import TRIGGERED, JobTable, unpack_ns, unpack_status
 from ztick_tw.scheduler.rules import RuleBook
+from ztick_tw.scheduler.snapshot import Snapshot
 from ztick_tw.scheduler.timers import TimerSet, now_ns
 from ztick_tw.stats import LagWindow
 from ztick_tw.store.base import Commit, IStore, StoreError
@@ -104,6 +105,8 @@ class Scheduler:
         self._attempts: dict[str, int] = {}  # only jobs past their first attempt
         self._late_set: dict[str, int] = {}  # job -> when it was set, for jobs set late
         self._started_ns = 0
+        # Commit -> how to undo the changes it carries, should it fail to reach the disk.
+        self._undo: dict[Commit, list[Callable[[], None]]] = {}
 
     # -- startup and shutdown ----------------------------------------------------------
 
@@ -197,7 +200,11 @@ class Scheduler:
     # -- requests ------------------------------------------------------------------
 
     def set_job(self, job_id: str, execution_ns: int) -> Commit | None:
-        """Create or replace a job (status back to ``planned``); persisted."""
+        """Create or replace a job (status back to ``planned``); persisted.
+
+        Should the write fail, the change is undone (see ``_undo_if_lost``).
+        """
+        previous = self.jobs.raw(job_id)
         self.jobs.set(job_id, execution_ns)
         self._attempts.pop(job_id, None)
         self._current.pop(job_id, None)
@@ -205,7 +212,10 @@ class Scheduler:
         if execution_ns <= now:
             self._late_set[job_id] = now
         self.timers.note_due(execution_ns)
-        return self._store.append(Job(job_id, execution_ns, JobStatus.PLANNED))
+        commit = self._store.append(Job(job_id, execution_ns, JobStatus.PLANNED))
+        if commit is not None:
+            self._undo_if_lost(commit, "SET", job_id, self._job_undo(job_id, previous))
+        return commit
 
     def get_job(self, job_id: str) -> tuple[JobStatus, int] | None:
         """``(status, execution_ns)`` or ``None``."""
@@ -217,23 +227,126 @@ class Scheduler:
 
     def remove_job(self, job_id: str) -> Commit | None:
         """Delete a job (a queued run of it is dropped); raises ``UnknownJob``."""
+        previous = self.jobs.raw(job_id)
         if not self.jobs.remove(job_id):
             raise UnknownJob(job_id)
         self._attempts.pop(job_id, None)
         self._late_set.pop(job_id, None)
         self._current.pop(job_id, None)
-        return self._store.append(JobRemoval(job_id))
+        commit = self._store.append(JobRemoval(job_id))
+        if commit is not None:
+            self._undo_if_lost(commit, "REMOVE", job_id, self._job_undo(job_id, previous))
+        return commit
 
     def set_rule(self, rule: Rule) -> Commit | None:
         """Create or replace a rule; persisted."""
+        previous = self.rules.get(rule.id)
         self.rules.set(rule)
-        return self._store.append(rule)
+        commit = self._store.append(rule)
+        if commit is not None:
+            self._undo_if_lost(commit, "RULE SET", rule.id, self._rule_undo(rule.id, previous))
+        return commit
 
     def remove_rule(self, rule_id: str) -> Commit | None:
         """Delete a rule (its jobs stay); raises ``UnknownRule``."""
+        previous = self.rules.get(rule_id)
         if not self.rules.remove(rule_id):
             raise UnknownRule(rule_id)
-        return self._store.append(RuleRemoval(rule_id))
+        commit = self._store.append(RuleRemoval(rule_id))
+        if commit is not None:
+            self._undo_if_lost(commit, "REMOVERULE", rule_id, self._rule_undo(rule_id, previous))
+        return commit
+
+    # -- undoing changes whose write failed ------------------------------------------
+
+    def _job_undo(self, job_id: str, previous: int | None) -> Callable[[], bool]:
+        changed = self.jobs.raw(job_id)
+
+        def undo() -> bool:
+            if self.jobs.raw(job_id) != changed:
+                return False  # changed again since (that change has its own undo)
+            self.jobs.restore(job_id, previous)
+            restored = self.jobs.get(job_id)
+            if restored is not None and restored[0] == JobStatus.PLANNED:
+                self.timers.note_due(restored[1])
+            return True
+
+        return undo
+
+    def _rule_undo(self, rule_id: str, previous: Rule | None) -> Callable[[], bool]:
+        changed = self.rules.get(rule_id)
+
+        def undo() -> bool:
+            if self.rules.get(rule_id) is not changed:
+                return False
+            if previous is None:
+                self.rules.remove(rule_id)
+            else:
+                self.rules.set(previous)
+            return True
+
+        return undo
+
+    def _undo_if_lost(
+        self, commit: Commit, what: str, target: str, undo: Callable[[], bool]
+    ) -> None:
+        """Undo a change if ``commit`` fails: a request answered ERROR must leave no trace.
+
+        The changes of one commit are undone newest first, so a job changed twice in
+        one batch goes back to its state before the batch.
+        """
+
+        def logged() -> None:
+            if undo():
+                self.log.warn(
+                    "{what} {target} undone: its logfile write failed (answered ERROR)",
+                    what=what,
+                    target=target,
+                )
+
+        if commit.done:
+            if commit.error is not None:
+                logged()
+            return
+        pending = self._undo.get(commit)
+        if pending is None:
+            pending = self._undo[commit] = []
+            commit.subscribe(self._commit_resolved)
+        pending.append(logged)
+
+    def _commit_resolved(self, commit: Commit) -> None:
+        undos = self._undo.pop(commit, [])
+        if commit.error is None:
+            return
+        for undo in reversed(undos):
+            try:
+                undo()
+            except Exception:
+                self.log.failure("undoing a change whose write failed raised")
+
+    # -- compaction ------------------------------------------------------------------
+
+    def snapshot(self, retention_ns: int = 0) -> Snapshot:
+        """A copy of every job and rule to write out (see ``ztick_tw.scheduler.snapshot``).
+
+        With ``retention_ns`` > 0, executed and failed jobs due more than that long ago
+        are left out; pass the snapshot to ``drop_expired`` once the compacted log is
+        in place.
+        """
+        jobs, seq_ids = self.jobs.snapshot()
+        cutoff = now_ns(self._reactor) - retention_ns if retention_ns > 0 else None
+        return Snapshot(jobs, seq_ids, list(self.rules), cutoff)
+
+    def drop_expired(self, snapshot: Snapshot) -> int:
+        """Forget the jobs a compaction left out for retention (unless changed since)."""
+        dropped = 0
+        for job_id, packed in snapshot.expired:
+            if self.jobs.raw(job_id) == packed:
+                self.jobs.remove(job_id)
+                self._attempts.pop(job_id, None)
+                self._late_set.pop(job_id, None)
+                dropped += 1
+        return dropped
 
     def list_rules(self) -> Iterable[Rule]:
         """Every rule, in the order first set."""

@@ -191,6 +191,34 @@ class JobTable:
             out.append((job_id, (top >> _SHIFT) - _OFFSET, packed))
         return out
 
+    def restore(self, job_id: str, packed: int | None) -> None:
+        """Put a job back as it was (``packed`` from ``raw``), or delete it (``None``).
+
+        Used to undo a change whose logfile write failed.  A planned job gets its old
+        sequence number back when its slot is intact (else a new one).
+        """
+        old = self._jobs.pop(job_id, None)
+        if old is not None:
+            self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
+        if packed is None:
+            self._maybe_compact()
+        elif (packed >> _STATUS_SHIFT) & 3 == PLANNED:
+            seq = packed & _SEQ_MASK
+            if seq < len(self._seq_ids) and self._seq_ids[seq] == job_id:
+                # Its sequence slot is intact: the very same value comes back.
+                self._jobs[job_id] = packed
+                self._counts[PLANNED] += 1
+                heapq.heappush(self._heap, packed)
+            else:
+                self.set(job_id, unpack_ns(packed))
+        else:
+            self._jobs[job_id] = packed
+            self._counts[(packed >> _STATUS_SHIFT) & 3] += 1
+
+    def snapshot(self) -> tuple[dict[str, int], list[str | None]]:
+        """Copies of the job dict and the sequence table, for a compaction to read."""
+        return dict(self._jobs), list(self._seq_ids)
+
     # -- bulk loading ----------------------------------------------------------------
 
     def load(self, job_id: str, execution_ns: int, status: int) -> None:

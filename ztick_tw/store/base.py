@@ -13,6 +13,10 @@ class StoreError(Exception):
     """A persistence failure that the operator must see (message says what and where)."""
 
 
+class CompactionAborted(StoreError):
+    """A compaction was given up because the store was closed or a write failed."""
+
+
 class CorruptLogError(StoreError):
     """The logfile is damaged before its last frame; ``offset`` is the first bad byte."""
 

@@ -57,6 +57,7 @@ __all__ = [
     "decode_payload",
     "encode",
     "encode_job",
+    "encode_job_fields",
     "encode_payload",
     "scan",
 ]
@@ -138,6 +139,16 @@ def encode_job(job: Job) -> bytes:
         except struct.error:
             pass
     raise _job_error(job, n)
+
+
+def encode_job_fields(job_id: str, execution_ns: int, status: int) -> bytes:
+    """The frame for a job given as plain values (compaction writes a million of these).
+
+    The values come from the job table, so they are known to be valid.
+    """
+    raw = job_id.encode("utf-8")
+    n = len(raw)
+    return _job_packer(n)(n + 12, TYPE_JOB, n, raw, execution_ns, status)
 
 
 def _job_error(job: Job, id_bytes: int) -> CodecError:

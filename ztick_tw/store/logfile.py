@@ -11,15 +11,25 @@ many requests.
 The file is always cut back to a frame boundary when something goes wrong: a torn last
 frame found at load, a failed write (for example ``ENOSPC``) or a failed ``fsync``.  So
 a later append is never glued onto partial bytes.
+
+Compaction (:meth:`LogfileStore.compact`) rewrites the log beside itself while appends
+go on: a snapshot is written to ``<path>.compact.tmp`` off the reactor thread, the bytes
+appended meanwhile follow it, and the file is fsynced and renamed over the log (then the
+directory is fsynced).  Until the rename the old log is complete and in use; after it
+the new one is.  A crash at any point therefore leaves one complete log, and at most a
+stale temporary file, which the next ``load`` removes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import gc
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import (
@@ -34,16 +44,49 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ztick_tw.model import Entry
-from ztick_tw.store.base import Commit, CorruptLogError, IStore, StoreError
+from ztick_tw.store.base import Commit, CompactionAborted, CorruptLogError, IStore, StoreError
 from ztick_tw.store.codec import encode, scan
 
-__all__ = ["LogfileStore", "SyncRunner", "thread_pool_runner"]
+__all__ = [
+    "COMPACT_SUFFIX",
+    "CompactionAborted",
+    "CompactionResult",
+    "LogfileStore",
+    "SnapshotWriter",
+    "SyncRunner",
+    "thread_pool_runner",
+]
+
+#: The temporary file a compaction writes, beside the logfile.
+COMPACT_SUFFIX = ".compact.tmp"
+
+#: Bytes gathered before one ``os.write`` while a snapshot is written.
+_CHUNK = 1 << 20
+
+#: Bytes appended during a compaction that are copied off the reactor thread before the
+#: final swap (which copies the rest on the reactor thread, then fsyncs and renames).
+_TAIL_ON_REACTOR = 1 << 20
+
+#: Writes a snapshot through ``out(bytes)`` and returns how many frames it wrote; runs
+#: off the reactor thread and must raise ``CompactionAborted`` when ``stopping()`` is true.
+SnapshotWriter = Callable[[Callable[[bytes], None], Callable[[], bool]], int]
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionResult:
+    """What one compaction did."""
+
+    frames_before: int  # frames in the log when it started, plus those appended meanwhile
+    frames_after: int
+    bytes_before: int
+    bytes_after: int
+
 
 log = Logger()
 
 #: Runs a blocking callable off the reactor thread; the Deferred fires (on the reactor
 #: thread) with its result or its exception.
-SyncRunner = Callable[[Callable[[], None]], "Deferred[None]"]
+SyncRunner = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 # Indirection so tests can inject short writes and write errors.
 _os_write = os.write
@@ -54,7 +97,7 @@ def thread_pool_runner(reactor: object) -> SyncRunner:
     from_threads = IReactorFromThreads(reactor)
     threads = IReactorThreads(reactor)
 
-    def run(blocking: Callable[[], None]) -> Deferred[None]:
+    def run(blocking: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(from_threads, threads.getThreadPool(), blocking)
 
     return run
@@ -131,6 +174,14 @@ class LogfileStore:
         #: Counters for STAT and tests.
         self.frames_written = 0
         self.syncs = 0
+        self.frames_in_log = 0  # frames in the current file (replayed + appended)
+        # Compaction state: bytes written since it started (None: not compacting).
+        self._tail: list[bytes] | None = None
+        self._tail_frames = 0
+        self._tail_skip = 0  # frames buffered before the snapshot: not copied again
+        self._compact_abort = False
+        self._generation = 0  # bumped when a compaction swaps files
+        self._retired_fd: int | None = None  # the old file, until its fsync returns
 
     # ----------------------------------------------------------------- loading
 
@@ -160,9 +211,14 @@ class LogfileStore:
             raise StoreError(f"logfile {self.path}: load() after close()")
         existed = os.path.exists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        ok = False
         try:
             self._lock(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._remove_stale_compaction()
+        ok = False
+        try:
             if not existed:
                 self._sync_directory()
             data = _read_all(fd)
@@ -211,6 +267,36 @@ class LogfileStore:
         self._fd = fd
         self._loaded = True
         self._written_size = self._synced_size = size
+        self.frames_in_log = result.count
+
+    def _remove_stale_compaction(self) -> None:
+        """Delete the temporary file of a compaction that a crash interrupted.
+
+        It is never needed: until the rename that ends a compaction, the logfile
+        itself holds everything.
+        """
+        stale = self.path + COMPACT_SUFFIX
+        try:
+            size = os.stat(stale).st_size
+            os.unlink(stale)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warn(
+                "logfile {path}: cannot remove {stale}, left by an interrupted compaction:"
+                " {error}",
+                path=self.path,
+                stale=stale,
+                error=describe_os_error(exc),
+            )
+            return
+        log.warn(
+            "logfile {path}: removed {stale} ({size} bytes), left by a compaction that was"
+            " interrupted; the logfile itself is complete",
+            path=self.path,
+            stale=stale,
+            size=size,
+        )
 
     def _sync_directory(self) -> None:
         """Make a newly created logfile's directory entry durable."""
@@ -325,10 +411,26 @@ class LogfileStore:
             raise error from exc
         self._written_size += len(data)
         self.frames_written += len(buffer)
+        self.frames_in_log += len(buffer)
+        if self._tail is not None:
+            skip, self._tail_skip = self._tail_skip, 0
+            if skip:
+                # Buffered before the snapshot was taken, so already in it.
+                self._tail.append(b"".join(buffer[skip:]))
+                self._tail_frames += len(buffer) - skip
+            else:
+                self._tail.append(data)
+                self._tail_frames += len(buffer)
         return commit
 
     def _cut_back(self, size: int) -> None:
-        """Truncate the file to ``size`` (a frame boundary) after a failure."""
+        """Truncate the file to ``size`` (a frame boundary) after a failure.
+
+        A compaction running meanwhile is abandoned: its snapshot may hold changes
+        whose frames are now cut off (and undone in memory).
+        """
+        if self._tail is not None:
+            self._compact_abort = True
         self._written_size = size
         if self._fd is None:
             return
@@ -359,6 +461,7 @@ class LogfileStore:
         target = self._written_size
         self._sync_in_flight = True
         self._syncing = commits
+        generation = self._generation
 
         def blocking_fsync() -> None:
             os.fsync(fd)
@@ -369,10 +472,10 @@ class LogfileStore:
             d = fail()
 
         def done(_: object) -> None:
-            self._sync_finished(commits, target, None)
+            self._sync_finished(commits, target, None, generation)
 
         def failed(failure: Failure) -> None:
-            self._sync_finished(commits, target, failure.value)
+            self._sync_finished(commits, target, failure.value, generation)
 
         d.addCallbacks(done, failed)
         d.addErrback(
@@ -380,11 +483,21 @@ class LogfileStore:
         )
 
     def _sync_finished(
-        self, commits: list[Commit], target: int, error: BaseException | None
+        self,
+        commits: list[Commit],
+        target: int,
+        error: BaseException | None,
+        generation: int | None = None,
     ) -> None:
         self._sync_in_flight = False
         self._syncing = []
-        if error is None or self._closed or self._synced_size >= target:
+        if generation is not None and generation != self._generation:
+            # A compaction swapped files while this fsync ran on the old one; the swap
+            # fsynced the new file, which holds these commits' bytes too.
+            self._close_retired()
+            for commit in commits:
+                commit.resolve()
+        elif error is None or self._closed or self._synced_size >= target:
             # Success, or a synchronous flush() already made these bytes durable.
             self._synced_size = max(self._synced_size, min(target, self._written_size))
             self.syncs += error is None
@@ -465,6 +578,7 @@ class LogfileStore:
         if self._closed:
             return
         self._closed = True
+        self._compact_abort = True
         fd = self._fd
         if fd is None:
             return
@@ -472,4 +586,172 @@ class LogfileStore:
             self.flush()
         finally:
             self._fd = None
+            self._close_retired()
+            os.close(fd)
+
+    # ----------------------------------------------------------------- compaction
+
+    @property
+    def compacting(self) -> bool:
+        """True while a compaction runs."""
+        return self._tail is not None
+
+    @property
+    def size(self) -> int:
+        """Bytes in the current logfile (as written)."""
+        return self._written_size
+
+    def compact(self, write_snapshot: SnapshotWriter) -> Deferred[CompactionResult]:
+        """Rewrite the log as ``write_snapshot`` describes it, without stopping appends.
+
+        Call it in the same reactor turn as the snapshot is taken: every append from
+        then on is also copied after the snapshot, so replaying the new file gives the
+        state the old one gives.  ``write_snapshot`` runs in the reactor's thread pool.
+        Fires with a ``CompactionResult``, or fails with ``StoreError`` (the old log is
+        then untouched and still in use) or ``CompactionAborted``.
+        """
+        if self._fd is None:
+            return fail(
+                StoreError(f"logfile {self.path}: compact() before load() or after close()")
+            )
+        if self._tail is not None:
+            return fail(StoreError(f"logfile {self.path}: a compaction is already running"))
+        temp = self.path + COMPACT_SUFFIX
+        try:
+            temp_fd = os.open(
+                temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            return fail(
+                StoreError(f"logfile {self.path}: cannot create {temp}: {describe_os_error(exc)}")
+            )
+        self._tail = []
+        self._tail_frames = 0
+        self._tail_skip = len(self._buffer)
+        self._compact_abort = False
+        frames_before = self.frames_in_log
+        bytes_before = self._written_size
+
+        def stopping() -> bool:
+            return self._compact_abort
+
+        def write_all_snapshot() -> int:
+            pending: list[bytes] = []
+            size = 0
+
+            def out(data: bytes) -> None:
+                nonlocal size
+                pending.append(data)
+                size += len(data)
+                if size >= _CHUNK:
+                    flush_pending()
+
+            def flush_pending() -> None:
+                nonlocal size
+                if pending:
+                    _write_all(temp_fd, b"".join(pending))
+                    pending.clear()
+                    size = 0
+                if self._compact_abort:
+                    raise self._abandoned()
+
+            count = write_snapshot(out, stopping)
+            flush_pending()
+            os.fsync(temp_fd)
+            return count
+
+        state = {"frames": 0}
+
+        def copy_tail(_: object = None) -> Deferred[None] | None:
+            """Copy appends made meanwhile off the reactor thread while there are many."""
+            tail = self._tail
+            if self._compact_abort or tail is None:
+                raise self._abandoned()
+            if sum(len(chunk) for chunk in tail) <= _TAIL_ON_REACTOR:
+                return None
+            data = b"".join(tail)
+            tail.clear()
+            d = self._runner()(lambda: _write_all(temp_fd, data))
+            return d.addCallback(copy_tail)
+
+        def snapshot_written(frames: int) -> Deferred[None] | None:
+            state["frames"] = frames
+            return copy_tail()
+
+        def swap(_: object) -> CompactionResult:
+            if self._compact_abort or self._fd is None:
+                raise self._abandoned()
+            # Appends buffered in this very turn go to the new file after the swap.
+            tail = self._tail or []
+            frames_after = state["frames"] + self._tail_frames
+            try:
+                _write_all(temp_fd, b"".join(tail))
+                os.fsync(temp_fd)
+                new_size = os.fstat(temp_fd).st_size
+                fcntl.flock(temp_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(temp, self.path)
+            except OSError as exc:
+                raise StoreError(
+                    f"logfile {self.path}: finishing the compaction in {temp} failed:"
+                    f" {describe_os_error(exc)}; the logfile is unchanged"
+                ) from exc
+            # From here on the new file is the log.
+            self._tail = None
+            temp_done[0] = True
+            self._sync_directory()
+            old_fd = self._fd
+            self._fd = temp_fd
+            self._generation += 1
+            self._written_size = self._synced_size = new_size
+            self.frames_in_log = frames_after
+            for commit in self._unsynced:
+                commit.resolve()  # their bytes were copied and fsynced with the tail
+            self._unsynced = []
+            self._retired_fd = old_fd
+            if not self._sync_in_flight:
+                self._close_retired()
+            return CompactionResult(
+                frames_before + self._tail_frames, frames_after, bytes_before, new_size
+            )
+
+        temp_done = [False]
+
+        def cleanup(failure: Failure) -> Failure:
+            self._tail = None
+            if not temp_done[0]:
+                os.close(temp_fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            error = failure.value
+            if isinstance(error, OSError):
+                failure = Failure(  # type: ignore[no-untyped-call]
+                    StoreError(
+                        f"logfile {self.path}: writing {temp} failed:"
+                        f" {describe_os_error(error)}; the logfile is unchanged"
+                    )
+                )
+            return failure
+
+        try:
+            d: Deferred[Any] = self._runner()(write_all_snapshot)
+        except Exception:
+            d = fail()
+        d.addCallback(snapshot_written)
+        d.addCallback(swap)
+        d.addErrback(cleanup)
+        return d
+
+    def abandon_compaction(self) -> None:
+        """Make a running compaction give up soon (at shutdown); the log is unchanged."""
+        if self._tail is not None:
+            self._compact_abort = True
+
+    def _abandoned(self) -> CompactionAborted:
+        why = "the logfile was closed" if self._closed else "stopped, or a logfile write failed"
+        return CompactionAborted(f"logfile {self.path}: compaction abandoned: {why}")
+
+    def _close_retired(self) -> None:
+        """Close the file a compaction replaced (once no fsync uses it any more)."""
+        fd, self._retired_fd = self._retired_fd, None
+        if fd is not None:
             os.close(fd)
