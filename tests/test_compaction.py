@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -361,8 +363,8 @@ def test_service_runs_on_schedule_and_on_sigusr1(tmp_path: Path) -> None:
 class RealReactorTests(trial.TestCase):
     def test_real_reactor_compaction_under_appends(self) -> Deferred[None]:
         """Thread pool + real fsync: 20,000 jobs compacted while 2,000 more are set."""
-        path = Path(self.mktemp())  # type: ignore[no-untyped-call]
-        path.mkdir()
+        path = Path(tempfile.mkdtemp(prefix="ztick-compaction-"))
+        self.addCleanup(shutil.rmtree, path, True)
         store = LogfileStore(global_reactor, str(path / "ztick.log"), True)
         list(store.load())
         scheduler = Scheduler(global_reactor, store, {})
