@@ -46,6 +46,7 @@ from zope.interface import implementer
 from ztick_tw.model import Entry
 from ztick_tw.store.base import Commit, CompactionAborted, CorruptLogError, IStore, StoreError
 from ztick_tw.store.codec import encode, scan
+from ztick_tw.store.leftovers import merge_ztick_leftovers
 
 __all__ = [
     "COMPACT_SUFFIX",
@@ -209,6 +210,8 @@ class LogfileStore:
             raise StoreError(f"logfile {self.path}: load() called twice")
         if self._closed:
             raise StoreError(f"logfile {self.path}: load() after close()")
+        for line in merge_ztick_leftovers(self.path):
+            log.warn("{message}", message=line)
         existed = os.path.exists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
