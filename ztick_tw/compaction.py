@@ -119,10 +119,12 @@ class CompactionService(Service):
             if isinstance(failure.value, CompactionAborted) and not self.running:
                 log.info("compaction stopped by the shutdown; the logfile is unchanged")
                 return
+            error = failure.getErrorMessage()
             log.error(
-                "compaction failed: {error}; the logfile is unchanged, next try in {interval}s",
-                error=failure.getErrorMessage(),
-                interval=self.interval if self.interval > 0 else "(SIGUSR1 only)",
+                "compaction failed: {error}{unchanged}; next try {next}",
+                error=error,
+                unchanged="" if "logfile is unchanged" in error else "; the logfile is unchanged",
+                next=f"in {self.interval:g}s" if self.interval > 0 else "on SIGUSR1",
             )
 
         def finished(_: object) -> None:
