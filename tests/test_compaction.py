@@ -381,3 +381,45 @@ class RealReactorTests(trial.TestCase):
             assert state(replay(path / "ztick.log")) == state(scheduler)
 
         return d.addCallback(check)
+
+
+def test_a_large_tail_is_copied_off_the_reactor_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends beyond the on-reactor limit are copied in the pool, in order, before the swap."""
+    monkeypatch.setattr(logfile_module, "_TAIL_ON_REACTOR", 200)
+    temp = str(tmp_path / f"ztick.log{COMPACT_SUFFIX}")
+    temp_writes: list[int] = []
+    real_write_all = logfile_module._write_all
+
+    def spy(fd: int, data: bytes) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == temp:
+            temp_writes.append(len(data))
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(logfile_module, "_write_all", spy)
+    scheduler, store, runner, clock = setup(tmp_path)
+    future = EPOCH_NS + 3600 * SECOND_NS
+    scheduler.set_job("base", future)
+    settle(clock, runner)
+    outcome: list[Any] = []
+    compact(scheduler, store).addBoth(outcome.append)
+    for i in range(100):  # about 2.5 KB of frames, well over the limit
+        scheduler.set_job(f"t.{i % 30}", future + i)
+    clock.advance(0)
+    blocking, d = runner.pending.pop(0)  # the snapshot writer
+    d.callback(blocking())
+    copies = 0
+    while runner.pending and not outcome:
+        blocking, d = runner.pending.pop(0)
+        copies += 1
+        d.callback(blocking())
+        scheduler.set_job("t.late", future + 1000)  # more appends between copies
+        clock.advance(0)
+    settle(clock, runner)
+    assert copies >= 2
+    # The snapshot, at least one tail copy over the limit in the pool, the final rest.
+    assert len(temp_writes) >= 3, temp_writes
+    assert any(size > 200 for size in temp_writes[1:-1]), temp_writes
+    assert isinstance(outcome[0], tuple), outcome
+    assert state(replay(tmp_path / "ztick.log")) == state(scheduler)
