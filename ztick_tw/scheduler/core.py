@@ -7,8 +7,8 @@ tested with a ``Clock``, a memory store and fake runners.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import cast
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -55,6 +55,16 @@ class _Queued:
     packed: int  # the job's table value when it was triggered
     rule: Rule
     lag_base_ns: int  # lag is measured from here (the due time, or later if set late)
+
+
+@dataclass(slots=True)
+class _Undo:
+    """The state before a batch of changes, and after it, by job and rule id."""
+
+    jobs_before: dict[str, int | None] = field(default_factory=dict)
+    jobs_after: dict[str, int | None] = field(default_factory=dict)
+    rules_before: dict[str, Rule | None] = field(default_factory=dict)
+    rules_after: dict[str, Rule | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +115,8 @@ class Scheduler:
         self._attempts: dict[str, int] = {}  # only jobs past their first attempt
         self._late_set: dict[str, int] = {}  # job -> when it was set, for jobs set late
         self._started_ns = 0
-        # Commit -> how to undo the changes it carries, should it fail to reach the disk.
-        self._undo: dict[Commit, list[Callable[[], None]]] = {}
+        # Commit -> the state before the changes it carries, should it fail to reach disk.
+        self._undo: dict[Commit, _Undo] = {}
 
     # -- startup and shutdown ----------------------------------------------------------
 
@@ -202,7 +212,7 @@ class Scheduler:
     def set_job(self, job_id: str, execution_ns: int) -> Commit | None:
         """Create or replace a job (status back to ``planned``); persisted.
 
-        Should the write fail, the change is undone (see ``_undo_if_lost``).
+        Should the write fail, the change is undone (see ``_remember_job``).
         """
         previous = self.jobs.raw(job_id)
         self.jobs.set(job_id, execution_ns)
@@ -214,7 +224,7 @@ class Scheduler:
         self.timers.note_due(execution_ns)
         commit = self._store.append(Job(job_id, execution_ns, JobStatus.PLANNED))
         if commit is not None:
-            self._undo_if_lost(commit, "SET", job_id, self._job_undo(job_id, previous))
+            self._remember_job(commit, job_id, previous)
         return commit
 
     def get_job(self, job_id: str) -> tuple[JobStatus, int] | None:
@@ -235,7 +245,7 @@ class Scheduler:
         self._current.pop(job_id, None)
         commit = self._store.append(JobRemoval(job_id))
         if commit is not None:
-            self._undo_if_lost(commit, "REMOVE", job_id, self._job_undo(job_id, previous))
+            self._remember_job(commit, job_id, previous)
         return commit
 
     def set_rule(self, rule: Rule) -> Commit | None:
@@ -244,7 +254,7 @@ class Scheduler:
         self.rules.set(rule)
         commit = self._store.append(rule)
         if commit is not None:
-            self._undo_if_lost(commit, "RULE SET", rule.id, self._rule_undo(rule.id, previous))
+            self._remember_rule(commit, rule.id, previous)
         return commit
 
     def remove_rule(self, rule_id: str) -> Commit | None:
@@ -254,75 +264,66 @@ class Scheduler:
             raise UnknownRule(rule_id)
         commit = self._store.append(RuleRemoval(rule_id))
         if commit is not None:
-            self._undo_if_lost(commit, "REMOVERULE", rule_id, self._rule_undo(rule_id, previous))
+            self._remember_rule(commit, rule_id, previous)
         return commit
 
     # -- undoing changes whose write failed ------------------------------------------
 
-    def _job_undo(self, job_id: str, previous: int | None) -> Callable[[], bool]:
-        changed = self.jobs.raw(job_id)
-
-        def undo() -> bool:
-            if self.jobs.raw(job_id) != changed:
-                return False  # changed again since (that change has its own undo)
-            self.jobs.restore(job_id, previous)
-            restored = self.jobs.get(job_id)
-            if restored is not None and restored[0] == JobStatus.PLANNED:
-                self.timers.note_due(restored[1])
-            return True
-
-        return undo
-
-    def _rule_undo(self, rule_id: str, previous: Rule | None) -> Callable[[], bool]:
-        changed = self.rules.get(rule_id)
-
-        def undo() -> bool:
-            if self.rules.get(rule_id) is not changed:
-                return False
-            if previous is None:
-                self.rules.remove(rule_id)
-            else:
-                self.rules.set(previous)
-            return True
-
-        return undo
-
-    def _undo_if_lost(
-        self, commit: Commit, what: str, target: str, undo: Callable[[], bool]
-    ) -> None:
-        """Undo a change if ``commit`` fails: a request answered ERROR must leave no trace.
-
-        The changes of one commit are undone newest first, so a job changed twice in
-        one batch goes back to its state before the batch.
-        """
-
-        def logged() -> None:
-            if undo():
-                self.log.warn(
-                    "{what} {target} undone: its logfile write failed (answered ERROR)",
-                    what=what,
-                    target=target,
-                )
-
-        if commit.done:
-            if commit.error is not None:
-                logged()
-            return
-        pending = self._undo.get(commit)
-        if pending is None:
-            pending = self._undo[commit] = []
+    def _undo_for(self, commit: Commit) -> _Undo:
+        undo = self._undo.get(commit)
+        if undo is None:
+            undo = self._undo[commit] = _Undo()
             commit.subscribe(self._commit_resolved)
-        pending.append(logged)
+        return undo
+
+    def _remember_job(self, commit: Commit, job_id: str, previous: int | None) -> None:
+        """Note a job's value before ``commit``'s batch and after this change.
+
+        Plain dicts of ints (which the garbage collector does not track): this runs for
+        every SET and REMOVE.
+        """
+        undo = self._undo.get(commit) or self._undo_for(commit)
+        undo.jobs_before.setdefault(job_id, previous)
+        undo.jobs_after[job_id] = self.jobs.raw(job_id)
+
+    def _remember_rule(self, commit: Commit, rule_id: str, previous: Rule | None) -> None:
+        undo = self._undo.get(commit) or self._undo_for(commit)
+        undo.rules_before.setdefault(rule_id, previous)
+        undo.rules_after[rule_id] = self.rules.get(rule_id)
 
     def _commit_resolved(self, commit: Commit) -> None:
-        undos = self._undo.pop(commit, [])
-        if commit.error is None:
+        """A request answered ERROR must leave no trace: put back the state before its batch.
+
+        A job or rule changed again since (by a later batch) is left alone.
+        """
+        undo = self._undo.pop(commit, None)
+        if undo is None or commit.error is None:
             return
-        for undo in reversed(undos):
-            try:
-                undo()
-            except Exception:
-                self.log.failure("undoing a change whose write failed raised")
+        try:
+            for job_id, before in undo.jobs_before.items():
+                if self.jobs.raw(job_id) != undo.jobs_after[job_id]:
+                    continue
+                self.jobs.restore(job_id, before)
+                restored = self.jobs.get(job_id)
+                if restored is not None and restored[0] == JobStatus.PLANNED:
+                    self.timers.note_due(restored[1])
+                self.log.warn(
+                    "job {job_id}: change undone, its logfile write failed (answered ERROR)",
+                    job_id=job_id,
+                )
+            for rule_id, rule_before in undo.rules_before.items():
+                if self.rules.get(rule_id) is not undo.rules_after[rule_id]:
+                    continue
+                if rule_before is None:
+                    self.rules.remove(rule_id)
+                else:
+                    self.rules.set(rule_before)
+                self.log.warn(
+                    "rule {rule_id}: change undone, its logfile write failed (answered ERROR)",
+                    rule_id=rule_id,
+                )
+        except Exception:
+            self.log.failure("undoing changes whose write failed raised")
 
     # -- compaction ------------------------------------------------------------------
 
