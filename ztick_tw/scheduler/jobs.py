@@ -215,9 +215,14 @@ class JobTable:
             self._jobs[job_id] = packed
             self._counts[(packed >> _STATUS_SHIFT) & 3] += 1
 
-    def snapshot(self) -> tuple[dict[str, int], list[str | None]]:
-        """Copies of the job dict and the sequence table, for a compaction to read."""
-        return dict(self._jobs), list(self._seq_ids)
+    def snapshot(self) -> tuple[dict[str, int], tuple[str | None, ...]]:
+        """Copies of the job dict and the sequence table, for a compaction to read.
+
+        Both are invisible to the garbage collector once it has looked at them (a dict
+        of str to int, a tuple of str), so a million-job snapshot does not slow down
+        every full collection while the compaction runs.
+        """
+        return dict(self._jobs), tuple(self._seq_ids)
 
     # -- bulk loading ----------------------------------------------------------------
 

@@ -17,7 +17,7 @@ seconds, so a compaction takes a bounded share of the reactor's interpreter time
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ztick_tw.model import Rule
@@ -39,7 +39,7 @@ class Throttle:
     """Caps the share of time a worker thread holds the GIL: ``work`` on, ``rest`` off."""
 
     work: float = 0.001
-    rest: float = 0.006
+    rest: float = 0.012
     clock: Callable[[], float] = time.perf_counter
     sleep: Callable[[float], None] = time.sleep
     _started: float = field(default=-1.0, init=False)
@@ -59,7 +59,7 @@ class Snapshot:
     """The state to write: copies owned by the snapshot, safe to read from a thread."""
 
     jobs: dict[str, int]
-    seq_ids: list[str | None]
+    seq_ids: Sequence[str | None]
     rules: list[Rule]
     cutoff_ns: int | None = None  # executed/failed jobs due before this are dropped
     throttle: Callable[[], None] = field(default_factory=Throttle)
