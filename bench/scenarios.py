@@ -979,6 +979,18 @@ def _network(name: str, doc: str) -> Callable[[Context], list[Metric]]:
     return run
 
 
+def _compaction(name: str, doc: str) -> Callable[[Context], list[Metric]]:
+    """Issue 5's scenario ``name`` from ``bench.compaction`` (imported when it runs)."""
+
+    def run(ctx: Context) -> list[Metric]:
+        from bench.compaction import SCENARIOS as COMPACTION  # builds on this module
+
+        return COMPACTION[name](ctx)
+
+    run.__doc__ = doc
+    return run
+
+
 SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
     "set_memory": scenario_set_memory,
     "set_logfile": scenario_set_logfile,
@@ -992,4 +1004,10 @@ SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
     "net_http": _network("net_http", "Issue 4: http POSTs/s, 10,000 due in 1 s (≥ 1,000/s)."),
     "net_redis": _network("net_redis", "Issue 4: redis RPUSH/s, 10,000 due in 1 s (≥ 2,000/s)."),
     "net_amqp": _network("net_amqp", "Issue 4: amqp publishes/s, 10,000 due in 1 s (≥ 2,000/s)."),
+    "compaction": _compaction(
+        "compaction", "Issue 5: 1M jobs x 10 mutations: log size, compaction time, replay."
+    ),
+    "compaction_set": _compaction(
+        "compaction_set", "Issue 5: SET/s (1 conn, fsync) on 1M jobs while compacting (≥ 80%)."
+    ),
 }
