@@ -58,10 +58,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import (
-    Certificate,
     optionsForClientTLS,
     platformTrust,
-    trustRootFromCertificates,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -70,6 +68,7 @@ from zope.interface import implementer
 from ztick_tw.model import AmqpSpec
 from ztick_tw.runners.base import Execution, IRunner, Outcome
 from ztick_tw.runners.message import NetworkOptions, queue_message
+from ztick_tw.runners.trust import load_trust_root
 
 __all__ = ["AmqpRunner", "AmqpTarget", "Backoff", "load_ca_file", "parse_dsn"]
 
@@ -183,20 +182,7 @@ def load_ca_file(ca_file: str) -> Any:
 
     Raises ``ValueError`` naming the file when it cannot be read or holds no certificate.
     """
-    try:
-        with open(ca_file, "rb") as f:
-            pem = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read amqp CA file {ca_file}: {e.strerror or e}") from e
-    marker = b"-----BEGIN CERTIFICATE-----"
-    blocks = [marker + part for part in pem.split(marker)[1:]]
-    if not blocks:
-        raise ValueError(f"amqp CA file {ca_file} holds no PEM certificate")
-    try:
-        certificates = [Certificate.loadPEM(block) for block in blocks]
-    except Exception as e:
-        raise ValueError(f"amqp CA file {ca_file}: bad certificate: {e}") from e
-    return trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]
+    return load_trust_root(ca_file, "amqp CA")
 
 
 # ---------------------------------------------------------------------------- pika glue

@@ -48,7 +48,6 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -66,6 +65,7 @@ from zope.interface import implementer
 
 from ztick_tw import __version__
 from ztick_tw.model import HttpSpec
+from ztick_tw.runners import trust
 from ztick_tw.runners.base import Execution, IRunner, Outcome
 from ztick_tw.runners.message import (
     JOB_ID_HEADER,
@@ -96,9 +96,6 @@ _USER_AGENT = f"ztick-tw/{__version__}".encode("ascii")
 _JOB_ID_HEADER = JOB_ID_HEADER.encode("ascii")
 _TIMESTAMP_HEADER = TIMESTAMP_HEADER.encode("ascii")
 _SIGNATURE_HEADER = SIGNATURE_HEADER.encode("ascii")
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
-)
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\U0010ffff]+")
 _SAFE_URL_CHARS = "/%:@!$&'()*+,;=-._~?#[]"
 
@@ -109,19 +106,7 @@ def load_trust_root(ca_file: str) -> Any:
     Raises ``ValueError`` (with the file name) when the file cannot be read or holds no
     PEM certificate, so a bad ``http_ca_file`` stops the daemon at start.
     """
-    try:
-        with open(ca_file, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read http CA file {ca_file}: {e.strerror or e}") from e
-    blocks = _PEM_CERTIFICATE.findall(data)
-    if not blocks:
-        raise ValueError(f"http CA file {ca_file} holds no PEM certificate")
-    try:
-        certificates = [Certificate.loadPEM(block) for block in blocks]
-    except Exception as e:
-        raise ValueError(f"http CA file {ca_file}: bad certificate: {e}") from e
-    return trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]
+    return trust.load_trust_root(ca_file, "http CA")
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
