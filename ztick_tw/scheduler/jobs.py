@@ -19,7 +19,7 @@ O(n) pass that keeps the relative order, so every operation stays O(log n) amort
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 from ztick_tw.model import I64_MAX, I64_MIN, JobStatus
 
@@ -214,6 +214,28 @@ class JobTable:
         else:
             self._jobs[job_id] = packed
             self._counts[(packed >> _STATUS_SHIFT) & 3] += 1
+
+    @staticmethod
+    def replay_order(
+        jobs: Mapping[str, int], seq_ids: Sequence[str | None]
+    ) -> Iterator[tuple[str, int, int, int]]:
+        """``(id, execution_ns, status, packed)`` of a snapshot's jobs, in replay order.
+
+        Planned jobs come first in sequence order (so, replayed, jobs due at the same
+        instant keep their firing order), then every other job.  Works on the copies
+        ``snapshot`` returns, from any thread.
+        """
+        for seq, job_id in enumerate(seq_ids):
+            if job_id is None:
+                continue
+            packed = jobs.get(job_id)
+            if packed is None or packed & _LOW_MASK != seq:
+                continue  # removed, re-set since, or no longer planned
+            yield job_id, (packed >> _SHIFT) - _OFFSET, PLANNED, packed
+        for job_id, packed in jobs.items():
+            status = (packed >> _STATUS_SHIFT) & 3
+            if status != PLANNED:
+                yield job_id, (packed >> _SHIFT) - _OFFSET, status, packed
 
     def snapshot(self) -> tuple[dict[str, int], tuple[str | None, ...]]:
         """Copies of the job dict and the sequence table, for a compaction to read.

@@ -21,17 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ztick_tw.model import Rule
-from ztick_tw.scheduler.jobs import EXECUTED, FAILED, PLANNED, unpack_ns
+from ztick_tw.scheduler.jobs import EXECUTED, FAILED, JobTable
 from ztick_tw.store.base import CompactionAborted
 from ztick_tw.store.codec import encode, encode_job_fields
 
 __all__ = ["Snapshot", "Throttle"]
-
-_SHIFT = 34
-_STATUS_SHIFT = 32
-_OFFSET = 1 << 63
-_SEQ_MASK = (1 << 32) - 1
-_LOW_MASK = (1 << _SHIFT) - 1
 
 
 @dataclass
@@ -69,10 +63,10 @@ class Snapshot:
 
     def write(self, out: Callable[[bytes], None], stopping: Callable[[], bool]) -> int:
         """Write every frame through ``out``; return the number written."""
-        jobs = self.jobs
-        cutoff = None if self.cutoff_ns is None else ((self.cutoff_ns + _OFFSET) << _SHIFT)
+        cutoff = self.cutoff_ns
         pace = self.throttle
         batch = self.batch
+        expired = self.expired
         chunk: list[bytes] = []
         frames = 0
 
@@ -83,27 +77,11 @@ class Snapshot:
                 raise CompactionAborted()
             pace()
 
-        # Planned jobs, in sequence order.
-        for seq, job_id in enumerate(self.seq_ids):
-            if job_id is None:
-                continue
-            packed = jobs.get(job_id)
-            if packed is None or packed & _LOW_MASK != seq or (packed >> _STATUS_SHIFT) & 3:
-                continue
-            chunk.append(encode_job_fields(job_id, (packed >> _SHIFT) - _OFFSET, PLANNED))
-            frames += 1
-            if len(chunk) >= batch:
-                emit()
-        # Every other job.
-        expired = self.expired
-        for job_id, packed in jobs.items():
-            status = (packed >> _STATUS_SHIFT) & 3
-            if status == PLANNED:
-                continue
-            if cutoff is not None and packed < cutoff and status in (EXECUTED, FAILED):
+        for job_id, ns, status, packed in JobTable.replay_order(self.jobs, self.seq_ids):
+            if cutoff is not None and ns < cutoff and status in (EXECUTED, FAILED):
                 expired.append((job_id, packed))
                 continue
-            chunk.append(encode_job_fields(job_id, unpack_ns(packed), status))
+            chunk.append(encode_job_fields(job_id, ns, status))
             frames += 1
             if len(chunk) >= batch:
                 emit()
