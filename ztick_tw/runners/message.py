@@ -19,9 +19,9 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from typing import Literal
 from urllib.parse import SplitResult, urlsplit
 
+from ztick_tw.config import MessageFormatName
 from ztick_tw.runners.base import Execution
 
 __all__ = [
@@ -37,7 +37,8 @@ __all__ = [
     "signature",
 ]
 
-MessageFormat = Literal["ztick", "json"]
+#: ``[runners] message_format``: one definition, shared with the config's validation.
+MessageFormat = MessageFormatName
 
 #: Webhook headers (sent when a signing secret is configured, the job id always).
 SIGNATURE_HEADER = "X-Ztick-Signature"

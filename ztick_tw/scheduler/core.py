@@ -282,12 +282,12 @@ class Scheduler:
         Plain dicts of ints (which the garbage collector does not track): this runs for
         every SET and REMOVE.
         """
-        undo = self._undo.get(commit) or self._undo_for(commit)
+        undo = self._undo_for(commit)
         undo.jobs_before.setdefault(job_id, previous)
         undo.jobs_after[job_id] = self.jobs.raw(job_id)
 
     def _remember_rule(self, commit: Commit, rule_id: str, previous: Rule | None) -> None:
-        undo = self._undo.get(commit) or self._undo_for(commit)
+        undo = self._undo_for(commit)
         undo.rules_before.setdefault(rule_id, previous)
         undo.rules_after[rule_id] = self.rules.get(rule_id)
 

@@ -663,7 +663,8 @@ class LogfileStore:
             os.fsync(temp_fd)
             return count
 
-        state = {"frames": 0}
+        snapshot_frames = 0
+        swapped = False  # once true, temp_fd is the live logfile: never close it here
 
         def copy_tail(_: object = None) -> Deferred[None] | None:
             """Copy appends made meanwhile off the reactor thread while there are many."""
@@ -678,15 +679,17 @@ class LogfileStore:
             return d.addCallback(copy_tail)
 
         def snapshot_written(frames: int) -> Deferred[None] | None:
-            state["frames"] = frames
+            nonlocal snapshot_frames
+            snapshot_frames = frames
             return copy_tail()
 
         def swap(_: object) -> CompactionResult:
+            nonlocal swapped
             if self._compact_abort or self._fd is None:
                 raise self._abandoned()
             # Appends buffered in this very turn go to the new file after the swap.
             tail = self._tail or []
-            frames_after = state["frames"] + self._tail_frames
+            frames_after = snapshot_frames + self._tail_frames
             try:
                 _write_all(temp_fd, b"".join(tail))
                 os.fsync(temp_fd)
@@ -700,7 +703,7 @@ class LogfileStore:
                 ) from exc
             # From here on the new file is the log.
             self._tail = None
-            temp_done[0] = True
+            swapped = True
             self._sync_directory()
             old_fd = self._fd
             self._fd = temp_fd
@@ -717,11 +720,9 @@ class LogfileStore:
                 frames_before + self._tail_frames, frames_after, bytes_before, new_size
             )
 
-        temp_done = [False]
-
         def cleanup(failure: Failure) -> Failure:
             self._tail = None
-            if not temp_done[0]:
+            if not swapped:
                 os.close(temp_fd)
                 with contextlib.suppress(OSError):
                     os.unlink(temp)
