@@ -7,12 +7,23 @@ import signal
 from pathlib import Path
 
 import pytest
+from twisted.application.service import Service
 from twisted.logger import capturedLogs, formatEvent
 
 from tests.certs import make_pki
+from tests.helpers import FakeRunner, FakeStore, all_kinds, make_clock
 from ztick_tw.config import Config, parse_config
 from ztick_tw.runners.message import NetworkOptions
-from ztick_tw.service import HangupService, StartupError, network_options, with_backlog
+from ztick_tw.scheduler.core import Scheduler
+from ztick_tw.service import (
+    HangupService,
+    SchedulerService,
+    StartupError,
+    ZtickService,
+    network_options,
+    with_backlog,
+)
+from ztick_tw.store.base import StoreError
 
 
 def test_hangup_is_logged_and_survived_then_handler_restored() -> None:
@@ -116,3 +127,80 @@ def test_a_ca_file_without_certificates_stops_startup(tmp_path: Path) -> None:
         network_options(_config(tmp_path, f'http_ca_file = "{ca}"'))
     with pytest.raises(StartupError, match=r"^\[runners\] http_ca_file: cannot read"):
         network_options(_config(tmp_path, f'http_ca_file = "{tmp_path / "missing.pem"}"'))
+
+
+class _FailingFlushStore(FakeStore):
+    """A store whose flush raises, as a logfile whose fsync fails does (failure injection)."""
+
+    def flush(self) -> None:
+        super().flush()
+        raise StoreError("logfile x: fsync failed: Input/output error (EIO)")
+
+
+class _FailingStopService(Service):
+    """A child service whose stop raises (failure injection)."""
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        raise RuntimeError("cannot stop")
+
+
+def _scheduler_service(store: FakeStore, runner: FakeRunner) -> tuple[ZtickService, Scheduler]:
+    scheduler = Scheduler(make_clock(), store, all_kinds(runner))
+    top = ZtickService("tcp:0", None)
+    service = SchedulerService(scheduler, store, 2.5, top.steps)
+    service.setServiceParent(top)  # type: ignore[no-untyped-call]
+    return top, scheduler
+
+
+def test_a_failing_flush_still_stops_the_runners_and_closes_the_store() -> None:
+    """A flush raising at shutdown does not stop the later steps.
+
+    The runners are still stopped (with the grace period) and the store closed; the
+    failure is logged with its step name and ``shutdown_failed`` is set.
+    """
+    store, runner = _FailingFlushStore(), FakeRunner()
+    top, _ = _scheduler_service(store, runner)
+    top.startService()
+    with capturedLogs() as events:
+        d = top.stopService()
+    assert d.called
+    assert runner.stops == [2.5]
+    assert store.closed
+    assert top.shutdown_failed
+    failures = [e for e in events if e.get("log_failure") is not None]
+    assert [e["step"] for e in failures] == ["flush the logfile"]
+    assert "fsync failed" in str(failures[0]["log_failure"].value)
+    summary = [formatEvent(e) for e in events if "exit status 1" in str(e.get("log_format"))]
+    assert summary == [
+        "shutdown finished, but 1 step(s) failed (flush the logfile): exit status 1"
+    ]
+
+
+def test_a_clean_shutdown_reports_no_failure() -> None:
+    """Nothing failing: every step runs once, shutdown_failed stays False."""
+    store, runner = FakeStore(), FakeRunner()
+    top, _ = _scheduler_service(store, runner)
+    top.startService()
+    with capturedLogs() as events:
+        top.stopService()
+    assert (store.flushes, runner.stops, store.closed) == (1, [2.5], True)
+    assert not top.shutdown_failed
+    assert not [e for e in events if e.get("log_failure") is not None]
+
+
+def test_a_child_that_fails_to_stop_does_not_keep_the_others_running() -> None:
+    """A child raising in stopService does not keep the scheduler service running.
+
+    The failure is recorded under the child's name.
+    """
+    store, runner = FakeStore(), FakeRunner()
+    top, _ = _scheduler_service(store, runner)
+    bad = _FailingStopService()
+    bad.setName("listener")  # type: ignore[no-untyped-call]
+    bad.setServiceParent(top)  # type: ignore[no-untyped-call]  # stopped first
+    top.startService()
+    with capturedLogs():
+        top.stopService()
+    assert store.closed and runner.stops == [2.5]
+    assert top.steps.failed == ["stop listener"]

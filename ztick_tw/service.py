@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import gc
 import os
 import resource
 import signal
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ztick_tw import __version__
 from ztick_tw.auth import AuthFileError, TokenStore, load_tokens
@@ -39,17 +44,58 @@ class StartupError(Exception):
     """A known reason the daemon cannot start; its message is one line for stderr."""
 
 
+class ShutdownSteps:
+    """The steps of one shutdown that failed: each is logged, and later steps still run.
+
+    A step that raises (or whose Deferred fails) is logged with its name and the
+    traceback, and remembered; the daemon's exit status is then 1 (see ``ZtickService``).
+    """
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def run(self, step: str, action: Callable[[], object]) -> None:
+        """Run ``action`` now; a failure is logged and recorded, never raised."""
+        try:
+            action()
+        except Exception:
+            self.record(step, Failure())
+
+    def record(self, step: str, failure: Failure) -> None:
+        """Log ``failure`` as the failure of ``step`` and remember it."""
+        self.failed.append(step)
+        log.failure("shutdown step failed: {step}; the next steps run anyway", failure, step=step)
+
+    def guard(self, step: str, action: Callable[[], Deferred[Any]]) -> Deferred[None]:
+        """Run ``action``; its Deferred (or exception) ends as ``None``, failures recorded."""
+        d: Deferred[Any] = maybeDeferred(action)
+
+        def failed(failure: Failure) -> None:
+            self.record(step, failure)
+
+        return d.addCallbacks(lambda _: None, failed)
+
+
 class SchedulerService(Service):
     """Runs the scheduler between start and stop, and closes the store last.
 
     Stopping stops the timer, lets running executions finish for the grace period
     (then TERM, then KILL), records their outcomes, and flushes and closes the log.
+    Each of these steps runs even when an earlier one failed (a logfile whose fsync
+    fails must not leave the jobs' processes behind); failures go to ``steps``.
     """
 
-    def __init__(self, scheduler: Scheduler, store: IStore, grace: float) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        store: IStore,
+        grace: float,
+        steps: ShutdownSteps | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.store = store
         self.grace = grace
+        self.steps = steps if steps is not None else ShutdownSteps()
 
     def startService(self) -> None:
         """Start the timer (after the replay done when the service was built)."""
@@ -57,17 +103,24 @@ class SchedulerService(Service):
         self.scheduler.start()
 
     def stopService(self) -> Deferred[None]:
-        """Stop firing, wait for running jobs (bounded by the grace period), close the log."""
+        """Stop firing, wait for running jobs (bounded by the grace period), close the log.
+
+        Never fails: a failed step is logged and recorded in ``steps``.
+        """
         super().stopService()
         log.info("stopping: waiting up to {grace}s for running jobs", grace=self.grace)
-        self.store.flush()
-        d = self.scheduler.stop(self.grace)
+        steps = self.steps
+        steps.run("flush the logfile", self.store.flush)
+        d = steps.guard(
+            "stop the scheduler and end running jobs", lambda: self.scheduler.stop(self.grace)
+        )
 
-        def close(result: object) -> None:
-            self.store.close()
-            log.info("stopped; log flushed and closed")
+        def close(_: object) -> None:
+            steps.run("close the logfile", self.store.close)
+            if not steps.failed:
+                log.info("stopped; log flushed and closed")
 
-        return d.addBoth(close)
+        return d.addCallback(close)
 
 
 def make_store(config: Config, reactor: Any) -> IStore:
@@ -256,8 +309,10 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
         idle_timeout=config.controller.idle_timeout,
     )
     served: IProtocolFactory = factory if tls is None else tls_factory(factory, tls)
-    top = ZtickService(config.controller.listen_endpoint)
-    SchedulerService(scheduler, store, config.scheduler.shutdown_grace).setServiceParent(top)
+    top = ZtickService(config.controller.listen_endpoint, reactor)
+    SchedulerService(
+        scheduler, store, config.scheduler.shutdown_grace, top.steps
+    ).setServiceParent(top)
     if compaction is not None:
         compaction.setServiceParent(top)  # stopped before the store is closed
     HangupService().setServiceParent(top)
@@ -310,11 +365,25 @@ class HangupService(Service):
 
 
 class ZtickService(MultiService):
-    """The whole daemon: the scheduler service, then the listener (stopped first)."""
+    """The whole daemon: the scheduler service, then the listener (stopped first).
 
-    def __init__(self, endpoint: str) -> None:
+    Stopping stops every child even when one fails; ``shutdown_failed`` then says so,
+    and the process must exit with status 1.  ``ztick-tw serve`` returns that status
+    itself.  Under twistd (the service has a parent: twistd's application), which exits
+    0 (or re-raises the stopping signal) whatever happened, an ``atexit`` hook makes the
+    process exit 1 once twistd has removed its pidfile; see ``_exit_1_at_exit``.
+    """
+
+    def __init__(self, endpoint: str, reactor: Any = None) -> None:
         super().__init__()
         self.endpoint = endpoint
+        self.steps = ShutdownSteps()
+        self._reactor = reactor
+
+    @property
+    def shutdown_failed(self) -> bool:
+        """True once a shutdown step failed (the process must exit with status 1)."""
+        return bool(self.steps.failed)
 
     def startService(self) -> None:
         """Start everything; a listener that cannot bind raises ``StartupError``."""
@@ -323,3 +392,43 @@ class ZtickService(MultiService):
         except Exception as e:  # CannotListenError and friends from the endpoint
             raise StartupError(f"cannot listen on {self.endpoint}: {e}") from e
         log.info("listening on {endpoint} (pid {pid})", endpoint=self.endpoint, pid=os.getpid())
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the children, newest first, each even if stopping another failed."""
+        Service.stopService(self)
+        stops = [
+            self.steps.guard(f"stop {child.name or type(child).__name__}", child.stopService)
+            for child in reversed(list(self))
+        ]
+        return DeferredList(stops).addCallback(self._stopped)
+
+    def _stopped(self, _: object) -> None:
+        if not self.steps.failed:
+            return
+        log.error(
+            "shutdown finished, but {count} step(s) failed ({steps}): exit status 1",
+            count=len(self.steps.failed),
+            steps="; ".join(self.steps.failed),
+        )
+        if self.parent is not None:
+            exit_1_after_twistd(self._reactor)
+
+
+def exit_1_after_twistd(reactor: Any) -> None:
+    """Make a twistd process exit with status 1 once twistd is done.
+
+    After the reactor stops, twistd removes its pidfile and then, when a signal
+    stopped the reactor, kills itself with that signal, else returns (status 0).  So
+    the reactor's record of the signal is cleared (twistd then returns normally) and
+    an ``atexit`` hook ends the process with status 1 (it runs after the pidfile is gone).
+    """
+    if reactor is not None and getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
+    atexit.register(_exit_1_at_exit)
+
+
+def _exit_1_at_exit() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(1)
