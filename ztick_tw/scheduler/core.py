@@ -232,8 +232,21 @@ class Scheduler:
         return self.jobs.get(job_id)
 
     def query(self, prefix: str = "") -> Iterator[tuple[str, JobStatus, int]]:
-        """Jobs whose id starts with ``prefix``."""
-        return self.jobs.items(prefix)
+        """Jobs whose id starts with ``prefix``, in id order (read in slices)."""
+        after: str | None = None
+        while True:
+            found = self.jobs.scan(prefix, after, 1024)
+            yield from found
+            if len(found) < 1024:
+                return
+            after = found[-1][0]
+
+    def scan(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, JobStatus, int]]:
+        """Up to ``limit`` jobs whose id starts with ``prefix``, after ``after``, in id order.
+
+        O(log n + limit), so a long answer can be produced in slices.
+        """
+        return self.jobs.scan(prefix, after, limit)
 
     def remove_job(self, job_id: str) -> Commit | None:
         """Delete a job (a queued run of it is dropped); raises ``UnknownJob``."""

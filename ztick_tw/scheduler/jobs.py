@@ -14,12 +14,18 @@ Re-setting or removing a planned job does not search the heap: its old heap entr
 stops matching the dict ("stale") and is skipped when it reaches the top.  When stale
 entries and holes outnumber live ones, the heap and sequence table are rebuilt in one
 O(n) pass that keeps the relative order, so every operation stays O(log n) amortized.
+
+The ids are also kept sorted (a ``SortedList``, about 15 bytes per job) so that a prefix
+query costs O(log n + matches) and can be resumed after the last id it returned
+(``scan``), instead of scanning every job.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator, Mapping, Sequence
+
+from sortedcontainers import SortedList
 
 from ztick_tw.model import I64_MAX, I64_MIN, JobStatus
 
@@ -62,6 +68,8 @@ class JobTable:
         self._seq_ids: list[str | None] = []
         self._counts = [0, 0, 0, 0]  # by status
         self._next_seq = 0
+        self._ids: SortedList[str] = SortedList()  # every id, sorted: the prefix index
+        self._loading = False  # between the first ``load`` and ``finish_load``
 
     # -- reading ---------------------------------------------------------------------
 
@@ -101,6 +109,30 @@ class JobTable:
                     (packed >> _SHIFT) - _OFFSET,
                 )
 
+    def scan(
+        self, prefix: str, after: str | None = None, limit: int = 1000
+    ) -> list[tuple[str, JobStatus, int]]:
+        """Up to ``limit`` jobs whose id starts with ``prefix``, in id order.
+
+        With ``after``, the scan resumes after that id (which need not exist any more),
+        so a long answer can be read in slices while the table changes in between: every
+        job that exists for the whole scan and is not re-keyed is returned exactly once.
+        Costs O(log n + limit), whatever the number of jobs.
+        """
+        ids = self._ids
+        start = ids.bisect_left(prefix) if after is None else ids.bisect_right(after)
+        jobs = self._jobs
+        statuses = _STATUSES
+        out: list[tuple[str, JobStatus, int]] = []
+        for job_id in ids.islice(start, start + limit):
+            if not job_id.startswith(prefix):
+                break
+            packed = jobs[job_id]
+            out.append(
+                (job_id, statuses[(packed >> _STATUS_SHIFT) & 3], (packed >> _SHIFT) - _OFFSET)
+            )
+        return out
+
     def next_due(self) -> int | None:
         """The due time of the earliest planned job, or ``None`` if none is planned."""
         heap = self._heap
@@ -124,6 +156,8 @@ class JobTable:
         old = self._jobs.get(job_id)
         if old is not None:
             self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
+        else:
+            self._ids.add(job_id)
         seq = self._next_seq
         if seq > _SEQ_MASK:
             self._compact()
@@ -156,6 +190,7 @@ class JobTable:
         old = self._jobs.pop(job_id, None)
         if old is None:
             return False
+        self._ids.remove(job_id)
         self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
         self._maybe_compact()
         return True
@@ -201,8 +236,13 @@ class JobTable:
         if old is not None:
             self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
         if packed is None:
+            if old is not None:
+                self._ids.remove(job_id)
             self._maybe_compact()
-        elif (packed >> _STATUS_SHIFT) & 3 == PLANNED:
+            return
+        if old is None:
+            self._ids.add(job_id)
+        if (packed >> _STATUS_SHIFT) & 3 == PLANNED:
             seq = packed & _SEQ_MASK
             if seq < len(self._seq_ids) and self._seq_ids[seq] == job_id:
                 # Its sequence slot is intact: the very same value comes back.
@@ -210,6 +250,10 @@ class JobTable:
                 self._counts[PLANNED] += 1
                 heapq.heappush(self._heap, packed)
             else:
+                # Back in the dict first, so that ``set`` treats it as a re-set (the id
+                # is already in the index).
+                self._jobs[job_id] = packed
+                self._counts[PLANNED] += 1
                 self.set(job_id, unpack_ns(packed))
         else:
             self._jobs[job_id] = packed
@@ -256,6 +300,7 @@ class JobTable:
         """
         jobs = self._jobs
         counts = self._counts
+        self._loading = True
         old = jobs.get(job_id)
         if old is not None:
             counts[(old >> _STATUS_SHIFT) & 3] -= 1
@@ -273,9 +318,14 @@ class JobTable:
         old = self._jobs.pop(job_id, None)
         if old is not None:
             self._counts[(old >> _STATUS_SHIFT) & 3] -= 1
+            if not self._loading:
+                self._ids.remove(job_id)
 
     def finish_load(self) -> None:
-        """Build the due-heap from the loaded planned jobs in one pass."""
+        """Build the due-heap and the id index from the loaded jobs, each in one pass."""
+        if self._loading or len(self._ids) != len(self._jobs):
+            self._ids = SortedList(self._jobs)
+        self._loading = False
         heap = [packed for packed in self._jobs.values() if not packed & _STATUS_MASK]
         heapq.heapify(heap)
         self._heap = heap
