@@ -22,6 +22,7 @@ from ztick_tw.model import (
 )
 from ztick_tw.protocol.commands import (
     CommandError,
+    check_identifier,
     check_string,
     parse_datetime_ns,
     parse_execution,
@@ -215,6 +216,25 @@ def test_check_string_limits_utf8_bytes() -> None:
     assert check_string("x", "€" * 21845)
     with pytest.raises(CommandError):
         check_string("x", "€" * 21846)
+
+
+def test_check_identifier_refuses_nul_naming_the_offset() -> None:
+    """An id with a NUL byte is refused with where it is (it cannot reach a child's env)."""
+    assert check_identifier("job identifier", "a.b") == "a.b"
+    with pytest.raises(CommandError, match="job identifier contains a NUL byte at offset 3"):
+        check_identifier("job identifier", "abc\x00d")
+
+
+def test_parse_rule_refuses_nul_in_ids_and_process_arguments() -> None:
+    """NUL in a rule id, a pattern, or a process runner's argument is refused at RULE SET."""
+    with pytest.raises(CommandError, match="rule id contains a NUL"):
+        parse_rule("r\x00", "p", "shell", ["c"])
+    with pytest.raises(CommandError, match="pattern contains a NUL"):
+        parse_rule("r", "p\x00", "shell", ["c"])
+    with pytest.raises(CommandError, match="runner argument 2 contains a NUL"):
+        parse_rule("r", "p", "direct", ["/bin/echo", "a\x00b"])
+    with pytest.raises(CommandError, match="runner argument 1 contains a NUL"):
+        parse_rule("r", "p", "shell", ["echo \x00"])
 
 
 # -- rules and runners ----------------------------------------------------------------------

@@ -194,8 +194,10 @@ def test_decode_and_tokenize_arbitrary_bytes(line: bytes) -> None:
 # --------------------------------------------------------------------------- valid rules
 
 #: Text that renders as exactly one plain token: no space, quote, newline or CR.
+# No NUL: ids, patterns and process arguments with one are refused (they cannot reach a
+# child process); test_commands.py checks that refusal.
 _plain = st.text(
-    st.characters(exclude_characters=' "\n\r', exclude_categories=["Cs"]),
+    st.characters(exclude_characters=' "\n\r\x00', exclude_categories=["Cs"]),
     min_size=1,
     max_size=12,
 )

@@ -175,7 +175,8 @@ def test_query_exact_bytes() -> None:
     conn.send(b"q QUERY zzz\n")
     assert conn.take() == b"q OK\n"
     conn.send(b"q QUERY\n")
-    assert conn.take() == (b"q app.1 planned 10\nq db.1 planned 20\nq app.2 planned 30\nq OK\n")
+    # in id order (the prefix index), not in the order the jobs were set
+    assert conn.take() == (b"q app.1 planned 10\nq app.2 planned 30\nq db.1 planned 20\nq OK\n")
     conn.send(b'q QUERY ""\n')
     assert conn.take().count(b"\n") == 4
 
@@ -194,7 +195,7 @@ def test_query_shows_statuses() -> None:
     assert (
         conn.take()
         == (
-            f"q ok.1 triggered {past}\nq ok.2 executed {past}\nq none failed {past}\nq OK\n"
+            f"q none failed {past}\nq ok.1 triggered {past}\nq ok.2 executed {past}\nq OK\n"
         ).encode()
     )
 
@@ -718,15 +719,52 @@ def test_half_close_answers_then_closes() -> None:
     assert conn.closed
 
 
-def test_half_close_answers_last_line_without_newline() -> None:
-    """A last line with no newline before the half-close is still answered."""
+def test_set_refuses_a_job_id_with_a_nul_byte() -> None:
+    """``SET`` of an id holding NUL answers ERROR and logs why; nothing is stored."""
     h = make_harness()
     conn = h.connect()
-    conn.send(b"a LISTRULES\nb GET j")
+    with capturedLogs() as events:
+        conn.send(f"s SET a\x00b {FUTURE}\n".encode())  # a raw NUL byte in the id
+    assert conn.take() == b"s ERROR\n"
+    assert h.store.entries == []
+    assert any("NUL byte" in str(e.get("reason")) for e in events)
+
+
+def test_half_close_drops_unterminated_last_line() -> None:
+    """A last line with no newline before the half-close is never run (it may be cut short).
+
+    ``SET j 17433036`` cut from a longer timestamp would otherwise plan the job for
+    1970 and fire it at once.  The line is dropped and logged; the connection closes.
+    """
+    h = make_harness()
+    conn = h.connect()
+    conn.send(f"a SET keep {FUTURE}\nb SET cut 1".encode())
     assert conn.take() == b"a OK\n"
-    conn.proto.readConnectionLost()
-    assert conn.take() == b"b ERROR\n"
+    with capturedLogs() as events:
+        conn.proto.readConnectionLost()
+    assert conn.take() == b""
     assert conn.closed
+    assert h.scheduler.get_job("cut") is None
+    assert h.store.entries == [Job("keep", FUTURE)]
+    dropped = [e for e in events if "unterminated last line" in e["log_format"]]
+    assert len(dropped) == 1 and dropped[0]["size"] == len(b"b SET cut 1")
+
+
+def test_half_close_runs_every_whole_line_held_back() -> None:
+    """Whole lines still buffered at the half-close (behind a long answer) all run."""
+    h = make_harness()
+    conn = h.connect()
+    for i in range(3000):
+        h.scheduler.set_job(f"bulk.{i:05d}", FUTURE)
+    conn.send(f"q QUERY bulk.\na SET after {FUTURE}\nb GET after\nc SET cut 1".encode())
+    conn.proto.readConnectionLost()
+    for _ in range(100):
+        h.clock.advance(0)
+    out = conn.take()
+    assert out.endswith(f"q OK\na OK\nb OK planned {FUTURE}\n".encode())
+    assert out.count(b"\n") == 3000 + 3  # the jobs, q OK, a OK, b OK
+    assert conn.closed
+    assert h.scheduler.get_job("cut") is None
 
 
 def test_half_close_waits_for_pending_commit() -> None:
@@ -826,14 +864,15 @@ class RealSocketTests(unittest.TestCase):
         return done
 
     def test_half_closed_client_gets_all_answers(self) -> Deferred[None]:
-        """A client that sends and half-closes gets every answer, in order, then EOF."""
+        """A client that sends and half-closes gets every answer, in order, then EOF.
+
+        Its unterminated last line (``e GET j``) is dropped, not run.
+        """
         ns = 4102444800 * SECOND_NS  # 2100-01-01, never due during the test
         payload = f"a SET j {ns}\nb GET j\njunk\nc QUERY\nd REMOVE j\ne GET j".encode()
 
         def check(data: bytes) -> None:
-            assert data == (
-                f"a OK\nb OK planned {ns}\nc j planned {ns}\nc OK\nd OK\ne ERROR\n".encode()
-            )
+            assert data == (f"a OK\nb OK planned {ns}\nc j planned {ns}\nc OK\nd OK\n".encode())
             assert self.store.entries == [Job("j", ns), JobRemoval("j")]
 
         return self._exchange(payload).addCallback(check)

@@ -36,6 +36,7 @@ _TIME = re.compile(r"(\d{2}):(\d{2}):(\d{2})\Z", re.ASCII)
 _INTEGER = re.compile(r"[+-]?\d+(?:_\d+)*\Z", re.ASCII)
 
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE")
+_PROCESS_RUNNERS = ("shell", "direct", "awf")
 REDIS_COMMANDS = ("PUBLISH", "RPUSH", "LPUSH", "SET")
 
 
@@ -102,17 +103,36 @@ def check_string(what: str, value: str) -> str:
     return value
 
 
+def check_identifier(what: str, value: str) -> str:
+    """Refuse an id the logfile cannot hold, or that cannot reach a job's environment.
+
+    A NUL byte cannot be passed to a child process (``ZTICK_JOB_ID``, ``ZTICK_RULE_ID``),
+    so it is refused when the id is set rather than failing every run later.
+    """
+    check_string(what, value)
+    if "\x00" in value:
+        raise CommandError(
+            f"{what} contains a NUL byte at offset {value.index(chr(0))}: not allowed,"
+            " it cannot be passed to a child process"
+        )
+    return value
+
+
 def parse_rule(rule_id: str, pattern: str, runner: str, args: Sequence[str]) -> Rule:
     """Build a rule from ``RULE SET <rule> <pattern> <runner> <args...>``."""
-    check_string("rule id", rule_id)
-    check_string("pattern", pattern)
+    check_identifier("rule id", rule_id)
+    check_identifier("pattern", pattern)
     return Rule(rule_id, pattern, parse_runner(runner, args))
 
 
 def parse_runner(runner: str, args: Sequence[str]) -> RunnerSpec:
     """Validate a runner word and its arguments into a runner spec."""
     for i, arg in enumerate(args):
-        check_string(f"runner argument {i + 1}", arg)
+        if runner in _PROCESS_RUNNERS:
+            # A process's argv cannot hold a NUL byte: refuse it now, not at every run.
+            check_identifier(f"runner argument {i + 1}", arg)
+        else:
+            check_string(f"runner argument {i + 1}", arg)
     if runner == "shell":
         if not args:
             raise CommandError("shell runner needs a command")

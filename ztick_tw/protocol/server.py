@@ -26,7 +26,14 @@ from zope.interface import implementer
 
 from ztick_tw.auth import Token, TokenStore
 from ztick_tw.model import JobStatus
-from ztick_tw.protocol.commands import CommandError, check_string, parse_execution, parse_rule
+from ztick_tw.protocol.admission import Admission
+from ztick_tw.protocol.commands import (
+    CommandError,
+    check_identifier,
+    parse_execution,
+    parse_rule,
+)
+from ztick_tw.protocol.query import QueryStream
 from ztick_tw.protocol.tokenizer import TokenizeError, decode_line, tokenize
 from ztick_tw.scheduler.core import Scheduler, UnknownJob, UnknownRule
 from ztick_tw.scheduler.timers import now_ns
@@ -44,10 +51,15 @@ MAX_WAITING_BYTES = 4 * 1024 * 1024
 #: of the chunk waits for the client to read them.
 OUTPUT_BUDGET = 256 * 1024
 
+#: Bytes of a long answer (``QUERY``) produced per slice; the next slice waits for the
+#: client to take this one, and for the next reactor turn.
+STREAM_SLICE = 64 * 1024
+
 # Why reading from a client is paused (any one of them is enough).
 _WRITE_FULL = "write buffer full"
 _BACKLOG = "answers not yet read by the client"
 _DISK_WAIT = "answers waiting for the disk"
+_STREAM = "a long answer is being sent"
 
 #: How often, at most, "connection limit reached" is logged (with a count meanwhile).
 REFUSED_LOG_INTERVAL = 10.0
@@ -83,6 +95,9 @@ class ZtickProtocol(LineReceiver):
         self._backlog_call: IDelayedCall | None = None
         self._out_bytes = 0  # bytes in _out
         self._waiting_bytes = 0  # bytes of answers in _waiting
+        self._stream: QueryStream | None = None  # a long answer being sent in slices
+        self._stream_call: IDelayedCall | None = None
+        self._eof = False  # the client half-closed: finish what it sent, then close
 
     # -- connection life cycle -------------------------------------------------------
 
@@ -91,7 +106,7 @@ class ZtickProtocol(LineReceiver):
         factory = self.factory
         peer = self.transport.getPeer() if self.transport is not None else None
         self._peer = str(getattr(peer, "host", peer))
-        if factory.connections >= factory.max_connections:
+        if factory.connections >= factory.max_connections and not factory.make_room():
             factory.refused(self._peer)
             self._closing = True
             if self.transport is not None:
@@ -102,6 +117,7 @@ class ZtickProtocol(LineReceiver):
         clock = factory.reactor
         if factory.tokens is not None:
             self._auth_call = clock.callLater(factory.auth_timeout, self._authTimedOut)
+            factory.admit(self)
         if factory.idle_timeout > 0:
             self._idle_call = clock.callLater(factory.idle_timeout, self._idleTimedOut)
         if self.transport is not None:
@@ -112,18 +128,31 @@ class ZtickProtocol(LineReceiver):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         """Forget the connection; answers still waiting for the disk are dropped."""
-        for call in (self._auth_call, self._idle_call, self._backlog_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._auth_call = self._idle_call = self._backlog_call = None
-        if self._connected:
-            self._connected = False
-            self.factory.connections -= 1
-            self.log.debug("client {peer} disconnected", peer=self._peer)
+        self._forget()
         self._waiting.clear()
         self._waiting_bytes = 0
         self._out.clear()
         self._out_bytes = 0
+
+    def _forget(self) -> None:
+        """Release what the connection holds: timers, its slot, a long answer."""
+        for call in (self._auth_call, self._idle_call, self._backlog_call, self._stream_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._auth_call = self._idle_call = self._backlog_call = self._stream_call = None
+        self._stream = None
+        self.factory.admission.discard(self)
+        if self._connected:
+            self._connected = False
+            self.factory.connections -= 1
+            self.log.debug("client {peer} disconnected", peer=self._peer)
+
+    def evict(self) -> None:
+        """Drop this unauthenticated connection now, to make room for newer ones."""
+        self._closing = True
+        self._forget()
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _authTimedOut(self) -> None:
         self._auth_call = None
@@ -146,6 +175,7 @@ class ZtickProtocol(LineReceiver):
     def _close(self) -> None:
         """Stop reading, send what is ready, then close (after waiting answers)."""
         self._closing = True
+        self._stream = None
         self._flush()
 
     # -- back-pressure (IPushProducer, called by our transport) ------------------------
@@ -155,9 +185,12 @@ class ZtickProtocol(LineReceiver):
         self._pause(_WRITE_FULL)
 
     def resumeProducing(self) -> None:
-        """The client caught up: read again (and handle lines held back meanwhile)."""
+        """The client caught up: go on with a long answer, or read again."""
         self._resume(_WRITE_FULL)
-        self._drain_backlog()
+        if self._stream is not None:
+            self._schedule_stream()
+        else:
+            self._drain_backlog()
 
     def stopProducing(self) -> None:
         """The connection is going away; nothing to do."""
@@ -175,15 +208,25 @@ class ZtickProtocol(LineReceiver):
             self.transport.resumeProducing()
 
     def readConnectionLost(self) -> None:
-        """The client half-closed: answer all it sent (even a last partial line), then close."""
-        rest, self._buffer = self._buffer, b""
-        if rest and not self._closing and len(rest) <= self.MAX_LENGTH:
-            self._in_data = True
-            try:
-                self.lineReceived(rest)
-            finally:
-                self._in_data = False
-        self._closing = True
+        """The client half-closed: answer every whole line it sent, then close.
+
+        An unterminated last line is never run, whether the client half-closed or
+        vanished (a crash also sends FIN): it may be a request cut short, such as a
+        SET whose timestamp lost its last digits.  It is dropped and logged.
+        """
+        self._eof = True
+        head, newline, tail = self._buffer.rpartition(b"\n")
+        self._buffer = head + newline
+        if tail and not self._closing:
+            self.log.info(
+                "client {peer} closed the connection in the middle of a line;"
+                " dropped the unterminated last line ({size} bytes) without running it",
+                peer=self._peer,
+                size=len(tail),
+            )
+        if self._buffer and not self._closing and self._stream is None:
+            self._backlog = True
+            self._drain_backlog()
         self._flush()
 
     def writeConnectionLost(self) -> None:
@@ -206,6 +249,11 @@ class ZtickProtocol(LineReceiver):
             return
         if self._idle_call is not None and data:
             self._idle_call.reset(self.factory.idle_timeout)
+        if self._stream is not None:
+            # Reading is paused while a long answer is sent; keep what was in flight.
+            self._buffer += data
+            self._backlog = True
+            return
         buffered = self._buffer
         lines = (buffered + data if buffered else data).split(b"\n")
         self._buffer = lines.pop()
@@ -219,11 +267,17 @@ class ZtickProtocol(LineReceiver):
                 self.lineReceived(line)
                 if self._closing:
                     break
-                if self._out_bytes + self._waiting_bytes > OUTPUT_BUDGET:
+                streaming = self._stream is not None
+                if streaming or self._out_bytes + self._waiting_bytes > OUTPUT_BUDGET:
                     rest = lines[index + 1 :]
                     if rest:
                         rest.append(self._buffer)
                         self._buffer = b"\n".join(rest)
+                    if streaming:
+                        # The next lines wait for the long answer to be sent whole.
+                        self._backlog = bool(rest) or self._backlog
+                        self._pause(_STREAM)
+                    elif rest:
                         self._hold_backlog()
                     break
             else:
@@ -250,10 +304,46 @@ class ZtickProtocol(LineReceiver):
 
     def _drain_backlog(self) -> None:
         """Handle lines held back by the output budget, now that the client caught up."""
-        if self._backlog and not self._closing and self._connected:
+        if self._backlog and not self._closing and self._connected and self._stream is None:
             self._backlog = False
             self._resume(_BACKLOG)
             self.dataReceived(b"")
+
+    # -- long answers, in slices ---------------------------------------------------------
+
+    def _schedule_stream(self) -> None:
+        if self._stream_call is None and self._stream is not None:
+            self._stream_call = self.factory.reactor.callLater(0, self._stream_step)
+
+    def _stream_step(self) -> None:
+        """Send the next slice of the long answer, if the client has taken the last one.
+
+        One slice per reactor turn, so timers and other clients run in between; none
+        while the client's write buffer is full (``resumeProducing`` goes on) or while
+        earlier answers wait for the disk (``_commitResolved`` goes on).
+        """
+        self._stream_call = None
+        stream = self._stream
+        if stream is None or not self._connected or self._closing:
+            return
+        if self._waiting or _WRITE_FULL in self._pauses:
+            return
+        data = stream.next_slice(STREAM_SLICE)
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._idle_call is not None:
+            self._idle_call.reset(self.factory.idle_timeout)  # reading answers is not idle
+        if stream.done:
+            self._stream = None
+            self._resume(_STREAM)
+            if not self._in_data:
+                self._flush()
+                self._drain_backlog()
+            return
+        if not self._in_data:
+            self._flush()
+        if _WRITE_FULL not in self._pauses:
+            self._schedule_stream()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """A line over 4096 bytes: answer what came before it, then close this connection."""
@@ -338,6 +428,7 @@ class ZtickProtocol(LineReceiver):
             token = tokens.authenticate(words[1])
             if token is not None:
                 self._token = token
+                self.factory.admission.discard(self)
                 if self._auth_call is not None and self._auth_call.active():
                     self._auth_call.cancel()
                 self._auth_call = None
@@ -426,6 +517,8 @@ class ZtickProtocol(LineReceiver):
             self._out_bytes += len(answer)
         if self._subscribed is commit:
             self._subscribed = None
+        if self._stream is not None and not waiting:
+            self._schedule_stream()
         if (
             len(waiting) < MAX_WAITING_ANSWERS // 2
             and self._waiting_bytes < MAX_WAITING_BYTES // 2
@@ -451,7 +544,8 @@ class ZtickProtocol(LineReceiver):
             self._out.clear()
             self._out_bytes = 0
             self.transport.write(data)
-        if self._closing and not self._waiting:
+        finished = self._eof and not self._backlog and self._stream is None
+        if (self._closing or finished) and not self._waiting:
             # A producer still registered would be resumed (not closed) when the write
             # buffer drains, leaving the connection open for good.
             if getattr(self.transport, "producer", None) is self:
@@ -466,7 +560,7 @@ class ZtickProtocol(LineReceiver):
             raise CommandError("SET needs a job identifier and a time")
         execution_ns = parse_execution(tokens[3:])
         job_id = tokens[2]
-        check_string("job identifier", job_id)
+        check_identifier("job identifier", job_id)
         self._check_namespace(job_id)
         commit = self.factory.scheduler.set_job(job_id, execution_ns)
         self._ok(request_id, commit)
@@ -489,13 +583,9 @@ class ZtickProtocol(LineReceiver):
         if token is not None and prefix is not None and not token.allows(prefix):
             # Only jobs inside the namespace: narrow the prefix to it, or nothing matches.
             prefix = token.namespace if token.namespace.startswith(prefix) else None
-        found = self.factory.scheduler.query(prefix) if prefix is not None else iter(())
-        lines = [
-            f"{request_id} {job_id} {status.wire} {execution_ns}\n"
-            for job_id, status, execution_ns in found
-        ]
-        lines.append(f"{request_id} OK\n")
-        self._reply("".join(lines).encode())
+        scan = self.factory.scheduler.scan if prefix is not None else None
+        self._stream = QueryStream(scan, request_id, prefix or "")
+        self._stream_step()
 
     def do_REMOVE(self, request_id: str, tokens: list[str]) -> None:
         """``ID REMOVE <job>``."""
@@ -595,6 +685,8 @@ class ZtickFactory(Factory):
         max_connections: int = 4096,
         idle_timeout: float = 0.0,
         auth_timeout: float = 5.0,
+        max_unauthenticated: int = 256,
+        max_unauthenticated_per_source: int = 32,
     ) -> None:
         self.scheduler = scheduler
         self.reactor = reactor
@@ -608,8 +700,13 @@ class ZtickFactory(Factory):
         self.auth_timeout = auth_timeout
         self.connections = 0
         self.started_ns = now_ns(reactor)
+        self.admission: Admission[ZtickProtocol] = Admission(
+            max_unauthenticated, max_unauthenticated_per_source
+        )
         self._refused = 0
         self._refused_logged_at: float | None = None
+        self._evicted = 0
+        self._evicted_logged_at: float | None = None
 
     @property
     def auth_enabled(self) -> bool:
@@ -631,6 +728,41 @@ class ZtickFactory(Factory):
             )
             self._refused = 0
             self._refused_logged_at = now
+
+    def admit(self, conn: ZtickProtocol) -> None:
+        """A new connection must AUTH first: hold it within the unauthenticated caps."""
+        for victim in self.admission.add(conn, conn._peer):
+            self._evict(victim)
+
+    def make_room(self) -> bool:
+        """At ``max_connections``: drop the oldest unauthenticated connection, if any.
+
+        So sockets that never authenticate cannot keep a valid client out.
+        """
+        victim = self.admission.oldest()
+        if victim is None:
+            return False
+        self.admission.discard(victim)
+        self._evict(victim)
+        return True
+
+    def _evict(self, victim: ZtickProtocol) -> None:
+        victim.evict()
+        self._evicted += 1
+        now = self.reactor.seconds()
+        last = self._evicted_logged_at
+        if last is None or now - last >= REFUSED_LOG_INTERVAL:
+            log.warn(
+                "too many connections waiting to authenticate (at most {limit}, {per_source}"
+                " per address): dropped the oldest {count} since the last report, the latest"
+                " from {peer}",
+                limit=self.admission.max_total,
+                per_source=self.admission.max_per_source,
+                count=self._evicted,
+                peer=victim._peer,
+            )
+            self._evicted = 0
+            self._evicted_logged_at = now
 
     def stats(self) -> list[tuple[str, str | int]]:
         """The STAT lines, ztick's keys first, in ztick's order, then ztick-tw's."""
