@@ -278,6 +278,49 @@ def test_a_stale_temporary_file_is_removed_at_load(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_symlinked_logfile_is_compacted_beside_its_target(tmp_path: Path) -> None:
+    """``logfile_path`` a symbolic link into another directory (a data volume).
+
+    Compaction writes its temporary file beside the target and renames over the target:
+    the link stays a link to it, the target holds every write made before, during and
+    after the compaction, and replays to the live state; nothing is created beside the
+    link.  A stale temporary file beside the target is removed at load.
+    """
+    volume, conf = tmp_path / "volume", tmp_path / "etc"
+    volume.mkdir()
+    conf.mkdir()
+    target, link = volume / "ztick.log", conf / "ztick.log"
+    link.symlink_to(target)
+    (volume / f"ztick.log{COMPACT_SUFFIX}").write_bytes(b"stale")
+    clock, runner = make_clock(), HeldRunner()
+    store = LogfileStore(clock, str(link), True, runner)
+    list(store.load())
+    assert not (volume / f"ztick.log{COMPACT_SUFFIX}").exists()
+    scheduler = Scheduler(clock, store, {RunnerKind.SHELL: FakeRunner()})
+    future = EPOCH_NS + 3600 * SECOND_NS
+    for round_ in range(5):
+        for i in range(20):
+            scheduler.set_job(f"j.{i}", future + round_ * SECOND_NS + i)
+    settle(clock, runner)
+    outcome: list[Any] = []
+    compact(scheduler, store).addBoth(outcome.append)
+    assert (volume / f"ztick.log{COMPACT_SUFFIX}").exists()  # the snapshot is "being written"
+    scheduler.set_job("during", future)
+    settle(clock, runner)
+    assert isinstance(outcome[0][0], CompactionResult)
+    scheduler.set_job("after", future + 1)
+    settle(clock, runner)
+    store.close()
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert sorted(os.listdir(conf)) == ["ztick.log"]
+    assert sorted(os.listdir(volume)) == ["ztick.log"]
+    replayed = state(replay(target))
+    assert replayed == state(scheduler)
+    assert replayed[0]["during"] == (JobStatus.PLANNED, future)
+    assert replayed[0]["after"] == (JobStatus.PLANNED, future + 1)
+    assert len(list(scan(target.read_bytes()))) == 22  # one frame per job, nothing lost
+
+
 def test_undo_restores_the_state_before_a_failed_batch(tmp_path: Path) -> None:
     """A batch whose fsync fails is undone newest first: jobs and rules as before it."""
     scheduler, _store, runner, clock = setup(tmp_path)

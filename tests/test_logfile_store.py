@@ -42,6 +42,7 @@ from ztick_tw.model import (
 from ztick_tw.store import logfile as logfile_module
 from ztick_tw.store.base import Commit, CorruptLogError, IStore, StoreError
 from ztick_tw.store.codec import MAX_FRAME_BYTES, CodecError, encode, scan
+from ztick_tw.store.leftovers import TO_COMPRESS
 from ztick_tw.store.logfile import LogfileStore
 
 SPEC_EXAMPLE = bytes.fromhex("00 00 00 10 00 00 04 74 6f 74 6f 16 47 bb 5c ee e1 50 00 00")
@@ -281,6 +282,42 @@ def test_corruption_in_the_middle_raises_with_offset(logpath: Path) -> None:
     assert logpath.read_bytes() == content
     with pytest.raises(StoreError, match="append before load"):
         store.append(Job("d", 4))
+
+
+def test_a_symlinked_logfile_keeps_its_side_files_beside_the_target(tmp_path: Path) -> None:
+    """Through a symbolic link, everything the store writes lands beside the target.
+
+    ztick's compaction leftovers are looked for and merged there, the ``.corrupt-<offset>``
+    file of a recovery is saved there, appends reach the target, and the link is kept.
+    The log says which file the link leads to.
+    """
+    volume, conf = tmp_path / "volume", tmp_path / "etc"
+    volume.mkdir()
+    conf.mkdir()
+    target, link = volume / "logfile", conf / "logfile"
+    link.symlink_to(target)
+    good = encode(Job("a", 1))
+    damaged = b"\x00\x00\x00\x00garbage"
+    target.write_bytes(good + damaged)
+    (volume / TO_COMPRESS).write_bytes(encode(Job("old", 5)))
+    with capturedLogs() as events:
+        store, clock, entries = loaded(link, recover=True)
+    assert entries == [Job("old", 5), Job("a", 1)]
+    assert store.path == str(target) and store.configured_path == str(link)
+    assert (volume / f"logfile.corrupt-{len(encode(Job('old', 5))) + len(good)}").exists()
+    store.append(Job("b", 2))
+    clock.advance(0)
+    store.close()
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert sorted(os.listdir(conf)) == ["logfile"]
+    assert list(scan(target.read_bytes())) == [Job("old", 5), Job("a", 1), Job("b", 2)]
+    assert f"logfile {link} leads through a symbolic link to {target}" in texts(events)
+
+
+def test_a_path_without_links_is_kept_as_given(logpath: Path) -> None:
+    """No symbolic link involved: the store names the file as configured (messages too)."""
+    store, _ = make(logpath)
+    assert store.path == store.configured_path == str(logpath)
 
 
 def test_recover_keeps_frames_before_damage(logpath: Path) -> None:

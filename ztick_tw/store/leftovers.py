@@ -96,7 +96,7 @@ def merge_ztick_leftovers(logfile_path: str) -> list[str]:
     leftovers are then as they were (at most a stale ``<logfile>.merge.tmp`` is left,
     which the next start replaces).
     """
-    logfile = os.path.abspath(logfile_path)
+    logfile = os.path.realpath(logfile_path)  # beside a symbolic link's target
     directory = os.path.dirname(logfile)
     own_name = os.path.basename(logfile)
     lines: list[str] = _elsewhere(directory)

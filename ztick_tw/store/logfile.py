@@ -18,6 +18,10 @@ appended meanwhile follow it, and the file is fsynced and renamed over the log (
 directory is fsynced).  Until the rename the old log is complete and in use; after it
 the new one is.  A crash at any point therefore leaves one complete log, and at most a
 stale temporary file, which the next ``load`` removes.
+
+A ``path`` that leads through a symbolic link is resolved once, when the store is made:
+the log, its temporary files and the rename live beside the link's target, and the link
+is left alone (it keeps naming the current log).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ __all__ = [
     "LogfileStore",
     "SnapshotWriter",
     "SyncRunner",
+    "resolve_logfile_path",
     "thread_pool_runner",
 ]
 
@@ -112,6 +117,18 @@ def describe_os_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def resolve_logfile_path(path: str) -> str:
+    """``path``, or the file it names when a symbolic link is on the way (resolved).
+
+    A compaction renames a new file over the logfile, and leftovers, temporary and
+    ``.corrupt-<offset>`` files are written beside it: all of that happens beside the
+    link's target, so a logfile linked into a data volume stays there and the link
+    keeps pointing at it.  A link whose target does not exist yet names that target.
+    """
+    resolved = os.path.realpath(path)
+    return path if resolved == os.path.abspath(path) else resolved
+
+
 def _write_all(fd: int, data: bytes) -> None:
     """Write all of ``data``, looping on short writes; OSError on failure."""
     view = memoryview(data)
@@ -157,7 +174,10 @@ class LogfileStore:
         recover: bool = False,
     ) -> None:
         self._reactor = reactor
-        self.path = path
+        #: The path as configured, and the file it names (``path`` itself unless a
+        #: symbolic link is involved, then the link's target, resolved once here).
+        self.configured_path = path
+        self.path = resolve_logfile_path(path)
         self.fsync = fsync
         self.recover = recover
         self._sync_runner = sync_runner
@@ -210,6 +230,13 @@ class LogfileStore:
             raise StoreError(f"logfile {self.path}: load() called twice")
         if self._closed:
             raise StoreError(f"logfile {self.path}: load() after close()")
+        if self.path != self.configured_path:
+            log.info(
+                "logfile {configured} leads through a symbolic link to {path}: the log is"
+                " kept there, and compactions replace it beside itself (the link stays)",
+                configured=self.configured_path,
+                path=self.path,
+            )
         for line in merge_ztick_leftovers(self.path):
             log.warn("{message}", message=line)
         existed = os.path.exists(self.path)
