@@ -20,6 +20,8 @@ from ztick_tw.service import (
     SchedulerService,
     StartupError,
     ZtickService,
+    fit_descriptor_limit,
+    max_connections_set,
     network_options,
     with_backlog,
 )
@@ -204,3 +206,47 @@ def test_a_child_that_fails_to_stop_does_not_keep_the_others_running() -> None:
         top.stopService()
     assert store.closed and runner.stops == [2.5]
     assert top.steps.failed == ["stop listener"]
+
+
+def test_connections_and_runs_that_fit_the_descriptor_limit_are_kept() -> None:
+    """1024 fds: 700 connections + 64 runs x 3 + 64 = 956 fit; no limit keeps anything."""
+    with capturedLogs() as events:
+        assert fit_descriptor_limit(1024, 700, 64, connections_set=True) == 700
+        assert fit_descriptor_limit(None, 10**6, 10**4, connections_set=True) == 10**6
+    assert list(events) == []
+
+
+def test_the_default_max_connections_is_lowered_to_fit_with_a_warning() -> None:
+    """Not set in the config (the 4096 default) on a 1024-fd machine: 1024 - 192 - 64."""
+    with capturedLogs() as events:
+        fits = fit_descriptor_limit(1024, 4096, 64, connections_set=False)
+    assert fits == 768
+    (warning,) = [formatEvent(e) for e in events]
+    assert "max_connections lowered from its default 4096 to 768" in warning
+    assert "descriptor limit is 1024" in warning
+
+
+def test_an_explicit_max_connections_that_cannot_fit_is_refused_in_one_line() -> None:
+    """Set in the config and too big: a StartupError naming the numbers and the keys."""
+    with pytest.raises(StartupError) as error:
+        fit_descriptor_limit(1024, 1000, 64, connections_set=True)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "the descriptor limit (1024, ulimit -n) cannot hold [controller] max_connections"
+        " (1000) + [scheduler] max_concurrent_runs (64) x 3 + 64 for the daemon itself = 1256"
+    )
+    assert "(at most 768 here)" in message
+
+
+def test_runs_that_leave_no_room_for_a_connection_are_refused_even_by_default() -> None:
+    """max_concurrent_runs alone fills the limit: refused whether connections were set."""
+    with pytest.raises(StartupError, match=r"max_concurrent_runs \(400\) x 3"):
+        fit_descriptor_limit(1024, 4096, 400, connections_set=False)
+
+
+def test_only_a_max_connections_other_than_the_default_counts_as_set(tmp_path: Path) -> None:
+    """The config records values, not which keys were written: the default counts as unset."""
+    assert not max_connections_set(Config())
+    source = str(tmp_path / "z.toml")
+    assert max_connections_set(parse_config("[controller]\nmax_connections = 100\n", source))

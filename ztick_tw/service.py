@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from ztick_tw import __version__
 from ztick_tw.auth import AuthFileError, TokenStore, load_tokens
 from ztick_tw.compaction import CompactionService
-from ztick_tw.config import Config
+from ztick_tw.config import Config, ControllerConfig
 from ztick_tw.model import RunnerKind
 from ztick_tw.protocol.server import ZtickFactory
 from ztick_tw.runners.amqp import AmqpRunner
@@ -226,14 +226,84 @@ def load_auth(config: Config) -> TokenStore | None:
     return tokens
 
 
-def raise_descriptor_limit() -> None:
-    """Let the daemon hold as many descriptors as the hard limit allows (connections)."""
+def raise_descriptor_limit() -> int | None:
+    """Let the daemon hold as many descriptors as the hard limit allows.
+
+    Returns the soft limit now in effect, ``None`` when it is unlimited.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+#: Descriptors one live shell/direct/awf run holds in the daemon (two pipes and a pidfd).
+#: TODO: use ``ztick_tw.runners.process.FDS_PER_RUN`` once the runners define it.
+FDS_PER_RUN = 3
+
+#: Descriptors kept for everything but connections and runs: stdio, the logfile (and a
+#: compaction's temporary and replaced files), listeners, the reactor's wakers, the
+#: thread pool, the network runners' connections.
+DESCRIPTOR_RESERVE = 64
+
+
+def fit_descriptor_limit(
+    limit: int | None,
+    max_connections: int,
+    max_concurrent_runs: int,
+    *,
+    connections_set: bool,
+    fds_per_run: int = FDS_PER_RUN,
+    reserve: int = DESCRIPTOR_RESERVE,
+) -> int:
+    """The ``max_connections`` to serve with, so connections and runs fit in ``limit``.
+
+    ``max_connections + max_concurrent_runs * fds_per_run + reserve`` must not exceed
+    the descriptor limit.  When it does, a ``max_connections`` left at its default
+    (``connections_set`` false) is lowered to what fits, with a warning; one set in the
+    config is refused (``StartupError``), as is a ``max_concurrent_runs`` that leaves no
+    room for a single connection.
+    """
+    if limit is None:
+        return max_connections
+    runs = max_concurrent_runs * fds_per_run
+    room = limit - reserve - runs
+    if max_connections <= room:
+        return max_connections
+    if connections_set or room < 1:
+        raise StartupError(
+            f"the descriptor limit ({limit}, ulimit -n) cannot hold [controller]"
+            f" max_connections ({max_connections}) + [scheduler] max_concurrent_runs"
+            f" ({max_concurrent_runs}) x {fds_per_run} + {reserve} for the daemon itself"
+            f" = {max_connections + runs + reserve}: lower [controller] max_connections"
+            f" (at most {max(room, 0)} here) or [scheduler] max_concurrent_runs, or raise"
+            " the limit (LimitNOFILE= under systemd)"
+        )
+    log.warn(
+        "[controller] max_connections lowered from its default {default} to {fits}: the"
+        " descriptor limit is {limit}, and {runs} ({max_runs} concurrent runs x {per_run})"
+        " + {reserve} are kept for runs and the daemon; raise the limit, or set"
+        " max_connections to at most {fits} to silence this",
+        default=max_connections,
+        fits=room,
+        limit=limit,
+        runs=runs,
+        max_runs=max_concurrent_runs,
+        per_run=fds_per_run,
+        reserve=reserve,
+    )
+    return room
+
+
+def max_connections_set(config: Config) -> bool:
+    """Whether ``[controller] max_connections`` was written in the config file.
+
+    The config does not record which keys were written, so a value equal to the
+    built-in default counts as not written.
+    """
+    return config.controller.max_connections != ControllerConfig().max_connections
 
 
 def make_service(config: Config, reactor: Any) -> ZtickService:
@@ -244,7 +314,12 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     """
     tokens = load_auth(config)
     tls = make_tls(config)
-    raise_descriptor_limit()
+    max_connections = fit_descriptor_limit(
+        raise_descriptor_limit(),
+        config.controller.max_connections,
+        config.scheduler.max_concurrent_runs,
+        connections_set=max_connections_set(config),
+    )
     for warning in config.warnings:
         log.warn("{problem}", problem=warning)
     if config.http.listen is not None:
@@ -305,7 +380,7 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
         framerate=config.database.framerate,
         tokens=tokens,
         tls_enabled=tls is not None,
-        max_connections=config.controller.max_connections,
+        max_connections=max_connections,
         idle_timeout=config.controller.idle_timeout,
     )
     served: IProtocolFactory = factory if tls is None else tls_factory(factory, tls)
