@@ -5,12 +5,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from ztick_tw.dump import compact, format_json, format_text, main
+from ztick_tw.dump import compact, format_json, format_text, iso_time, main
 from ztick_tw.model import (
     AmqpSpec,
     AwfSpec,
@@ -365,3 +369,82 @@ def test_large_log_is_printed_completely(tmp_path: Path) -> None:
     assert len(lines) == 10001
     assert lines[0] == "SET job.00000 0 planned"
     assert lines[-1] == "SET job.10000 10000 planned"
+
+
+#: 2030-01-06 03:00:00 UTC in nanoseconds.
+JAN_2030_NS = 1_893_898_800_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("ns", "text"),
+    [
+        (JAN_2030_NS, "2030-01-06T03:00:00.000000000Z"),
+        (NS + 123_456_789, "2020-11-15T16:30:00.123456789Z"),
+        (0, "1970-01-01T00:00:00.000000000Z"),
+        (-5, "1969-12-31T23:59:59.999999995Z"),
+        (2**63 - 1, "2262-04-11T23:47:16.854775807Z"),
+    ],
+)
+def test_iso_time_is_utc_with_nanoseconds(ns: int, text: str) -> None:
+    """Nanoseconds since the epoch become ISO 8601 UTC with all nine fraction digits."""
+    assert iso_time(ns) == text
+
+
+def test_iso_text_replaces_the_number_and_json_adds_a_field(tmp_path: Path) -> None:
+    """--iso shows ISO times: in place of the number in text, as a new field in JSON.
+
+    JSON keeps ``execution`` and adds ``execution_iso`` right after it; rules and
+    removals are unchanged; nanoseconds stay the default.
+    """
+    path = tmp_path / "logfile"
+    rule = Rule("r", "j.", ShellSpec("true"))
+    write_log(path, [rule, Job("j.1", JAN_2030_NS, JobStatus.TRIGGERED), JobRemoval("j.0")])
+    status, out, err = run([str(path), "--iso"])
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        "RULE SET r j. shell true",
+        "SET j.1 2030-01-06T03:00:00.000000000Z triggered",
+        "REMOVE j.0",
+    ]
+    status, out, err = run([str(path), "--iso", "--format", "json", "--compact"])
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[1] == (
+        '{"type":"set","identifier":"j.1","execution":1893898800000000000,'
+        '"execution_iso":"2030-01-06T03:00:00.000000000Z","status":"triggered"}'
+    )
+    assert json.loads(lines[1])["execution"] == JAN_2030_NS
+    assert lines[0] == format_json(rule)
+    assert run([str(path)])[1].splitlines()[1] == f"SET j.1 {JAN_2030_NS} triggered"
+
+
+def _follow_in_subprocess(path: Path) -> subprocess.Popen[bytes]:
+    """``python -m ztick_tw dump --follow path``, once it printed the file's first line."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ztick_tw", "dump", "--follow", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], 30)
+    assert ready, "dump --follow printed nothing within 30 s"
+    assert process.stdout.readline() == b"SET a 1 planned\n"
+    return process
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_follow_ends_with_status_0_on_sigterm_as_on_sigint(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A real ``dump --follow`` process exits 0, silently, on SIGTERM as on SIGINT."""
+    path = tmp_path / "logfile"
+    write_log(path, [Job("a", 1)])
+    process = _follow_in_subprocess(path)
+    try:
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert (process.returncode, err) == (0, b"")

@@ -18,21 +18,30 @@ Runner objects carry the runner's fields: shell ``command``; amqp ``dsn``, ``exc
 ``routing_key``; direct ``executable``, ``args``; awf ``workflow``, ``inputs``; http
 ``method``, ``url``; redis ``url``, ``command``, ``key``.
 
+``--iso`` shows job times as ISO 8601 UTC with nanoseconds
+(``2030-01-06T03:00:00.000000000Z``) instead of nanoseconds since the epoch, ztick's
+form and the default: in text the time replaces the number, in JSON an
+``"execution_iso"`` field follows ``"execution"``, which stays, so JSON readers of
+ztick's output keep working.
+
 ``--compact`` prints only the final live state (last write wins, removals delete), in
 the order of each survivor's last write, as ztick does; unlike ztick a job and a rule
 with the same identifier do not hide each other.  ``--follow`` keeps printing frames as
-they are appended, until interrupted.  Exit status: 0 on success, 1 when the file is
-missing or unreadable or a frame is corrupt (what came before it is printed), 2 on
-bad arguments.
+they are appended, until interrupted by SIGINT (Ctrl-C) or SIGTERM, which both end it
+with status 0, as with ztick.  Exit status: 0 on success, 1 when the file is missing or
+unreadable or a frame is corrupt (what came before it is printed), 2 on bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, BinaryIO, NoReturn, TextIO
 
 from ztick_tw.model import (
@@ -54,7 +63,7 @@ from ztick_tw.store.codec import Scan, scan
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
 
-__all__ = ["compact", "format_json", "format_text", "main"]
+__all__ = ["compact", "format_json", "format_text", "iso_time", "main"]
 
 #: Seconds between two looks at the file with ``--follow``.
 FOLLOW_INTERVAL = 0.2
@@ -96,13 +105,31 @@ def _runner_json(spec: RunnerSpec) -> str:
     return f'{{"type":"{spec.kind.wire}",{fields}}}'
 
 
-def format_json(entry: Entry) -> str:
-    """One entry as ztick's dump JSON object (no newline)."""
+def iso_time(ns: int) -> str:
+    """``ns`` since the epoch as ISO 8601 UTC with nanoseconds (``...T03:00:00.000000000Z``).
+
+    A time outside what the platform can render is given as its number, unchanged.
+    """
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    try:
+        parts = time.gmtime(seconds)
+    except (OverflowError, OSError, ValueError):
+        return str(ns)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', parts)}.{fraction:09d}Z"
+
+
+def format_json(entry: Entry, *, iso: bool = False) -> str:
+    """One entry as ztick's dump JSON object (no newline).
+
+    With ``iso``, a job also gets ``"execution_iso"`` (see ``iso_time``) after
+    ``"execution"``.
+    """
     j = _json_string
     match entry:
         case Job(id=job_id, execution_ns=ns, status=status):
+            extra = f',"execution_iso":"{iso_time(ns)}"' if iso else ""
             return (
-                f'{{"type":"set","identifier":{j(job_id)},"execution":{ns},'
+                f'{{"type":"set","identifier":{j(job_id)},"execution":{ns}{extra},'
                 f'"status":"{status.wire}"}}'
             )
         case Rule(id=rule_id, pattern=pattern, runner=runner):
@@ -117,11 +144,11 @@ def format_json(entry: Entry) -> str:
     raise TypeError(f"not a logfile entry: {entry!r}")
 
 
-def format_text(entry: Entry) -> str:
-    """One entry as ztick's dump text line (no newline)."""
+def format_text(entry: Entry, *, iso: bool = False) -> str:
+    """One entry as ztick's dump text line (no newline); ``iso`` shows times as ISO 8601."""
     match entry:
         case Job(id=job_id, execution_ns=ns, status=status):
-            return f"SET {job_id} {ns} {status.wire}"
+            return f"SET {job_id} {iso_time(ns) if iso else ns} {status.wire}"
         case Rule(id=rule_id, pattern=pattern, runner=runner):
             return " ".join(("RULE SET", rule_id, pattern, runner.kind.wire, *runner.args()))
         case JobRemoval(id=job_id):
@@ -180,9 +207,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Printer:
-    def __init__(self, stdout: TextIO, as_json: bool) -> None:
+    def __init__(self, stdout: TextIO, as_json: bool, iso: bool = False) -> None:
         self._out = stdout
-        self._format = format_json if as_json else format_text
+        fmt = format_json if as_json else format_text
+        self._format: Callable[[Entry], str] = (lambda e: fmt(e, iso=True)) if iso else fmt
 
     def print(self, entries: Iterable[Entry]) -> None:
         fmt = self._format
@@ -235,14 +263,21 @@ def main(
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--compact", action="store_true", help="show only the final live state")
     parser.add_argument(
-        "--follow", action="store_true", help="keep printing frames as they are appended"
+        "--follow",
+        action="store_true",
+        help="keep printing frames as they are appended, until SIGINT or SIGTERM (exit 0)",
+    )
+    parser.add_argument(
+        "--iso",
+        action="store_true",
+        help="show job times as ISO 8601 UTC with nanoseconds (JSON: adds execution_iso)",
     )
     try:
         args = parser.parse_args(argv)
     except _Exit as done:
         return done.status
     path: str = args.logfile
-    printer = _Printer(stdout, args.format == "json")
+    printer = _Printer(stdout, args.format == "json", args.iso)
     try:
         handle = open(path, "rb")  # noqa: SIM115 - kept open for --follow
     except OSError as exc:
@@ -267,9 +302,34 @@ def main(
                 )
         if not args.follow:
             return 0
-        return _follow(path, handle, result.good_end, printer, stderr, sleep)
+        try:
+            with _sigterm_interrupts():
+                return _follow(path, handle, result.good_end, printer, stderr, sleep)
+        except _Terminated:  # arrived just after _follow returned
+            return 0
     finally:
         handle.close()
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: ``--follow`` ends as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Make SIGTERM interrupt the block like Ctrl-C (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _follow(
@@ -280,7 +340,7 @@ def _follow(
     stderr: TextIO,
     sleep: Callable[[float], None],
 ) -> int:
-    """Print frames appended after ``offset`` until interrupted."""
+    """Print frames appended after ``offset`` until interrupted (Ctrl-C or SIGTERM)."""
     try:
         while True:
             sleep(FOLLOW_INTERVAL)
@@ -295,7 +355,7 @@ def _follow(
             if result.problem is not None and result.problem.kind == "corrupt":
                 return _corrupt(stderr, path, result, offset)
             offset += result.good_end  # a torn tail is left for the next look
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated):
         return 0
     finally:
         handle.close()
