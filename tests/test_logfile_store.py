@@ -753,6 +753,35 @@ def test_close_flushes_cancels_and_is_idempotent(logpath: Path) -> None:
     store.flush()  # harmless after close
 
 
+def test_a_failed_final_fsync_without_fsync_on_persist_keeps_acknowledged_frames(
+    logpath: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With fsync off, a flush whose fsync fails raises but leaves every written frame.
+
+    Those writes were answered OK when applied; cutting the file back to its size at
+    load (the last fsync) would throw them all away.  A later good flush still works.
+    """
+    store, clock, _ = loaded(logpath, fsync=False)
+    for i in range(3):
+        store.append(Job(f"j.{i}", i))
+    clock.advance(0)
+    written = logpath.read_bytes()
+    assert len(list(scan(written))) == 3
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)  # the store calls os.fsync
+    with capturedLogs() as events, pytest.raises(StoreError, match="left in the file"):
+        store.flush()
+    assert logpath.read_bytes() == written
+    assert "fsync failed: Input/output error (EIO)" in texts(events)
+    monkeypatch.undo()
+    store.append(Job("after", 9))
+    store.close()
+    assert [e.id for e in scan(logpath.read_bytes())] == ["j.0", "j.1", "j.2", "after"]
+
+
 def test_close_without_load(logpath: Path) -> None:
     """Closing a store that never loaded does nothing and creates no file."""
     store, _ = make(logpath)

@@ -170,9 +170,12 @@ def test_a_failing_flush_still_stops_the_runners_and_closes_the_store() -> None:
     assert runner.stops == [2.5]
     assert store.closed
     assert top.shutdown_failed
-    failures = [e for e in events if e.get("log_failure") is not None]
+    failures = [e for e in events if "shutdown step failed" in str(e.get("log_format"))]
     assert [e["step"] for e in failures] == ["flush the logfile"]
-    assert "fsync failed" in str(failures[0]["log_failure"].value)
+    assert formatEvent(failures[0]) == (
+        "shutdown step failed: flush the logfile: logfile x: fsync failed: Input/output"
+        " error (EIO); the next steps run anyway"
+    )
     summary = [formatEvent(e) for e in events if "exit status 1" in str(e.get("log_format"))]
     assert summary == [
         "shutdown finished, but 1 step(s) failed (flush the logfile): exit status 1"
@@ -202,10 +205,13 @@ def test_a_child_that_fails_to_stop_does_not_keep_the_others_running() -> None:
     bad.setName("listener")  # type: ignore[no-untyped-call]
     bad.setServiceParent(top)  # type: ignore[no-untyped-call]  # stopped first
     top.startService()
-    with capturedLogs():
+    with capturedLogs() as events:
         top.stopService()
     assert store.closed and runner.stops == [2.5]
     assert top.steps.failed == ["stop listener"]
+    (failure,) = [e for e in events if e.get("log_failure") is not None]  # with traceback
+    assert failure["step"] == "stop listener"
+    assert str(failure["log_failure"].value) == "cannot stop"
 
 
 def test_connections_and_runs_that_fit_the_descriptor_limit_are_kept() -> None:

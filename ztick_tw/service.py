@@ -62,8 +62,19 @@ class ShutdownSteps:
             self.record(step, Failure())
 
     def record(self, step: str, failure: Failure) -> None:
-        """Log ``failure`` as the failure of ``step`` and remember it."""
+        """Log ``failure`` as the failure of ``step`` and remember it.
+
+        A ``StoreError`` (a logfile that cannot be written or synced) is logged as its
+        message; anything else, unexpected, with its traceback.
+        """
         self.failed.append(step)
+        if failure.check(StoreError) is not None:
+            log.error(
+                "shutdown step failed: {step}: {error}; the next steps run anyway",
+                step=step,
+                error=failure.getErrorMessage(),
+            )
+            return
         log.failure("shutdown step failed: {step}; the next steps run anyway", failure, step=step)
 
     def guard(self, step: str, action: Callable[[], Deferred[Any]]) -> Deferred[None]:

@@ -586,6 +586,16 @@ class LogfileStore:
         try:
             os.fsync(fd)
         except OSError as exc:
+            if not self.fsync:
+                # Every frame written was answered OK already and is whole: cutting the
+                # file back would throw away acknowledged writes the disk may well hold.
+                error = StoreError(
+                    f"logfile {self.path}: fsync failed: {describe_os_error(exc)}; with"
+                    " fsync_on_persist off the frames written were already acknowledged:"
+                    " they are left in the file, but may not have reached the disk"
+                )
+                log.error("{message}", message=str(error))
+                raise error from exc
             keep = self._synced_size
             error = StoreError(
                 f"logfile {self.path}: fsync failed: {describe_os_error(exc)}; "
