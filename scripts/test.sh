@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
 # Install everything the tests need into .venv, then run lint, type checks and all tests.
-# Usage: ./scripts/test.sh [extra pytest arguments]
+# Usage: ./scripts/test.sh [--quick] [extra pytest arguments]
+#   --quick  neither install rabbitmq-server nor run the tests that need a RabbitMQ broker
+#            (sets ZTICK_TEST_QUICK=1, see tests/conftest.py).  Ignored when CI=true:
+#            CI (.ci/run) always installs and runs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+quick=
+if [ "${1:-}" = "--quick" ]; then
+    shift
+    if [ "${CI:-}" = "true" ]; then
+        echo "== --quick ignored: CI=true runs every test"
+    else
+        quick=1
+        export ZTICK_TEST_QUICK=1
+        echo "== quick path: no rabbitmq-server install, tests needing a broker are skipped"
+    fi
+fi
 
 # The runner tests start a real redis-server and RabbitMQ broker of their own, on loopback
 # (the tests start and stop them; the system services are not used).
 missing=()
 command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
-[ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
+[ -n "$quick" ] || [ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== apt-get install ${missing[*]}"
     SUDO=()
