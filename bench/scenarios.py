@@ -1010,4 +1010,6 @@ SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
     "compaction_set": _compaction(
         "compaction_set", "Issue 5: SET/s (1 conn, fsync) on 1M jobs while compacting (≥ 80%)."
     ),
+    "query_memory": __import__("bench.query", fromlist=["_"]).scenario_query_memory,
+    "query_stall": __import__("bench.query", fromlist=["_"]).scenario_query_stall,
 }
