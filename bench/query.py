@@ -225,7 +225,10 @@ def scenario_query_memory(ctx: Context) -> list[Metric]:
         finally:
             watch.stop()
         alive = watch.killed_at is None
-        peak = max(watch.peak, d.status_kb("VmHWM") * 1024 if alive else 0)
+        hwm = 0  # unreadable once the daemon is gone (killed, or died by itself)
+        with contextlib.suppress(OSError, BenchError):
+            hwm = d.status_kb("VmHWM") * 1024
+        peak = max(watch.peak, hwm)
         log_tail = d.log_text()[-300:] if not alive or got.ended != "OK" else ""
     growth = (peak - rss0) / MB
     complete = got.ended == "OK" and got.tail.endswith(rid[-32:].encode() + b" OK\n")
