@@ -1,20 +1,29 @@
 """Runners that execute a job as a child process: ``shell``, ``direct`` and ``awf``.
 
-Every run is one ``reactor.spawnProcess`` call with a :class:`ProcessProtocol`; nothing
-here blocks the reactor or uses a thread.  Per run:
+Every run is one child started by :func:`ztick_tw.runners.spawn.spawn_child`
+(``posix_spawn``, a pidfd watched by the reactor) with a :class:`ProcessProtocol`, or by
+``reactor.spawnProcess`` where that is not available (a reactor that is not a real POSIX
+one, a kernel without pidfds).  Nothing here blocks the reactor or uses a thread.
+Starts are queued and made a slice per reactor turn (:class:`SpawnQueue`), so a burst
+of due jobs does not stall other clients; a start that finds the daemon out of
+descriptors (EMFILE, ENFILE, EAGAIN, ENOMEM) waits for a child to end and is retried,
+in order, instead of failing the job.  Per run:
 
 * The program is looked up before spawning (``PATH`` search as ``execvp`` does when the
   name has no slash, using the child's ``PATH``; otherwise a ``stat``/``access`` check),
   so a missing or non-executable program fails the job with ``cannot execute X: <why>``.
-  A spawn that still fails (``OSError`` from ``posix_spawnp``, or a forked child that
-  could not ``exec``) also becomes a failed :class:`Outcome`, never an exception.
+  A spawn that still fails (``OSError`` from ``posix_spawn``, or a forked child that
+  could not ``exec``) also becomes a failed :class:`Outcome`, never an exception; so
+  does a NUL byte in an argument or in the environment.
 * The child gets the daemon's environment (or ``ProcessOptions.base_environment``) plus
   ``ZTICK_JOB_ID``, ``ZTICK_EXECUTION_NS``, ``ZTICK_RULE_ID`` and ``ZTICK_ATTEMPT``.
-* stdin is closed at once (the child reads EOF); stdout and stderr are read and at most
-  ``output_limit_bytes`` of each are kept and logged when the run ends.
-* With ``new_session`` (the default) the child is started through ``setsid`` so it leads
-  its own process group: a timeout or a shutdown signals the whole group, so the
-  commands a shell started die with it instead of running on unnoticed.
+* stdin is ``/dev/null`` (the fallback: a pipe closed at once; the child reads EOF);
+  stdout and stderr are read and at most ``output_limit_bytes`` of each are kept and
+  logged when the run ends.
+* With ``new_session`` (the default) the child leads its own session and process group
+  (``posix_spawn(setsid=True)``; the fallback execs it through the ``setsid`` program):
+  a timeout or a shutdown signals the whole group, so the commands a shell started die
+  with it instead of running on unnoticed.
 * A timeout or :meth:`stop` sends SIGTERM, then SIGKILL ``kill_grace`` seconds later.
 
 The outcome is decided when the child has exited and its pipes are closed.  If
@@ -43,8 +52,16 @@ from zope.interface import implementer
 
 from ztick_tw.model import AwfSpec, DirectSpec, RunnerKind, RunnerSpec, ShellSpec
 from ztick_tw.runners.base import Execution, IRunner, Outcome
+from ztick_tw.runners.spawn import (
+    FDS_PER_CHILD,
+    TRANSIENT_ERRNOS,
+    SpawnQueue,
+    native_spawn_supported,
+    spawn_child,
+)
 
 __all__ = [
+    "FDS_PER_RUN",
     "AwfRunner",
     "DirectRunner",
     "ProcessOptions",
@@ -55,6 +72,10 @@ __all__ = [
 
 #: Why a run was ended when the runner was stopped (the daemon is shutting down).
 SHUTDOWN_CAUSE = "stopped at shutdown"
+
+#: Descriptors one live shell/direct/awf run holds in the daemon: the read ends of its
+#: stdout and stderr pipes and its pidfd (for the startup check of the descriptor limit).
+FDS_PER_RUN = FDS_PER_CHILD
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +90,9 @@ class ProcessOptions:
     added; ``None`` means the daemon's own ``os.environ`` (read when the runner is made).
     ``exit_drain``: once the child has exited, how long to wait for its stdout/stderr to
     close (something it started in the background may hold them) before closing them.
-    ``new_session``: start children through ``setsid`` in a process group of their own,
-    so that termination reaches everything the job started.  Ignored (each child is then
-    signalled alone) when no ``setsid`` program is found.
+    ``new_session``: start children in a session and process group of their own, so
+    that termination reaches everything the job started.  (With ``reactor.spawnProcess``
+    this needs a ``setsid`` program; without one each child is signalled alone.)
     """
 
     output_limit_bytes: int = 65536
@@ -187,15 +208,29 @@ class _Plan:
     argv: tuple[str, ...]  # argv[0] included
 
 
+def _nul_byte(argv: Sequence[str], env: Mapping[str, str]) -> str | None:
+    """Why ``argv``/``env`` cannot reach ``exec`` (a NUL byte ends a C string), or None."""
+    if any("\0" in arg for arg in argv):
+        return "argument contains a NUL byte"
+    for name, value in env.items():
+        if "\0" in name or "\0" in value:
+            shown = name.encode("unicode_escape").decode("ascii")
+            return f"environment variable {shown} contains a NUL byte"
+    return None
+
+
 class _Run(ProcessProtocol):
     """One child process: collects its output, owns its timers, reports its outcome."""
 
-    def __init__(self, runner: ProcessRunner, execution: Execution, plan: _Plan) -> None:
+    def __init__(
+        self, runner: ProcessRunner, execution: Execution, plan: _Plan, env: dict[str, str]
+    ) -> None:
         self.runner = runner
         self.execution = execution
         self.plan = plan
+        self.env = env
         self.deferred: Deferred[Outcome] = Deferred()
-        self.started = runner._clock.seconds()
+        self.started = runner._clock.seconds()  # set again when the child is started
         self.pid: int | None = None
         self.stdout = _Capture(runner.options.output_limit_bytes)
         self.stderr = _Capture(runner.options.output_limit_bytes)
@@ -301,7 +336,7 @@ class _Run(ProcessProtocol):
     def _signal(self, sig: int) -> None:
         if self.pid is None:
             return
-        if self.runner._setsid is not None:
+        if self.runner._own_group:
             try:
                 os.killpg(self.pid, sig)
                 return
@@ -332,7 +367,7 @@ class _Run(ProcessProtocol):
 
     def _group_alive(self) -> bool:
         """Whether any process is left in the child's own process group (``setsid``)."""
-        if self.runner._setsid is None or self.pid is None:
+        if not self.runner._own_group or self.pid is None:
             return False
         try:
             os.killpg(self.pid, 0)
@@ -384,22 +419,34 @@ def _cancelled(call: IDelayedCall | None) -> IDelayedCall | None:
 class ProcessRunner:
     """Common machinery of the process runners; subclasses say what to execute.
 
-    ``reactor`` must provide ``IReactorProcess`` and ``IReactorTime``.
+    ``reactor`` must provide ``IReactorProcess`` and ``IReactorTime``.  ``native_spawn``
+    chooses how children start: ``posix_spawn`` and a pidfd (:mod:`.spawn`) or
+    ``reactor.spawnProcess``; ``None`` means the first whenever the reactor and the system
+    allow it.
     """
 
     log: ClassVar[Logger] = Logger()
     #: The kind of spec this runner executes (its ``wire`` word appears in logs).
     kind: ClassVar[RunnerKind]
 
-    def __init__(self, reactor: IReactorProcess, options: ProcessOptions) -> None:
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        options: ProcessOptions,
+        *,
+        native_spawn: bool | None = None,
+    ) -> None:
         self._reactor = reactor
         self._clock = IReactorTime(reactor)
         self.options = options
         base = os.environ if options.base_environment is None else options.base_environment
         self._base_env: dict[str, str] = dict(base)
         self._search_path = self._base_env.get("PATH", os.defpath)
+        if native_spawn is None:
+            native_spawn = native_spawn_supported(reactor)
+        self._native = native_spawn
         self._setsid: str | None = None
-        if options.new_session:
+        if options.new_session and not native_spawn:
             self._setsid = shutil.which("setsid", path=_SYSTEM_PATH) or shutil.which(
                 "setsid", path=self._search_path
             )
@@ -409,21 +456,30 @@ class ProcessRunner:
                     " and a timeout or shutdown signals only the job's own process",
                     runner=self.kind.wire,
                 )
+        #: Whether each child leads a process group of its own (signalled with killpg).
+        self._own_group = options.new_session and (native_spawn or self._setsid is not None)
         self._live: set[_Run] = set()
+        self._queue: SpawnQueue[_Run] = SpawnQueue(
+            self._clock, self._start, f"{self.kind.wire} runs"
+        )
         self._stopping = False
         self._stop_waiters: list[Deferred[None]] = []
 
     @property
     def running(self) -> int:
-        """How many children of this runner are alive (for STAT)."""
-        return len(self._live)
+        """How many runs of this runner are in flight: alive, or waiting to start."""
+        return len(self._live) + len(self._queue)
 
     def _plan(self, spec: RunnerSpec) -> _Plan:
         """The program and argv for ``spec``; raises ``_CannotExecute``."""
         raise NotImplementedError
 
     def run(self, execution: Execution) -> Deferred[Outcome]:
-        """Spawn the child for ``execution``; fires with its outcome, never errbacks."""
+        """Queue the child for ``execution``; fires with its outcome, never errbacks.
+
+        The child starts on a later reactor turn (a slice of starts per turn), or later
+        still when the daemon is out of descriptors.
+        """
         if self._stopping:
             return self._fail_early(execution, "shutting down", interrupted=True)
         if execution.spec.kind is not self.kind:
@@ -440,31 +496,68 @@ class ProcessRunner:
         env["ZTICK_EXECUTION_NS"] = str(execution.execution_ns)
         env["ZTICK_RULE_ID"] = execution.rule_id
         env["ZTICK_ATTEMPT"] = str(execution.attempt)
-        if self._setsid is not None:
+        nul = _nul_byte(plan.argv, env)
+        if nul is not None:
+            return self._fail_early(execution, f"cannot execute {plan.executable}: {nul}")
+        proto = _Run(self, execution, plan, env)
+        self._queue.add(proto)
+        return proto.deferred
+
+    def _start(self, proto: _Run) -> None:
+        """Start one queued run (called by the queue); re-raises a transient ``OSError``."""
+        plan = proto.plan
+        if self._native:
+            executable, argv = plan.executable, plan.argv
+        elif self._setsid is not None:
             executable, argv = self._setsid, (self._setsid, plan.executable, *plan.argv[1:])
         else:
             executable, argv = plan.executable, plan.argv
-        proto = _Run(self, execution, plan)
         self._live.add(proto)
+        proto.started = self._clock.seconds()
         try:
-            self._reactor.spawnProcess(proto, executable, argv, env=env, path=None)
+            if self._native:
+                spawn_child(
+                    self._reactor,
+                    proto,
+                    executable,
+                    argv,
+                    proto.env,
+                    new_session=self.options.new_session,
+                )
+            else:
+                self._reactor.spawnProcess(proto, executable, argv, env=proto.env, path=None)
         except Exception as e:
             self._live.discard(proto)
+            if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+                raise
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            return self._fail_early(execution, f"cannot execute {executable}: {why}")
+            if isinstance(e, ValueError) and "null" in why:
+                why = "argument contains a NUL byte"
+            outcome = Outcome(False, f"cannot execute {executable}: {why}")
+            self._log_end(proto.execution, None, outcome, 0.0)
+            proto.deferred.callback(outcome)
+            return
+        proto.env = {}  # not needed any more
         self.log.debug(
             "job {job_id}: {runner} run started (rule {rule_id}, attempt {attempt}, pid {pid})",
-            job_id=execution.job_id,
-            rule_id=execution.rule_id,
-            attempt=execution.attempt,
+            job_id=proto.execution.job_id,
+            rule_id=proto.execution.rule_id,
+            attempt=proto.execution.attempt,
             pid=proto.pid,
             runner=self.kind.wire,
         )
-        return proto.deferred
 
     def stop(self, grace: float) -> Deferred[None]:
-        """Refuse new runs; give live children ``grace`` s, then SIGTERM, then SIGKILL."""
+        """Refuse new runs; give live children ``grace`` s, then SIGTERM, then SIGKILL.
+
+        Runs still waiting to start are started now, as they would have been without
+        the slices; those the daemon lacks descriptors for end at once as interrupted.
+        """
         self._stopping = True
+        for queued in self._queue.start_all():
+            outcome = Outcome(False, "shutting down", interrupted=True)
+            self._log_end(queued.execution, None, outcome, 0.0)
+            queued.deferred.callback(outcome)
         if not self._live:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -484,6 +577,7 @@ class ProcessRunner:
 
     def _finished(self, run: _Run, outcome: Outcome) -> None:
         self._live.discard(run)
+        self._queue.wake()  # its descriptors are free: a start that lacked them can retry
         try:
             self._log_output(run)
             self._log_end(run.execution, run.pid, outcome, self._clock.seconds() - run.started)
@@ -557,8 +651,10 @@ class ShellRunner(ProcessRunner):
         shell_path: str,
         shell_args: Sequence[str],
         options: ProcessOptions,
+        *,
+        native_spawn: bool | None = None,
     ) -> None:
-        super().__init__(reactor, options)
+        super().__init__(reactor, options, native_spawn=native_spawn)
         self.shell_path = shell_path
         self.shell_args = tuple(shell_args)
 
@@ -576,8 +672,14 @@ class DirectRunner(ProcessRunner):
 
     kind = RunnerKind.DIRECT
 
-    def __init__(self, reactor: IReactorProcess, options: ProcessOptions) -> None:
-        super().__init__(reactor, options)
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        options: ProcessOptions,
+        *,
+        native_spawn: bool | None = None,
+    ) -> None:
+        super().__init__(reactor, options, native_spawn=native_spawn)
 
     def _plan(self, spec: RunnerSpec) -> _Plan:
         assert isinstance(spec, DirectSpec)
@@ -591,9 +693,14 @@ class AwfRunner(ProcessRunner):
     kind = RunnerKind.AWF
 
     def __init__(
-        self, reactor: IReactorProcess, options: ProcessOptions, awf_executable: str = "awf"
+        self,
+        reactor: IReactorProcess,
+        options: ProcessOptions,
+        awf_executable: str = "awf",
+        *,
+        native_spawn: bool | None = None,
     ) -> None:
-        super().__init__(reactor, options)
+        super().__init__(reactor, options, native_spawn=native_spawn)
         self.awf_executable = awf_executable
 
     def _plan(self, spec: RunnerSpec) -> _Plan:
