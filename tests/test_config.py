@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel
 
 from ztick_tw.config import (
+    CONFIG_MAX_BYTES,
     DEFAULT_LISTEN,
     DEFAULT_SOURCE,
     KNOWN_KEYS,
@@ -889,3 +891,170 @@ def test_client_ca_without_tls_is_an_error() -> None:
         f"{SRC}: [controller] tls_client_ca: client certificates need TLS:"
         " set [controller] tls_cert and tls_key too"
     )
+
+
+# ----------------------------------------------------------------------------- every error at once
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """Three mistakes in three sections give one error with three lines, in file order.
+
+    Each line names the file, the key, what is wrong and what is allowed, exactly as the
+    error would read if it were the only one.
+    """
+    text = (
+        '[log]\nlevel = "verbose"\n[controller]\nmax_conections = 10\n[database]\nframerate = 0\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, SRC)
+    assert str(info.value).splitlines() == [
+        f'{SRC}: [log] level: must be one of "off", "error", "warn", "info", "debug", '
+        '"trace", got "verbose"',
+        f"{SRC}: unknown key [controller] max_conections (did you mean max_connections?)",
+        f"{SRC}: [database] framerate: must be an integer from 1 to 65535, got 0",
+    ]
+    assert [str(e) for e in info.value.errors] == str(info.value).splitlines()
+    assert (info.value.section, info.value.key) == ("log", "level")
+
+
+def test_types_ranges_sections_and_combinations_are_all_collected() -> None:
+    """Wrong types, ranges, unknown sections, stray keys and bad combinations together."""
+    text = (
+        'stray = 1\n[scheduler]\nmax_concurrent_runs = "8"\nrun_timeout = -1\n'
+        '[logg]\nx = 1\n[telemetry]\nenabled = true\n[controller]\ntls_cert = "c.pem"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, SRC)
+    assert [e.problem for e in info.value.errors] == [
+        "key stray is outside any section",
+        'must be an integer >= 1, got "8"',
+        "must be a number of seconds >= 0, got -1",
+        "unknown section [logg] (did you mean [log]?)",
+        "set without [controller] tls_key; set both (TLS) or neither",
+        "required when [telemetry] enabled = true (e.g. http://127.0.0.1:4318)",
+    ]
+    assert all(e.source == SRC for e in info.value.errors)
+
+
+def test_a_bad_key_does_not_cause_a_false_combination_error() -> None:
+    """A combination check is skipped when one of its keys is already wrong on its own.
+
+    ``tls_cert = 5`` is a type error; reporting "tls_key set without tls_cert" as well
+    would send the user after a problem that is not there.
+    """
+    with pytest.raises(ConfigError) as info:
+        parse_config('[controller]\ntls_cert = 5\ntls_key = "k.pem"\n', SRC)
+    assert len(info.value.errors) == 1
+    assert str(info.value) == (f"{SRC}: [controller] tls_cert: must be a non-empty path, got 5")
+
+
+def test_a_single_error_is_its_own_list() -> None:
+    """One problem: ``errors`` is the error itself, and with_source keeps it single."""
+    with pytest.raises(ConfigError) as info:
+        parse_config("[database]\nframerate = 0\n", "a.toml")
+    assert info.value.errors == (info.value,)
+    moved = info.value.with_source("b.toml")
+    assert str(moved) == "b.toml: [database] framerate: must be an integer from 1 to 65535, got 0"
+    assert moved.errors == (moved,)
+
+
+def test_with_source_renames_every_problem() -> None:
+    """with_source on a several-problem error names the new file on every line."""
+    several = ConfigError.several([ConfigError("p1", key="k1"), ConfigError("p2", key="k2")])
+    assert str(several.with_source("f.toml")).splitlines() == ["f.toml: k1: p1", "f.toml: k2: p2"]
+
+
+def test_bare_words_still_warn_alongside_collected_errors() -> None:
+    """Bare words (read as ztick reads them, with a warning) leave the real errors to report.
+
+    ``persistence = memory`` is quoted for the reading, so the only errors reported are
+    the real ones.
+    """
+    with pytest.raises(ConfigError) as info:
+        parse_config("[database]\npersistence = memory\nframerate = 0\n[log]\nlevel = 7\n", SRC)
+    assert [e.key for e in info.value.errors] == ["framerate", "level"]
+    config = parse_config("[database]\npersistence = memory\n", SRC)
+    assert config.database.persistence == "memory"
+    assert len(config.warnings) == 1 and "unquoted value memory" in config.warnings[0]
+
+
+# ----------------------------------------------------------------------- unauthenticated caps
+
+
+def test_unauthenticated_caps_parse_with_defaults() -> None:
+    """[controller] max_unauthenticated (256) and ..._per_source (32): integers >= 1."""
+    default = parse_config("", SRC).controller
+    assert (default.max_unauthenticated, default.max_unauthenticated_per_source) == (256, 32)
+    text = "[controller]\nmax_unauthenticated = 10\nmax_unauthenticated_per_source = 2\n"
+    c = parse_config(text, SRC).controller
+    assert (c.max_unauthenticated, c.max_unauthenticated_per_source) == (10, 2)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "max_unauthenticated = 0",
+            "[controller] max_unauthenticated: must be an integer from 1 to 1000000, got 0",
+        ),
+        (
+            'max_unauthenticated = "9"',
+            '[controller] max_unauthenticated: must be an integer from 1 to 1000000, got "9"',
+        ),
+        (
+            "max_unauthenticated_per_source = 1.5",
+            "[controller] max_unauthenticated_per_source: must be an integer from 1 to"
+            " 1000000, got 1.5",
+        ),
+        (
+            "max_unauthenticated_per_source = true",
+            "[controller] max_unauthenticated_per_source: must be an integer from 1 to"
+            " 1000000, got true",
+        ),
+    ],
+)
+def test_unauthenticated_caps_are_validated(text: str, message: str) -> None:
+    """Zero, strings, floats and booleans are refused with the key and the allowed range."""
+    assert _error(f"[controller]\n{text}\n") == f"{SRC}: {message}"
+
+
+# ----------------------------------------------------------------------------- file size
+
+
+def test_config_larger_than_the_cap_is_refused(tmp_path: Path) -> None:
+    """A file one byte over CONFIG_MAX_BYTES is refused naming the file and the limit."""
+    path = tmp_path / "big.toml"
+    path.write_bytes(b"#" * CONFIG_MAX_BYTES + b"\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == (
+        f"{path}: config file larger than 1048576 bytes (1 MiB), the limit; is it the right file?"
+    )
+
+
+def test_config_of_exactly_the_cap_loads(tmp_path: Path) -> None:
+    """A file of exactly CONFIG_MAX_BYTES (comments and one key) still loads."""
+    path = tmp_path / "full.toml"
+    body = b"[database]\nframerate = 7\n"
+    path.write_bytes(body + b"#" * (CONFIG_MAX_BYTES - len(body) - 1) + b"\n")
+    assert path.stat().st_size == CONFIG_MAX_BYTES
+    assert load_config(str(path)).database.framerate == 7
+
+
+def test_dev_zero_is_refused_without_reading_for_ever() -> None:
+    """``-c /dev/zero`` (endless) is refused by the size limit, not read to exhaustion."""
+    with pytest.raises(ConfigError) as info:
+        load_config("/dev/zero")
+    assert str(info.value).startswith("/dev/zero: config file larger than 1048576 bytes")
+
+
+def test_a_pipe_is_read_like_a_file() -> None:
+    """A pipe (as ``-c /dev/stdin`` or ``-c <(...)`` gives) is read, within the limit."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"[database]\nframerate = 9\n")
+        os.close(write_end)
+        config = load_config(f"/dev/fd/{read_end}")
+    finally:
+        os.close(read_end)
+    assert config.database.framerate == 9

@@ -5,7 +5,9 @@ ztick config file loads unchanged; ztick-tw adds a few keys of its own (``[log] 
 the ``[scheduler]`` and ``[runners]`` sections, ``[database] recover_corrupt_log``).
 Validation is strict: an unknown section or key, a value of the wrong TOML type or
 outside its range, or a bad combination raises :class:`ConfigError`, whose text is one
-line naming the file, the key and the problem.  ``docs/configuration.md`` is the
+line per problem naming the file, the key and the problem; every problem in the file is
+reported at once (a TOML syntax error stops the reading, so it comes alone).  A config
+file is at most ``CONFIG_MAX_BYTES`` (1 MiB).  ``docs/configuration.md`` is the
 reference for every key.
 
 ``[controller] listen`` and ``[http] listen`` take ztick's ``host:port`` form or a Twisted
@@ -29,7 +31,7 @@ import re
 import socket
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast, get_args
 
@@ -38,6 +40,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel
 
 __all__ = [
+    "CONFIG_MAX_BYTES",
     "DEFAULT_LISTEN",
     "DEFAULT_SOURCE",
     "KNOWN_KEYS",
@@ -71,6 +74,9 @@ DEFAULT_LISTEN = "127.0.0.1:5678"
 DEFAULT_SOURCE = "(built-in defaults)"
 """The name used for the file in errors when no config file was given."""
 
+CONFIG_MAX_BYTES = 1 << 20
+"""The largest config file read (1 MiB); ``-c /dev/zero`` must not read for ever."""
+
 _U16_MAX = 65535
 _U32_MAX = 2**32 - 1
 
@@ -87,10 +93,12 @@ _TWISTED_LEVELS: Mapping[str, LogLevel | None] = {
 
 
 class ConfigError(Exception):
-    """A configuration problem; ``str()`` is one line naming the file, the key and the problem.
+    """Configuration problems; ``str()`` is one line per problem: file, key, problem.
 
-    The parts are kept as attributes (``source``, ``section``, ``key``, ``problem``,
-    ``line``) for callers that want them; any of them but ``problem`` may be ``None``.
+    ``errors`` holds one ``ConfigError`` per problem, in the order of the file (the
+    error itself when there is only one).  The parts of the first problem are kept as
+    attributes (``source``, ``section``, ``key``, ``problem``, ``line``) for callers
+    that want them; any of them but ``problem`` may be ``None``.
     """
 
     def __init__(
@@ -101,15 +109,34 @@ class ConfigError(Exception):
         section: str | None = None,
         key: str | None = None,
         line: int | None = None,
+        errors: Sequence[ConfigError] = (),
     ) -> None:
         self.problem = problem
         self.source = source
         self.section = section
         self.key = key
         self.line = line
+        self.errors: tuple[ConfigError, ...] = tuple(errors) if len(errors) > 1 else (self,)
         super().__init__(self._render())
 
+    @classmethod
+    def several(cls, errors: Sequence[ConfigError]) -> ConfigError:
+        """One error reporting every problem in ``errors`` (non-empty), in that order."""
+        if len(errors) == 1:
+            return errors[0]
+        first = errors[0]
+        return cls(
+            first.problem,
+            source=first.source,
+            section=first.section,
+            key=first.key,
+            line=first.line,
+            errors=errors,
+        )
+
     def _render(self) -> str:
+        if len(self.errors) > 1:
+            return "\n".join(error._render() for error in self.errors)
         parts: list[str] = []
         if self.source is not None:
             parts.append(self.source)
@@ -128,7 +155,9 @@ class ConfigError(Exception):
         return self._render()
 
     def with_source(self, source: str) -> ConfigError:
-        """Return a copy of this error naming ``source`` as the file."""
+        """Return a copy of this error (of each of its problems) naming ``source`` as the file."""
+        if len(self.errors) > 1:
+            return ConfigError.several([error.with_source(source) for error in self.errors])
         return ConfigError(
             self.problem, source=source, section=self.section, key=self.key, line=self.line
         )
@@ -167,6 +196,10 @@ class ControllerConfig:
     """Connections served at once; more are closed at once (and logged)."""
     idle_timeout: float = 900.0  # ztick-tw extension
     """Seconds a connection may send nothing before it is closed; 0 turns it off."""
+    max_unauthenticated: int = 256  # ztick-tw extension
+    """With auth on: connections that have not yet sent a valid AUTH, held at once."""
+    max_unauthenticated_per_source: int = 32  # ztick-tw extension
+    """With auth on: the same, per client address."""
 
     @property
     def tls_enabled(self) -> bool:
@@ -554,6 +587,8 @@ _SCHEMA: dict[str, dict[str, _Validator]] = {
         "tls_client_ca": _PATH,
         "max_connections": _integer(1, 1_000_000),
         "idle_timeout": _seconds,
+        "max_unauthenticated": _integer(1, 1_000_000),
+        "max_unauthenticated_per_source": _integer(1, 1_000_000),
     },
     "shell": {
         "path": _PATH,
@@ -688,30 +723,43 @@ def _check_shell_path(path: str) -> None:
 
 
 def _build(document: Mapping[str, Any]) -> Config:
+    """Validate ``document``; raise one :class:`ConfigError` listing every problem in it."""
+    errors: list[ConfigError] = []
+    bad: set[tuple[str, str]] = set()
     values: dict[str, dict[str, object]] = {}
     for section, table in document.items():
         if section not in _SCHEMA:
             if isinstance(table, dict):
-                raise _unknown_section(section)
+                errors.append(_unknown_section(section))
+                continue
             owners = [s for s, keys in _SCHEMA.items() if section in keys]
             hint = f" (did you mean [{owners[0]}] {section}?)" if owners else ""
-            raise ConfigError(f"key {section} is outside any section{hint}")
+            errors.append(ConfigError(f"key {section} is outside any section{hint}"))
+            continue
         if not isinstance(table, dict):
-            raise ConfigError(
-                f"must be a table (a [{section}] section), got {_describe(table)}",
-                section=section,
+            errors.append(
+                ConfigError(
+                    f"must be a table (a [{section}] section), got {_describe(table)}",
+                    section=section,
+                )
             )
+            bad.update((section, key) for key in _SCHEMA[section])
+            continue
         parsed: dict[str, object] = {}
         for key, value in table.items():
             validator = _SCHEMA[section].get(key)
             if validator is None:
-                raise _unknown_key(section, key)
+                errors.append(_unknown_key(section, key))
+                continue
             try:
                 parsed[key] = validator(value)
             except _Invalid as exc:
-                raise ConfigError(str(exc), section=section, key=key) from None
+                errors.append(ConfigError(str(exc), section=section, key=key))
+                bad.add((section, key))
         values[section] = parsed
 
+    # Each section is built from its valid keys only, so that the checks below can
+    # still run on the rest and report their problems in the same pass.
     log = LogConfig(**cast(dict[str, Any], values.get("log", {})))
 
     controller_values = dict(values.get("controller", {}))
@@ -735,11 +783,14 @@ def _build(document: Mapping[str, Any]) -> Config:
     scheduler = SchedulerConfig(**cast(dict[str, Any], values.get("scheduler", {})))
     runners = RunnersConfig(**cast(dict[str, Any], values.get("runners", {})))
 
-    _check_combinations(controller, http, telemetry)
-    try:
-        _check_shell_path(shell.path)
-    except _Invalid as exc:
-        raise ConfigError(str(exc), section="shell", key="path") from None
+    errors.extend(_combination_errors(controller, http, telemetry, bad))
+    if ("shell", "path") not in bad:
+        try:
+            _check_shell_path(shell.path)
+        except _Invalid as exc:
+            errors.append(ConfigError(str(exc), section="shell", key="path"))
+    if errors:
+        raise ConfigError.several(errors)
 
     return Config(
         log=log,
@@ -753,47 +804,91 @@ def _build(document: Mapping[str, Any]) -> Config:
     )
 
 
-def _check_combinations(
-    controller: ControllerConfig, http: HttpConfig, telemetry: TelemetryConfig
-) -> None:
-    if controller.tls_cert is not None and controller.tls_key is None:
-        raise ConfigError(
-            "set without [controller] tls_key; set both (TLS) or neither",
-            section="controller",
-            key="tls_cert",
+def _combination_errors(
+    controller: ControllerConfig,
+    http: HttpConfig,
+    telemetry: TelemetryConfig,
+    bad: set[tuple[str, str]],
+) -> list[ConfigError]:
+    """The problems of keys that are fine alone but not together.
+
+    A check is skipped when one of its keys already has a problem of its own (``bad``),
+    which would make it report nonsense.
+    """
+
+    def usable(*keys: str) -> bool:
+        return not any(tuple(key.split(".")) in bad for key in keys)
+
+    errors: list[ConfigError] = []
+    tls_keys = ("controller.tls_cert", "controller.tls_key")
+    if usable(*tls_keys) and controller.tls_cert is not None and controller.tls_key is None:
+        errors.append(
+            ConfigError(
+                "set without [controller] tls_key; set both (TLS) or neither",
+                section="controller",
+                key="tls_cert",
+            )
         )
-    if controller.tls_key is not None and controller.tls_cert is None:
-        raise ConfigError(
-            "set without [controller] tls_cert; set both (TLS) or neither",
-            section="controller",
-            key="tls_key",
+    if usable(*tls_keys) and controller.tls_key is not None and controller.tls_cert is None:
+        errors.append(
+            ConfigError(
+                "set without [controller] tls_cert; set both (TLS) or neither",
+                section="controller",
+                key="tls_key",
+            )
         )
-    if controller.tls_client_ca is not None and not controller.tls_enabled:
-        raise ConfigError(
-            "client certificates need TLS: set [controller] tls_cert and tls_key too",
-            section="controller",
-            key="tls_client_ca",
+    if (
+        usable(*tls_keys, "controller.tls_client_ca")
+        and controller.tls_client_ca is not None
+        and controller.tls_cert is None
+        and controller.tls_key is None
+    ):
+        errors.append(
+            ConfigError(
+                "client certificates need TLS: set [controller] tls_cert and tls_key too",
+                section="controller",
+                key="tls_client_ca",
+            )
         )
-    if controller.tls_enabled and controller.listen_endpoint.startswith("ssl:"):
-        raise ConfigError(
-            "an ssl: endpoint carries its own certificate; drop "
-            "[controller] tls_cert and tls_key, or listen on host:port or tcp:",
-            section="controller",
-            key="listen",
+    if (
+        usable(*tls_keys, "controller.listen")
+        and controller.tls_enabled
+        and controller.listen_endpoint.startswith("ssl:")
+    ):
+        errors.append(
+            ConfigError(
+                "an ssl: endpoint carries its own certificate; drop "
+                "[controller] tls_cert and tls_key, or listen on host:port or tcp:",
+                section="controller",
+                key="listen",
+            )
         )
-    if http.listen_endpoint is not None and http.listen_endpoint == controller.listen_endpoint:
-        raise ConfigError(
-            f"same address as [controller] listen ({controller.listen}); "
-            "the REST API needs its own port",
-            section="http",
-            key="listen",
+    if (
+        usable("controller.listen", "http.listen")
+        and http.listen_endpoint is not None
+        and http.listen_endpoint == controller.listen_endpoint
+    ):
+        errors.append(
+            ConfigError(
+                f"same address as [controller] listen ({controller.listen}); "
+                "the REST API needs its own port",
+                section="http",
+                key="listen",
+            )
         )
-    if telemetry.enabled and telemetry.endpoint is None:
-        raise ConfigError(
-            "required when [telemetry] enabled = true (e.g. http://127.0.0.1:4318)",
-            section="telemetry",
-            key="endpoint",
+    if (
+        usable("telemetry.enabled", "telemetry.endpoint")
+        and telemetry.enabled
+        and telemetry.endpoint is None
+    ):
+        errors.append(
+            ConfigError(
+                "required when [telemetry] enabled = true (e.g. http://127.0.0.1:4318)",
+                section="telemetry",
+                key="endpoint",
+            )
         )
+    return errors
 
 
 # --------------------------------------------------------------------------- entry points
@@ -849,6 +944,10 @@ def parse_config(text: str, source: str) -> Config:
 def load_config(path: str | None) -> Config:
     """Read and validate the config file at ``path``; ``None`` gives the built-in defaults.
 
+    Any file that can be opened and is not a directory is read, a pipe too (``-c
+    /dev/stdin``, ``-c <(...)``), but at most ``CONFIG_MAX_BYTES``: a longer one (or
+    ``/dev/zero``) is refused without reading further.
+
     Unlike ztick, which silently falls back to defaults when the named file is missing,
     a file that cannot be read is an error: a typo in ``--config`` must not start a
     daemon on the wrong port with the wrong logfile.
@@ -857,10 +956,16 @@ def load_config(path: str | None) -> Config:
         return parse_config("", DEFAULT_SOURCE)
     try:
         with open(path, "rb") as handle:
-            raw = handle.read()
+            raw = handle.read(CONFIG_MAX_BYTES + 1)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(f"cannot read config file: {reason}", source=path) from None
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise ConfigError(
+            f"config file larger than {CONFIG_MAX_BYTES} bytes (1 MiB), the limit; "
+            "is it the right file?",
+            source=path,
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
