@@ -29,7 +29,13 @@ from ztick_tw.runners.amqp import AmqpRunner
 from ztick_tw.runners.base import IRunner
 from ztick_tw.runners.http import HttpRunner, load_trust_root
 from ztick_tw.runners.message import NetworkOptions
-from ztick_tw.runners.process import AwfRunner, DirectRunner, ProcessOptions, ShellRunner
+from ztick_tw.runners.process import (
+    FDS_PER_RUN,
+    AwfRunner,
+    DirectRunner,
+    ProcessOptions,
+    ShellRunner,
+)
 from ztick_tw.runners.redis import RedisRunner
 from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.store.base import IStore, StoreError
@@ -249,10 +255,6 @@ def raise_descriptor_limit() -> int | None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return None if soft == resource.RLIM_INFINITY else soft
 
-
-#: Descriptors one live shell/direct/awf run holds in the daemon (two pipes and a pidfd).
-#: TODO: use ``ztick_tw.runners.process.FDS_PER_RUN`` once the runners define it.
-FDS_PER_RUN = 3
 
 #: Descriptors kept for everything but connections and runs: stdio, the logfile (and a
 #: compaction's temporary and replaced files), listeners, the reactor's wakers, the
