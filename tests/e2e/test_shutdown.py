@@ -108,20 +108,7 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize(
-    "how",
-    [
-        "twistd",
-        pytest.param(
-            "module",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ztick_tw/__main__.py serve() must return 1 when"
-                " service.shutdown_failed; drop this mark once it does",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("how", ["twistd", "module"])
 def test_sigterm_with_a_failing_fsync_ends_the_job_group_and_exits_1(
     ztick: Daemon, disks: tuple[Path, Path], how: str
 ) -> None:
