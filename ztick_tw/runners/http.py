@@ -17,6 +17,11 @@ bound for the same endpoint reuse keep-alive connections.  Per run:
 * The response body is always read, so the connection can carry the next request, but
   at most ``http_max_response_bytes`` of it: past that the connection is aborted.  The
   outcome still comes from the status code.
+* The response head is bounded too (:class:`_BoundedClientProtocol`): at most
+  :data:`MAX_HEAD_BYTES` of status and header lines, :data:`MAX_HEADER_LINES` header
+  lines, :data:`MAX_HEAD_LINE_BYTES` per line and :data:`MAX_INFORMATIONAL` informational
+  (1xx) responses.  Past a limit the connection is aborted and the job fails with the
+  limit in the reason: ``response headers exceeded 65536 bytes``.
 * At most ``max_connections_per_host`` requests are in flight per endpoint; later ones
   wait for a connection in the order they came.  This keeps a burst of thousands of due
   webhooks on a few reused connections instead of thousands of new sockets.
@@ -50,6 +55,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
     Agent,
@@ -77,7 +83,16 @@ from ztick_tw.runners.message import (
     signature,
 )
 
-__all__ = ["METHODS", "HttpRunner", "load_trust_root"]
+__all__ = [
+    "MAX_HEADER_LINES",
+    "MAX_HEAD_BYTES",
+    "MAX_HEAD_LINE_BYTES",
+    "MAX_INFORMATIONAL",
+    "METHODS",
+    "HttpRunner",
+    "ResponseHeadRefused",
+    "load_trust_root",
+]
 
 log = Logger()
 
@@ -91,6 +106,17 @@ STOPPED_CAUSE = "runner stopped"
 
 #: How much of a failed response's body is quoted in the reason.
 REASON_BODY_BYTES = 200
+
+#: Bytes of a response head read at most: status lines and header lines, those of
+#: informational (1xx) responses included.  Past it the connection is aborted.
+MAX_HEAD_BYTES: Final = 65536
+#: Header lines (continuation lines included) one response may have.
+MAX_HEADER_LINES: Final = 100
+#: Bytes of one status or header line, its line end not counted.  The same as Twisted's
+#: own limit (``LineReceiver.MAX_LENGTH``), which closes with a misleading reason.
+MAX_HEAD_LINE_BYTES: Final = 16384
+#: Informational (1xx) responses accepted before the final one (Go's client allows 5).
+MAX_INFORMATIONAL: Final = 5
 
 _USER_AGENT = f"ztick-tw/{__version__}".encode("ascii")
 _JOB_ID_HEADER = JOB_ID_HEADER.encode("ascii")
@@ -109,10 +135,154 @@ def load_trust_root(ca_file: str) -> Any:
     return trust.load_trust_root(ca_file, "http CA")
 
 
+class ResponseHeadRefused(Exception):
+    """A response head over one of the limits; ``received`` head bytes had been read."""
+
+    def __init__(self, why: str, received: int) -> None:
+        super().__init__(why)
+        self.why = why
+        self.received = received
+
+    def __str__(self) -> str:
+        return self.why
+
+
+#: The states of Twisted's response parser while the response head is incomplete.
+_HEAD_STATES: Final = frozenset({STATUS, HEADER})
+
+
+class _BoundedClientProtocol(HTTP11ClientProtocol):
+    """An HTTP/1.1 client connection that refuses an oversized response head.
+
+    Twisted's response parser keeps every header line it is sent (it bounds one line, and
+    then closes as if the server had), so a server that answers ``200 OK`` and then sends
+    header lines forever grows the daemon without limit.  Here, while the head of the
+    response is incomplete, received data is handed to the parser one line at a time and
+    counted: the bytes of the head (:data:`MAX_HEAD_BYTES`), of one line
+    (:data:`MAX_HEAD_LINE_BYTES`), the header lines (:data:`MAX_HEADER_LINES`) and the
+    informational responses (:data:`MAX_INFORMATIONAL`).  Once the head is complete, the
+    rest of the data goes to the parser in one piece, as before.  Over a limit, the
+    connection is aborted (it never reaches the pool again) and the request fails with
+    :class:`ResponseHeadRefused`.
+
+    Private Twisted API, kept to this class: ``HTTP11ClientProtocol`` itself, its
+    ``_parser`` and ``_disconnectParser``, and the parser's ``state``.
+    """
+
+    _head_bytes = 0
+    _line_bytes = 0
+    _header_lines = 0
+    _informational = 0
+
+    def request(self, request: Any) -> Deferred[IResponse]:
+        self._head_bytes = self._line_bytes = 0
+        self._header_lines = self._informational = 0
+        return super().request(request)
+
+    def dataReceived(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or parser.state not in _HEAD_STATES or self._whole_head(data):
+            super().dataReceived(data)  # type: ignore[no-untyped-call]
+            return
+        start, size = 0, len(data)
+        while start < size:
+            end = data.find(b"\n", start) + 1
+            ended = end > 0  # a whole line (the rest of one), or else the start of one
+            if not ended:
+                end = size
+            state = parser.state
+            self._head_bytes += end - start
+            self._line_bytes += end - start
+            why = self._over(state, self._line_bytes - ended)  # a line without its "\n"
+            if why:
+                self._refuse(why)
+                return
+            if ended:
+                self._line_bytes = 0
+            super().dataReceived(data if end - start == size else data[start:end])  # type: ignore[no-untyped-call]
+            start = end
+            if self._parser is not parser:
+                # The response ended with its head, or the request failed: what follows
+                # is dropped, as the parser drops it.
+                return
+            if parser.state not in _HEAD_STATES:  # the head is complete: the rest is body
+                if start < size:
+                    super().dataReceived(data[start:])  # type: ignore[no-untyped-call]
+                return
+            if not ended or state != HEADER:
+                continue
+            if parser.state == HEADER:
+                self._header_lines += 1
+                if self._header_lines > MAX_HEADER_LINES:
+                    self._refuse(f"response has more than {MAX_HEADER_LINES} header lines")
+                    return
+            else:  # an empty line ended an informational response: a new head follows
+                self._header_lines = 0
+                self._informational += 1
+                if self._informational > MAX_INFORMATIONAL:
+                    self._refuse(f"more than {MAX_INFORMATIONAL} informational (1xx) responses")
+                    return
+
+    def _whole_head(self, data: bytes) -> bool:
+        """True when ``data`` starts with a whole final response head within the limits.
+
+        The common case, one read holding the whole head: it then goes to the parser in
+        one piece, as without the limits, and costs one scan of the head.
+        """
+        if self._head_bytes or self._line_bytes:
+            return False
+        ends = [i for i in (data.find(b"\n\r\n"), data.find(b"\n\n")) if i >= 0]
+        if not ends:
+            return False
+        end = min(ends)
+        head_bytes = end + (3 if data[end + 1 : end + 2] == b"\r" else 2)
+        if head_bytes > MAX_HEAD_BYTES:
+            return False
+        lines = data[:end].split(b"\n")
+        if len(lines) - 1 > MAX_HEADER_LINES or max(map(len, lines)) > MAX_HEAD_LINE_BYTES:
+            return False
+        status = lines[0].split(b" ", 2)
+        if len(status) < 2 or status[1].startswith(b"1"):  # informational: counted
+            return False
+        self._head_bytes = head_bytes
+        return True
+
+    def _over(self, state: str, line: int) -> str:
+        """Why the head read so far is refused, or "" when it is within the limits."""
+        if line > MAX_HEAD_LINE_BYTES:
+            what = "status" if state == STATUS else "header"
+            return f"response {what} line exceeded {MAX_HEAD_LINE_BYTES} bytes"
+        if self._head_bytes > MAX_HEAD_BYTES:
+            return f"response headers exceeded {MAX_HEAD_BYTES} bytes"
+        return ""
+
+    def _refuse(self, why: str) -> None:
+        """Abort the connection and fail the request with ``why``."""
+        log.debug(
+            "response head refused: {why}; {received} bytes read, connection aborted",
+            why=why,
+            received=self._head_bytes,
+        )
+        # Let the parser know data came, so the request fails with ResponseFailed and
+        # not ResponseNeverReceived, which the pool would retry on a new connection.
+        parser: Any = self._parser
+        parser.dataReceived(b"")
+        transport: Any = self.transport
+        transport.abortConnection()
+        failure = Failure(ResponseHeadRefused(why, self._head_bytes))  # type: ignore[no-untyped-call]
+        self._disconnectParser(failure)  # type: ignore[no-untyped-call]
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory without "Starting factory" log lines per connection."""
+    """The pool's connection factory without "Starting factory" log lines per connection.
+
+    Its connections bound the response head (:class:`_BoundedClientProtocol`).
+    """
 
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _BoundedClientProtocol(self._quiescentCallback)  # type: ignore[no-untyped-call]
 
 
 #: Seconds an idle pooled connection is kept.  Below the 5 s keep-alive timeout of
@@ -644,6 +814,9 @@ def _failure_reason(failure: Failure) -> str:
     reasons = getattr(exc, "reasons", None)
     if isinstance(reasons, list):
         inner = [r.value for r in reasons if isinstance(r, Failure) and r.value is not None]
+    for candidate in inner:
+        if isinstance(candidate, ResponseHeadRefused):
+            return candidate.why
     for candidate in inner or [exc]:
         if _is_tls(candidate):
             return _tls_reason(candidate)
