@@ -276,6 +276,19 @@ def main(
         args = parser.parse_args(argv)
     except _Exit as done:
         return done.status
+    if not args.follow:
+        return _dump(args, stdout, stderr, sleep)
+    # Interruptible from the first line printed on (a caller that saw output may stop it).
+    try:
+        with _sigterm_interrupts():
+            return _dump(args, stdout, stderr, sleep)
+    except (KeyboardInterrupt, _Terminated):
+        return 0
+
+
+def _dump(
+    args: argparse.Namespace, stdout: TextIO, stderr: TextIO, sleep: Callable[[float], None]
+) -> int:
     path: str = args.logfile
     printer = _Printer(stdout, args.format == "json", args.iso)
     try:
@@ -302,11 +315,7 @@ def main(
                 )
         if not args.follow:
             return 0
-        try:
-            with _sigterm_interrupts():
-                return _follow(path, handle, result.good_end, printer, stderr, sleep)
-        except _Terminated:  # arrived just after _follow returned
-            return 0
+        return _follow(path, handle, result.good_end, printer, stderr, sleep)
     finally:
         handle.close()
 
@@ -340,7 +349,11 @@ def _follow(
     stderr: TextIO,
     sleep: Callable[[float], None],
 ) -> int:
-    """Print frames appended after ``offset`` until interrupted (Ctrl-C or SIGTERM)."""
+    """Print frames appended after ``offset`` until interrupted (Ctrl-C or SIGTERM).
+
+    The interruption propagates (``KeyboardInterrupt`` or ``_Terminated``); ``main``
+    turns it into status 0.
+    """
     try:
         while True:
             sleep(FOLLOW_INTERVAL)
@@ -355,8 +368,6 @@ def _follow(
             if result.problem is not None and result.problem.kind == "corrupt":
                 return _corrupt(stderr, path, result, offset)
             offset += result.good_end  # a torn tail is left for the next look
-    except (KeyboardInterrupt, _Terminated):
-        return 0
     finally:
         handle.close()
 
