@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -19,8 +21,10 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from ztick_tw.model import AwfSpec, DirectSpec, RunnerSpec, ShellSpec
+from ztick_tw.runners import process as process_module
 from ztick_tw.runners.base import Execution, IRunner, Outcome
 from ztick_tw.runners.process import AwfRunner, DirectRunner, ProcessOptions, ShellRunner
+from ztick_tw.runners.spawn import SLICE_RUNS, spawn_child
 
 DUE_NS = 1_700_000_000_123_456_789
 PATH = os.environ.get("PATH", os.defpath)
@@ -279,19 +283,28 @@ class DirectRunnerTests(_Base):
         outcome = await self.direct().run(_execution(DirectSpec(self.tmp)))
         assert outcome == Outcome(False, f"cannot execute {self.tmp}: Is a directory")
 
-    async def _exec_failure(self, new_session: bool, fork: bool) -> Outcome:
+    async def _exec_failure(self, new_session: bool, fork: bool, native: bool = False) -> Outcome:
         # The file passes the pre-spawn check but exec() fails (its interpreter is missing).
         script = _write_script(os.path.join(self.tmp, "badinterp"), "#!/no/such/interp\n")
         if fork:
             reactor._neverUseSpawn = True  # type: ignore[attr-defined]
             self.addCleanup(delattr, reactor, "_neverUseSpawn")
-        runner = self.direct(new_session=new_session)
+        runner = DirectRunner(
+            reactor, ProcessOptions(new_session=new_session), native_spawn=native
+        )
+        self.addCleanup(runner.stop, 0)
         outcome = await runner.run(_execution(DirectSpec(script)))
         assert runner.running == 0
         return outcome
 
     async def test_exec_failure_posix_spawn(self) -> None:
-        """posix_spawnp's OSError becomes a failed outcome naming the program."""
+        """posix_spawn's OSError becomes a failed outcome naming the program."""
+        outcome = await self._exec_failure(new_session=True, fork=False, native=True)
+        script = os.path.join(self.tmp, "badinterp")
+        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+
+    async def test_exec_failure_twisted_posix_spawnp(self) -> None:
+        """With reactor.spawnProcess, posix_spawnp's OSError gives the same reason."""
         outcome = await self._exec_failure(new_session=False, fork=False)
         script = os.path.join(self.tmp, "badinterp")
         assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
@@ -303,7 +316,7 @@ class DirectRunnerTests(_Base):
         assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
 
     async def test_exec_failure_through_setsid(self) -> None:
-        """With a new session, setsid's exec error message gives the reason."""
+        """With reactor.spawnProcess and a new session, setsid's exec error gives the reason."""
         outcome = await self._exec_failure(new_session=True, fork=False)
         script = os.path.join(self.tmp, "badinterp")
         assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
@@ -439,3 +452,138 @@ class OptionsTests(unittest.TestCase):
             ProcessOptions(run_timeout=-1)
         with pytest.raises(ValueError, match="output_limit_bytes"):
             ProcessOptions(output_limit_bytes=-5)
+
+
+class _FailingSpawns:
+    """Failure injection: the first ``count`` spawns raise ``OSError(code)``, the rest spawn."""
+
+    def __init__(self, count: int, code: int = errno.EMFILE) -> None:
+        self.count = count
+        self.code = code
+        self.attempts = 0
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        self.attempts += 1
+        if self.attempts <= self.count:
+            raise OSError(self.code, os.strerror(self.code))
+        return spawn_child(*args, **kw)
+
+
+@implementer(ILogObserver)
+class _SpawnEvents:
+    """Collects what the spawn queue logs."""
+
+    def __init__(self) -> None:
+        self.events: list[LogEvent] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_namespace") == "ztick_tw.runners.spawn":
+            self.events.append(event)
+
+
+class ShortageTests(_Base):
+    def setUp(self) -> None:
+        super().setUp()
+        observer = _SpawnEvents()
+        self.spawn_log = observer.events
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def inject(self, failing: _FailingSpawns) -> None:
+        names = vars(process_module)
+        self.addCleanup(names.__setitem__, "spawn_child", names["spawn_child"])
+        names["spawn_child"] = failing
+
+    async def test_out_of_descriptors_waits_then_runs_in_order(self) -> None:
+        """EMFILE at spawn does not fail the job: it waits, is retried, and runs, in order.
+
+        The warning names the daemon's own descriptors, not the program.
+        """
+        failing = _FailingSpawns(3)
+        self.inject(failing)
+        runner = self.shell()
+        runs = [runner.run(_execution(ShellSpec(f"echo {i}"), job_id=f"fd.{i}")) for i in range(5)]
+        assert runner.running == 5
+        outcomes = await gatherResults(runs)
+        assert outcomes == [Outcome(True)] * 5
+        assert failing.attempts == 3 + 5
+        ends = [e for e in self.log.events if "succeeded" in formatEvent(e)]
+        assert [e["job_id"] for e in ends] == [f"fd.{i}" for i in range(5)]
+        warnings = [formatEvent(e) for e in self.spawn_log if "cannot start" in formatEvent(e)]
+        assert len(warnings) == 1, warnings  # rate limited
+        assert "the daemon is out of file descriptors (" in warnings[0]
+        assert "limit" in warnings[0]
+        assert not any("cannot execute" in formatEvent(e) for e in self.log.events)
+        assert runner.running == 0
+
+    async def test_waiting_run_retried_when_another_child_ends(self) -> None:
+        """With a child running, a start that lacked descriptors retries when it ends."""
+        runner = self.shell()
+        first = runner.run(_execution(ShellSpec("sleep 0.3"), job_id="first"))
+        await deferLater(reactor, 0.05, lambda: None)  # first is running
+        self.inject(_FailingSpawns(1, errno.ENFILE))
+        second = runner.run(_execution(ShellSpec("true"), job_id="second"))
+        assert await first == Outcome(True)
+        assert await second == Outcome(True)
+
+    async def test_stop_interrupts_runs_still_waiting(self) -> None:
+        """At shutdown a run that could not start yet ends as interrupted, not failed."""
+        self.inject(_FailingSpawns(1000, errno.EAGAIN))
+        runner = self.shell()
+        run = runner.run(_execution(ShellSpec("true")))
+        await deferLater(reactor, 0.01, lambda: None)
+        assert not run.called
+        await runner.stop(0)
+        assert await run == Outcome(False, "shutting down", interrupted=True)
+        assert runner.running == 0
+
+    async def test_real_descriptor_limit(self) -> None:
+        """At a real descriptor limit the job waits, and runs once the limit is raised.
+
+        The soft RLIMIT_NOFILE is set to the descriptors already open (+1); no child is
+        running, so the back-off timer retries.
+        """
+        runner = self.shell()
+        await runner.run(_execution(ShellSpec("true"), job_id="warm"))  # one-time fds
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 1, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        run = runner.run(_execution(ShellSpec("echo ran"), job_id="limited"))
+        await deferLater(reactor, 0.2, lambda: None)
+        assert not run.called
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert await run == Outcome(True)
+        assert self.log.text("limited") == "ran"
+        warnings = [formatEvent(e) for e in self.spawn_log if "cannot start" in formatEvent(e)]
+        assert warnings and "out of file descriptors" in warnings[0], warnings
+
+    async def test_nul_byte_in_argument(self) -> None:
+        """A NUL byte in the command fails the job with a clear reason, no traceback."""
+        outcome = await self.shell().run(_execution(ShellSpec("echo a\0b")))
+        assert outcome == Outcome(False, "cannot execute /bin/sh: argument contains a NUL byte")
+        outcome = await self.direct().run(_execution(DirectSpec("/bin/echo", ("x\0",))))
+        assert outcome == Outcome(False, "cannot execute /bin/echo: argument contains a NUL byte")
+        assert self.flushLoggedErrors() == []  # type: ignore[no-untyped-call]
+
+    async def test_nul_byte_in_environment(self) -> None:
+        """A NUL byte in a ZTICK_* value (the job id) fails the job naming the variable."""
+        outcome = await self.shell().run(_execution(ShellSpec("true"), job_id="a\0b"))
+        assert outcome == Outcome(
+            False, "cannot execute /bin/sh: environment variable ZTICK_JOB_ID contains a NUL byte"
+        )
+
+    async def test_burst_starts_in_slices(self) -> None:
+        """Many runs asked at once start a slice per reactor turn, not all in one call."""
+        runner = self.direct()
+        seen: list[int] = []
+        runs = [runner.run(_execution(DirectSpec("/bin/true"), job_id=f"b{i}")) for i in range(40)]
+        assert len(runner._live) == 0  # nothing started inside run()
+
+        def look() -> None:
+            seen.append(len(runner._live) + sum(d.called for d in runs))
+
+        reactor.callLater(0, look)  # runs after the first slice
+        outcomes = await gatherResults(runs)
+        assert outcomes == [Outcome(True)] * 40
+        assert 0 < seen[0] <= SLICE_RUNS
