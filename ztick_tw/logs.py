@@ -17,6 +17,7 @@ output is escaped by JSON itself and carries the values unchanged.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import sys
@@ -80,21 +81,26 @@ def escape(text: str) -> str:
     return _UNSAFE.sub(_replace, text.replace("\\", "\\\\"))
 
 
-def _format_fields(log_format: str) -> set[str]:
-    """The top-level names ``log_format`` uses as plain (not ``!r``) string fields."""
+@functools.lru_cache(maxsize=1024)
+def _format_fields(log_format: str) -> tuple[frozenset[str], bool]:
+    """Return the plain (not ``!r``) field names of ``log_format``, and if it has controls.
+
+    Cached: formats are constants.
+    """
     plain: set[str] = set()
     converted: set[str] = set()
+    unsafe = _UNSAFE.search(log_format) is not None
     try:
         parsed = list(_FORMATTER.parse(log_format))
     except ValueError:
-        return plain
+        return frozenset(), unsafe
     for _literal, field, _spec, conversion in parsed:
         if not field:
             continue
         root = _ROOT.match(field)
         name = root.group() if root is not None else field
         (converted if conversion == "r" else plain).add(name)
-    return plain - converted
+    return frozenset(plain - converted), unsafe
 
 
 def one_line(event: LogEvent) -> LogEvent:
@@ -110,25 +116,26 @@ def one_line(event: LogEvent) -> LogEvent:
     log_format = event.get("log_format")
     if not isinstance(log_format, str):
         return event
-    safe = {key: value for key, value in event.items() if key != "log_flattened"}
-    changed = False
-    risky = _UNSAFE.search(log_format) is not None
-    for name in _format_fields(log_format):
-        value = safe.get(name)
+    fields, risky = _format_fields(log_format)
+    escaped: dict[str, str] = {}
+    for name in fields:
+        value = event.get(name)
         if isinstance(value, str):
-            escaped = escape(value)
-            if escaped is not value:
-                safe[name] = escaped
-                changed = True
+            if _UNSAFE.search(value) is not None:
+                escaped[name] = escape(value)
         elif not isinstance(value, int | float | type(None)):
             risky = True  # an object's str() may hold anything
+    if not escaped and not risky:
+        return event
+    safe = {key: value for key, value in event.items() if key != "log_flattened"}
+    safe.update(escaped)
     if risky:
         message = formatEvent(safe)
         if _UNSAFE.search(message) is not None:
             safe["log_format"] = "{" + _TEXT_KEY + "}"
             safe[_TEXT_KEY] = _UNSAFE.sub(_replace, message)
             return safe
-    return safe if changed else event
+    return safe if escaped else event
 
 
 @implementer(ILogObserver)
