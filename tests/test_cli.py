@@ -75,8 +75,9 @@ def test_serve_help_describes_every_option_and_the_defaults(
     status, out, _ = _exit_code(["serve", "--help"], capsys)
     assert status == 0
     assert out.startswith("Usage: ztick-tw [serve] [-c FILE] [--recover-corrupt-log]\n")
-    for option in ("-c, --config=", "--recover-corrupt-log", "--version", "--help"):
+    for option in ("-c, --config=", "--recover-corrupt-log", "--version", "-h, --help"):
         assert option in out
+    assert _exit_code(["serve", "-h"], capsys) == (0, out, "")
     flat = " ".join(out.split())
     assert "listening on 127.0.0.1:5678 with the logfile 'logfile'" in flat
     assert "Logs go to stderr" in flat

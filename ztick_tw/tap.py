@@ -75,6 +75,8 @@ class Options(usage.Options):
         print(f"ztick-tw {__version__}")
         sys.exit(0)
 
+    opt_h = usage.Options.opt_help  # -h, as in ztick-tw --help and dump -h
+
     def parseArgs(self, *args: str) -> None:
         """Refuse any argument that is not an option (a config file needs ``-c``)."""
         if args:
