@@ -1012,4 +1012,5 @@ SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
     ),
     "query_memory": __import__("bench.query", fromlist=["_"]).scenario_query_memory,
     "query_stall": __import__("bench.query", fromlist=["_"]).scenario_query_stall,
+    "shell_drain": __import__("bench.spawn", fromlist=["_"]).scenario_shell_drain,
 }
