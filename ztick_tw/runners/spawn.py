@@ -74,9 +74,9 @@ FDS_PER_CHILD = 3
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 
 #: At most this many starts per reactor turn...
-SLICE_RUNS = 16
+SLICE_RUNS = 8
 #: ...and no new start once this many seconds of the turn went into starting.
-SLICE_SECONDS = 0.002
+SLICE_SECONDS = 0.001
 
 #: Back-off before retrying a start that lacked resources (doubling up to the max).
 RETRY_FIRST = 0.05
