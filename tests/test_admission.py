@@ -44,6 +44,23 @@ def test_admission_drops_oldest_overall_over_the_total_cap() -> None:
     assert a.count("s2") == 0 and len(a) == 2
 
 
+def test_total_cap_takes_from_the_most_crowded_address_first() -> None:
+    """Over the total cap, the oldest socket of the busiest address goes, not a quiet one's.
+
+    A flood that reconnects as fast as it is dropped makes every flood socket younger
+    than a valid client waiting for its AUTH to be read; age alone would drop the client.
+    """
+    a: Admission[str] = Admission(max_total=4, max_per_source=10)
+    assert a.add("valid", "192.0.2.1") == []
+    assert a.add("f1", "198.51.100.1") == []
+    assert a.add("f2", "198.51.100.1") == []
+    assert a.add("g1", "198.51.100.2") == []
+    assert a.add("f3", "198.51.100.1") == ["f1"]
+    assert a.add("f4", "198.51.100.1") == ["f2"]
+    assert a.victim() == "f3"
+    assert "valid" in a
+
+
 def test_admission_refuses_zero_caps() -> None:
     """Caps below 1 are a programming error."""
     with pytest.raises(ValueError):

@@ -395,6 +395,8 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
         tls_enabled=tls is not None,
         max_connections=max_connections,
         idle_timeout=config.controller.idle_timeout,
+        max_unauthenticated=config.controller.max_unauthenticated,
+        max_unauthenticated_per_source=config.controller.max_unauthenticated_per_source,
     )
     served: IProtocolFactory = factory if tls is None else tls_factory(factory, tls)
     top = ZtickService(config.controller.listen_endpoint, reactor)

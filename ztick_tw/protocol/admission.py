@@ -3,10 +3,13 @@
 With an auth file, a connection holds a slot from the moment it is accepted until it
 sends ``AUTH`` (or the auth timeout closes it).  Without a separate cap, a few thousand
 sockets that never authenticate fill ``max_connections`` and lock every valid client out.
-:class:`Admission` caps them twice, overall and per client address, and names the oldest
-to drop when a new one arrives over a cap: a client that authenticates at once is the
-newest, so it is never the one dropped, and one noisy address only ever displaces its
-own sockets.
+:class:`Admission` caps them twice, overall and per client address, and names the one
+to drop when a new one arrives over a cap: over the per-address cap, the oldest of that
+address; over the total cap, the oldest of the address holding the most.  So one noisy
+address only ever displaces its own sockets, and a flood from many addresses that
+reconnect as fast as they are dropped (every flood socket then being younger than a
+valid client's round trip) still displaces its own before a client from a quiet
+address.  A valid client that shares its address with a flood is not protected.
 
 Plain state, no I/O: the protocol factory does the closing.
 """
@@ -43,11 +46,23 @@ class Admission(Generic[C]):
         """The unauthenticated connection waiting longest, or ``None``."""
         return next(iter(self._all), None)
 
+    def victim(self) -> C | None:
+        """The one to drop: the oldest of the address holding the most, or ``None``.
+
+        O(addresses), and there are at most ``max_total`` of them.  Among addresses
+        holding as many, the one seen first.
+        """
+        if not self._by_source:
+            return None
+        crowded = max(self._by_source.values(), key=len)
+        return next(iter(crowded))
+
     def add(self, conn: C, source: str) -> list[C]:
         """Register a new connection; returns those to drop to stay within the caps.
 
         The ones returned are already forgotten here.  ``conn`` itself is never among
-        them: the oldest of its source goes first, then the oldest overall.
+        them: over the per-source cap the oldest of its source goes, over the total cap
+        the ``victim``.
         """
         per_source = self._by_source.setdefault(source, {})
         per_source[conn] = None
@@ -56,7 +71,11 @@ class Admission(Generic[C]):
         if len(per_source) > self.max_per_source:
             drop.append(next(iter(per_source)))
         elif len(self._all) > self.max_total:
-            drop.append(next(iter(self._all)))
+            victim = self.victim()
+            if victim is conn:  # it is alone at the most crowded source: take the oldest
+                victim = next(iter(self._all))
+            assert victim is not None
+            drop.append(victim)
         for victim in drop:
             self.discard(victim)
         return drop

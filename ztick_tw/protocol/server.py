@@ -735,11 +735,12 @@ class ZtickFactory(Factory):
             self._evict(victim)
 
     def make_room(self) -> bool:
-        """At ``max_connections``: drop the oldest unauthenticated connection, if any.
+        """At ``max_connections``: drop an unauthenticated connection, if any.
 
-        So sockets that never authenticate cannot keep a valid client out.
+        (The oldest of the address holding the most.)  So sockets that never
+        authenticate cannot keep a valid client out.
         """
-        victim = self.admission.oldest()
+        victim = self.admission.victim()
         if victim is None:
             return False
         self.admission.discard(victim)
