@@ -337,3 +337,20 @@ def test_job_id_and_output_are_escaped_end_to_end(ztick: Daemon) -> None:
     output_lines = [line for line in stderr.splitlines() if " stdout: " in line]
     assert len(output_lines) == 1, stderr
     assert output_lines[0].endswith("job esc.\\x1b[31mred stdout: one\\ntwo\\x1b[0m")
+
+
+def test_tally_reports_at_once_then_counts_until_the_interval_passes() -> None:
+    """The first event is reported at once; later ones are counted until 10 s have passed."""
+    from twisted.internet.task import Clock
+
+    from ztick_tw.logs import Tally
+
+    clock = Clock()
+    tally = Tally(clock, 10.0)
+    assert tally.note() == 1
+    assert [tally.note() for _ in range(5)] == [0] * 5
+    clock.advance(9.9)
+    assert tally.note() == 0
+    clock.advance(0.1)
+    assert tally.note() == 8  # the 7 held back, and this one
+    assert tally.note() == 0

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import IO, Any, TextIO
 
 from constantly import NamedConstant  # type: ignore[import-untyped]
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
@@ -255,3 +256,26 @@ def apply_under_twistd(
 
     setattr(beginner, "beginLoggingTo", begin)  # noqa: B010 (an instance attribute)
     return undo
+
+
+class Tally:
+    """Counts a noisy event and says when to report it: at once, then at most every ``interval``.
+
+    A flood (refused connections, dropped sockets, spawn shortages) is one log line
+    every ``interval`` seconds carrying how many happened since the last one.
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float = 10.0) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._count = 0
+        self._last: float | None = None
+
+    def note(self) -> int:
+        """Count one event; how many to report now (0: stay quiet, they are counted)."""
+        self._count += 1
+        now = self._clock.seconds()
+        if self._last is None or now - self._last >= self._interval:
+            count, self._count, self._last = self._count, 0, now
+            return count
+        return 0

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ztick_tw.auth import Token, TokenStore
+from ztick_tw.logs import Tally
 from ztick_tw.model import JobStatus
 from ztick_tw.protocol.admission import Admission
 from ztick_tw.protocol.commands import (
@@ -703,10 +704,8 @@ class ZtickFactory(Factory):
         self.admission: Admission[ZtickProtocol] = Admission(
             max_unauthenticated, max_unauthenticated_per_source
         )
-        self._refused = 0
-        self._refused_logged_at: float | None = None
-        self._evicted = 0
-        self._evicted_logged_at: float | None = None
+        self._refused = Tally(reactor, REFUSED_LOG_INTERVAL)
+        self._evicted = Tally(reactor, REFUSED_LOG_INTERVAL)
 
     @property
     def auth_enabled(self) -> bool:
@@ -715,19 +714,15 @@ class ZtickFactory(Factory):
 
     def refused(self, peer: str) -> None:
         """Note a connection closed at the limit; log it at most every 10 s, with a count."""
-        self._refused += 1
-        now = self.reactor.seconds()
-        last = self._refused_logged_at
-        if last is None or now - last >= REFUSED_LOG_INTERVAL:
+        count = self._refused.note()
+        if count:
             log.warn(
                 "connection limit reached ({limit} connections): refused {count} connection(s)"
                 " since the last report, the latest from {peer}",
                 limit=self.max_connections,
-                count=self._refused,
+                count=count,
                 peer=peer,
             )
-            self._refused = 0
-            self._refused_logged_at = now
 
     def admit(self, conn: ZtickProtocol) -> None:
         """A new connection must AUTH first: hold it within the unauthenticated caps."""
@@ -749,21 +744,17 @@ class ZtickFactory(Factory):
 
     def _evict(self, victim: ZtickProtocol) -> None:
         victim.evict()
-        self._evicted += 1
-        now = self.reactor.seconds()
-        last = self._evicted_logged_at
-        if last is None or now - last >= REFUSED_LOG_INTERVAL:
+        count = self._evicted.note()
+        if count:
             log.warn(
                 "too many connections waiting to authenticate (at most {limit}, {per_source}"
                 " per address): dropped the oldest {count} since the last report, the latest"
                 " from {peer}",
                 limit=self.admission.max_total,
                 per_source=self.admission.max_per_source,
-                count=self._evicted,
+                count=count,
                 peer=victim._peer,
             )
-            self._evicted = 0
-            self._evicted_logged_at = now
 
     def stats(self) -> list[tuple[str, str | int]]:
         """The STAT lines, ztick's keys first, in ztick's order, then ztick-tw's."""
