@@ -352,5 +352,5 @@ def test_tally_reports_at_once_then_counts_until_the_interval_passes() -> None:
     clock.advance(9.9)
     assert tally.note() == 0
     clock.advance(0.1)
-    assert tally.note() == 8  # the 7 held back, and this one
+    assert tally.note() == 7  # the 6 held back, and this one
     assert tally.note() == 0
