@@ -9,6 +9,7 @@ import shutil
 import signal
 import stat
 import tempfile
+import threading
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from zope.interface.verify import verifyObject
 
 from ztick_tw.model import AwfSpec, DirectSpec, RunnerSpec, ShellSpec
 from ztick_tw.runners import process as process_module
+from ztick_tw.runners import spawn as spawn_module
 from ztick_tw.runners.base import Execution, IRunner, Outcome
 from ztick_tw.runners.process import AwfRunner, DirectRunner, ProcessOptions, ShellRunner
 from ztick_tw.runners.spawn import SLICE_RUNS, spawn_child
@@ -406,6 +408,139 @@ class StopTests(_Base):
         )
 
 
+class _BlockedSpawner:
+    """Failure injection: the spawner thread is held busy until ``release()``.
+
+    Starts submitted meanwhile wait on the thread, as they would behind slow execs.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        spawner = spawn_module._get_spawner()
+        spawner.submit(self, reactor, lambda error, pid: None)  # type: ignore[arg-type]
+
+    def run(self) -> tuple[int, int]:  # on the spawner thread
+        self._event.wait(30)
+        return 0, 0
+
+    def release(self) -> None:
+        self._event.set()
+
+
+class StopWhileStartingTests(_Base):
+    def block(self) -> _BlockedSpawner:
+        blocked = _BlockedSpawner()
+        self.addCleanup(blocked.release)
+        return blocked
+
+    async def test_stop_kills_child_started_after_its_kill_grace(self) -> None:
+        """A run stopped while its start is under way is terminated once it has started.
+
+        The SIGKILL comes kill_grace after the SIGTERM it really got, not after the stop:
+        here the child ignores SIGTERM from its first instruction and starts long after
+        kill_grace has passed, and it is still killed, and stop() waits for it.
+        """
+        self.patch(spawn_module, "_default_signals", lambda: [])  # type: ignore[no-untyped-call]
+        runner = self.direct(kill_grace=0.2)
+        blocked = self.block()
+        run = runner.run(_execution(DirectSpec("/bin/sleep", ("30",))))
+        await deferLater(reactor, 0.05, lambda: None)  # its start is on the thread now
+        assert runner.running == 1 and not run.called
+        stopped = runner.stop(0)
+
+        def release() -> None:
+            # SIG_IGN is inherited: the child ignores SIGTERM before its first instruction.
+            # (Set here: the test reactor puts its own handler back when it runs.)
+            previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            stopped.addBoth(lambda result: (signal.signal(signal.SIGTERM, previous), result)[1])
+            blocked.release()
+
+        reactor.callLater(0.6, release)  # 3x kill_grace after the stop
+        stopped.addTimeout(20, reactor)
+        await stopped
+        assert run.called
+        outcome = await run
+        assert outcome == Outcome(
+            False, "stopped at shutdown (killed by signal 9 (SIGKILL))", interrupted=True
+        )
+        assert runner.running == 0
+        assert any("while starting" in m for m in self.log.messages("job.1"))
+
+    async def test_stop_with_starts_queued_on_the_thread(self) -> None:
+        """stop() fires only once every start queued on the thread started and ended.
+
+        No child starts after stop() has fired: each one was terminated and awaited.
+        """
+        runner = self.direct(kill_grace=0.2)
+        blocked = self.block()
+        runs = [
+            runner.run(_execution(DirectSpec("/bin/sleep", ("30",)), job_id=f"q.{i}"))
+            for i in range(5)
+        ]
+        await deferLater(reactor, 0.05, lambda: None)  # started in a slice: on the thread
+        assert runner.running == 5
+        stopped = runner.stop(0)
+        reactor.callLater(0.3, blocked.release)
+        stopped.addTimeout(20, reactor)
+        await stopped
+        assert all(run.called for run in runs)
+        outcomes = await gatherResults(runs)
+        assert (
+            outcomes
+            == [
+                Outcome(
+                    False, "stopped at shutdown (killed by signal 15 (SIGTERM))", interrupted=True
+                )
+            ]
+            * 5
+        )
+        assert spawn_module._get_spawner()._requests.empty()  # nothing left to start
+        pids = [e["pid"] for e in self.log.events if "run failed" in e.get("log_format", "")]
+        assert len(pids) == 5 and None not in pids
+        for pid in pids:
+            assert _gone(pid)
+
+    async def test_stop_while_a_start_fails_on_the_thread(self) -> None:
+        """A start that fails on the thread during stop() ends the run and the stop.
+
+        Its grace timer, armed by stop() while the start was under way, is cancelled.
+        """
+        script = _write_script(os.path.join(self.tmp, "badinterp"), "#!/no/such/interp\n")
+        runner = self.direct()
+        blocked = self.block()
+        run = runner.run(_execution(DirectSpec(script)))
+        await deferLater(reactor, 0.05, lambda: None)  # its start is on the thread now
+        [proto] = list(runner._live)
+        stopped = runner.stop(30)
+        blocked.release()
+        stopped.addTimeout(20, reactor)
+        await stopped
+        outcome = await run
+        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+        owners = [
+            getattr(getattr(c, "func", None), "__self__", None) for c in reactor.getDelayedCalls()
+        ]
+        assert proto not in owners
+
+    async def test_exec_error_reported_by_the_thread_gives_the_reason(self) -> None:
+        """ENOENT from the spawner thread fails the run with the usual reason."""
+        script = _write_script(os.path.join(self.tmp, "badinterp"), "#!/no/such/interp\n")
+        runner = self.direct()
+        outcome = await runner.run(_execution(DirectSpec(script)))
+        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+        assert runner.running == 0
+
+    async def test_fallback_without_ctypes_posix_spawn(self) -> None:
+        """Without libc's posix_spawn through ctypes, runs use reactor.spawnProcess."""
+        self.patch(spawn_module, "_libc_checked", True)  # type: ignore[no-untyped-call]
+        self.patch(spawn_module, "_libc", None)  # type: ignore[no-untyped-call]
+        runner = self.shell()
+        assert not runner._native
+        outcome = await runner.run(_execution(ShellSpec("echo fallback")))
+        assert outcome == Outcome(True)
+        assert self.log.text("job.1") == "fallback"
+
+
 class AwfRunnerTests(_Base):
     def awf(self, path: str) -> AwfRunner:
         runner = AwfRunner(reactor, ProcessOptions(base_environment={"PATH": path}))
@@ -508,7 +643,6 @@ class ShortageTests(_Base):
         assert runner.running == 5
         outcomes = await gatherResults(runs)
         assert outcomes == [Outcome(True)] * 5
-        # fd.0 tried until it started, then the others in order (their ends may not be).
         assert failing.job_ids == ["fd.0"] * 4 + [f"fd.{i}" for i in range(1, 5)]
         warnings = [formatEvent(e) for e in self.spawn_log if "cannot start" in formatEvent(e)]
         assert len(warnings) == 1, warnings  # rate limited
@@ -526,6 +660,31 @@ class ShortageTests(_Base):
         second = runner.run(_execution(ShellSpec("true"), job_id="second"))
         assert await first == Outcome(True)
         assert await second == Outcome(True)
+
+    async def test_spawner_thread_shortage_is_retried(self) -> None:
+        """EAGAIN reported later by the spawner thread also requeues the run, which runs."""
+        calls: list[str] = []
+
+        def late_failure(*args: Any, **kw: Any) -> Any:
+            calls.append(args[1].execution.job_id)
+            if len(calls) == 1:
+                error = OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+                reactor.callLater(0, kw["on_failure"], error)
+                return None
+            return spawn_child(*args, **kw)
+
+        names = vars(process_module)
+        self.addCleanup(names.__setitem__, "spawn_child", names["spawn_child"])
+        names["spawn_child"] = late_failure
+        runner = self.shell()
+        outcomes = await gatherResults(
+            [runner.run(_execution(ShellSpec("true"), job_id=f"late.{i}")) for i in range(2)]
+        )
+        assert outcomes == [Outcome(True)] * 2
+        assert calls[0] == "late.0"
+        assert calls.count("late.0") == 2
+        warnings = [formatEvent(e) for e in self.spawn_log if "cannot start" in formatEvent(e)]
+        assert warnings and "cannot start another process now" in warnings[0], warnings
 
     async def test_stop_interrupts_runs_still_waiting(self) -> None:
         """At shutdown a run that could not start yet ends as interrupted, not failed."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import signal
+import threading
 from typing import Any
 
 import pytest
@@ -26,6 +28,7 @@ from ztick_tw.runners import spawn
 from ztick_tw.runners.spawn import (
     FDS_PER_CHILD,
     SLICE_RUNS,
+    SpawnedProcess,
     SpawnQueue,
     native_spawn_supported,
     spawn_child,
@@ -42,10 +45,13 @@ class _Child(ProcessProtocol):
         self.err = bytearray()
         self.exited: Failure | None = None
         self.calls: list[str] = []
+        self.made: Deferred[None] = Deferred()
+        self.failed: Deferred[OSError] = Deferred()  # the spawn failed
         self.ended: Deferred[tuple[bytes, bytes, Failure]] = Deferred()
 
     def connectionMade(self) -> None:
         self.calls.append("connectionMade")
+        self.made.callback(None)
 
     def outReceived(self, data: bytes) -> None:
         self.out += data
@@ -66,10 +72,25 @@ def _env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", os.defpath)}
 
 
-def _sh(command: str, child: _Child | None = None, **kw: Any) -> _Child:
-    child = child or _Child()
-    spawn_child(reactor, child, SH, [SH, "-c", command], _env(), **kw)
+def _spawn(child: _Child, argv: list[str], **kw: Any) -> SpawnedProcess:
+    return spawn_child(
+        reactor, child, argv[0], argv, _env(), on_failure=child.failed.callback, **kw
+    )
+
+
+def _sh(command: str) -> _Child:
+    child = _Child()
+    _spawn(child, [SH, "-c", command])
     return child
+
+
+async def _sleeper(**kw: Any) -> tuple[_Child, SpawnedProcess, int]:
+    """A ``sleep 30`` child, once it has started: (protocol, transport, pid)."""
+    child = _Child()
+    transport = _spawn(child, ["/bin/sleep", "30"], **kw)
+    await child.made
+    assert transport.pid is not None
+    return child, transport, transport.pid
 
 
 def _proc_stat(pid: int) -> list[str]:
@@ -106,8 +127,7 @@ class SpawnChildTests(unittest.TestCase):
 
     async def test_signal_process_through_pidfd(self) -> None:
         """transport.signalProcess reaches the child (here SIGTERM ends a sleep)."""
-        child = _Child()
-        transport = spawn_child(reactor, child, "/bin/sleep", ["sleep", "30"], _env())
+        child, transport, _ = await _sleeper()
         transport.signalProcess("TERM")
         _, _, reason = await child.ended
         assert isinstance(reason.value, ProcessTerminated)
@@ -146,20 +166,13 @@ class SpawnChildTests(unittest.TestCase):
 
     async def test_own_session_and_process_group(self) -> None:
         """With new_session the child leads its own session and group; without, it does not."""
-        child = _Child()
-        transport = spawn_child(reactor, child, "/bin/sleep", ["sleep", "30"], _env())
-        pid = transport.pid
-        assert pid is not None
+        child, transport, pid = await _sleeper()
         fields = _proc_stat(pid)
         assert (int(fields[2]), int(fields[3])) == (pid, pid)  # pgrp, session
         transport.signalProcess("KILL")
         await child.ended
-        other = _Child()
-        transport = spawn_child(
-            reactor, other, "/bin/sleep", ["sleep", "30"], _env(), new_session=False
-        )
-        assert transport.pid is not None
-        assert int(_proc_stat(transport.pid)[2]) == os.getpgrp()
+        other, transport, pid = await _sleeper(new_session=False)
+        assert int(_proc_stat(pid)[2]) == os.getpgrp()
         transport.signalProcess("KILL")
         await other.ended
 
@@ -167,24 +180,99 @@ class SpawnChildTests(unittest.TestCase):
         """A live child holds FDS_PER_CHILD descriptors here, and none once it ended."""
         await _sh("true").ended  # one-time descriptors (/dev/null, the reactor's wakers)
         before = len(os.listdir("/proc/self/fd"))
-        child = _Child()
-        transport = spawn_child(reactor, child, "/bin/sleep", ["sleep", "30"], _env())
+        child, transport, _ = await _sleeper()
         assert len(os.listdir("/proc/self/fd")) - before == FDS_PER_CHILD == 3
         transport.signalProcess("KILL")
         await child.ended
         assert len(os.listdir("/proc/self/fd")) == before
 
-    def test_exec_failure_raises(self) -> None:
-        """A program that cannot be executed raises OSError, and leaves no descriptor."""
+    async def test_exec_failure(self) -> None:
+        """A program that cannot be executed gives on_failure its OSError.
+
+        No descriptor is left, and the protocol hears nothing.
+        """
+        await _sh("true").ended  # one-time descriptors
         before = len(os.listdir("/proc/self/fd"))
-        with pytest.raises(FileNotFoundError):
-            spawn_child(reactor, _Child(), "/no/such/program", ["x"], _env())
+        child = _Child()
+        _spawn(child, ["/no/such/program"])
+        error = await child.failed
+        assert error.errno == errno.ENOENT
+        assert child.calls == []
         assert len(os.listdir("/proc/self/fd")) == before
+
+    def test_pipes_lacking_descriptors_raise(self) -> None:
+        """EMFILE making the pipes is raised at once (the queue then waits and retries)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        try:
+            with pytest.raises(OSError) as raised:
+                _spawn(_Child(), ["/bin/true"])
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert raised.value.errno == errno.EMFILE
+
+    async def test_reactor_thread_is_not_held_by_the_exec(self) -> None:
+        """spawn_child returns before the child has started: the exec is not waited for."""
+        child = _Child()
+        _spawn(child, ["/bin/true"])
+        assert child.calls == []  # connectionMade comes on a later turn
+        _, _, reason = await child.ended
+        assert isinstance(reason.value, ProcessDone)
+
+    def test_spawner_is_one_daemon_thread(self) -> None:
+        """One spawner thread (two cost the GET latency target), a daemon: exit never waits."""
+        spawn._get_spawner()
+        threads = [t for t in threading.enumerate() if t.name.startswith("ztick-spawn-")]
+        assert len(threads) == spawn.SPAWN_THREADS == 1
+        assert all(t.daemon for t in threads)
+
+    def test_request_that_cannot_be_prepared_closes_the_pipes(self) -> None:
+        """If preparing the C arguments fails, the pipes just made are closed, nothing leaks."""
+
+        def broken(*args: Any) -> Any:
+            raise MemoryError
+
+        self.patch(spawn, "_Request", broken)  # type: ignore[no-untyped-call]
+        spawn._prepare_descriptors()  # one-time descriptors
+        spawn._get_spawner()
+        before = sorted(os.listdir("/proc/self/fd"))
+        with pytest.raises(MemoryError):
+            _spawn(_Child(), ["/bin/true"])
+        assert sorted(os.listdir("/proc/self/fd")) == before
+
+    async def test_request_failing_on_the_thread_is_reported(self) -> None:
+        """A request that raises on the spawner thread still answers (EINVAL), pipes closed.
+
+        The thread survives it: the next child starts normally.
+        """
+        await _sh("true").ended  # one-time descriptors
+        before = len(os.listdir("/proc/self/fd"))
+
+        def broken(self: Any) -> tuple[int, int]:
+            raise RuntimeError("injected")
+
+        real_run = spawn._Request.run
+        self.patch(spawn._Request, "run", broken)  # type: ignore[no-untyped-call]
+        child = _Child()
+        _spawn(child, ["/bin/true"])
+        error = await child.failed
+        assert error.errno == errno.EINVAL
+        assert child.calls == []
+        assert len(os.listdir("/proc/self/fd")) == before
+        self.patch(spawn._Request, "run", real_run)  # type: ignore[no-untyped-call]
+        _, _, reason = await _sh("true").ended
+        assert isinstance(reason.value, ProcessDone)
+
+    def test_without_ctypes_posix_spawn_native_spawn_is_not_supported(self) -> None:
+        """Where libc's posix_spawn cannot be reached through ctypes, callers fall back."""
+        self.patch(spawn, "_libc_checked", True)  # type: ignore[no-untyped-call]
+        self.patch(spawn, "_libc", None)  # type: ignore[no-untyped-call]
+        assert not native_spawn_supported(reactor)
 
     def test_nul_byte_raises_value_error(self) -> None:
         """A NUL byte in an argument is a ValueError (the runner turns it into a reason)."""
         with pytest.raises(ValueError, match="null"):
-            spawn_child(reactor, _Child(), SH, [SH, "-c", "echo a\0b"], _env())
+            _spawn(_Child(), [SH, "-c", "echo a\0b"])
 
     async def test_without_pidfd_sigchld_reaping_ends_the_run(self) -> None:
         """If no pidfd can be had (out of descriptors), Twisted's SIGCHLD reaping is used."""
@@ -314,3 +402,36 @@ class SpawnQueueTests(unittest.TestCase):
         self.queue.add(42)
         assert self.queue.clear() == [42]
         assert self.clock.getDelayedCalls() == []
+
+    def test_retry_puts_back_first_in_order_and_waits(self) -> None:
+        """Starts that fail later (on the spawner thread) go back first, in their order.
+
+        Two such failures make one wait (one back-off step, not two), and a pump already
+        armed for the next turn does not retry them at once.
+        """
+        for i in range(4):
+            self.queue.add(i)
+        self.clock.turn()
+        assert self.started == [0, 1, 2, 3]
+        self.started.clear()
+        self.queue.add(4)  # a pump is armed for the next turn
+        eagain = OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        self.queue.retry(1, eagain)
+        self.queue.retry(2, eagain)
+        assert len(self.queue) == 3
+        self.clock.turn()
+        assert self.started == []  # waiting, not retried at once
+        self.clock.advance(spawn.RETRY_FIRST)
+        assert self.started == [1, 2, 4]
+        warnings = [t for t in self.log.texts if "cannot start" in t]
+        assert len(warnings) == 1 and "cannot start another process now" in warnings[0]
+        assert any("start again after 2 attempts" in t for t in self.log.texts)
+
+    def test_retry_then_wake_starts_at_once(self) -> None:
+        """A put-back start is retried as soon as wake() says a child ended."""
+        self.queue.retry(9, OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+        self.clock.turn()
+        assert self.started == []
+        self.queue.wake()
+        self.clock.turn()
+        assert self.started == [9]

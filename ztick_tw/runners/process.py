@@ -1,9 +1,12 @@
 """Runners that execute a job as a child process: ``shell``, ``direct`` and ``awf``.
 
 Every run is one child started by :func:`ztick_tw.runners.spawn.spawn_child`
-(``posix_spawn``, a pidfd watched by the reactor) with a :class:`ProcessProtocol`, or by
-``reactor.spawnProcess`` where that is not available (a reactor that is not a real POSIX
-one, a kernel without pidfds).  Nothing here blocks the reactor or uses a thread.
+(``posix_spawn`` made on a spawner thread, because CPython's ``os.posix_spawn`` holds the
+GIL until the child has exec'd; a pidfd watched by the reactor) with a
+:class:`ProcessProtocol`, or by ``reactor.spawnProcess`` where that is not available (a
+reactor that is not a real POSIX one, no ctypes, a kernel without pidfds).  Nothing here
+blocks the reactor.  A run whose start is under way on the spawner thread is live: a
+timeout cannot fire yet, and a stop's termination is carried out once it has started.
 Starts are queued and made a slice per reactor turn (:class:`SpawnQueue`), so a burst
 of due jobs does not stall other clients; a start that finds the daemon out of
 descriptors (EMFILE, ENFILE, EAGAIN, ENOMEM) waits for a child to end and is retried,
@@ -21,7 +24,7 @@ in order, instead of failing the job.  Per run:
   stdout and stderr are read and at most ``output_limit_bytes`` of each are kept and
   logged when the run ends.
 * With ``new_session`` (the default) the child leads its own session and process group
-  (``posix_spawn(setsid=True)``; the fallback execs it through the ``setsid`` program):
+  (``POSIX_SPAWN_SETSID``; the fallback execs it through the ``setsid`` program):
   a timeout or a shutdown signals the whole group, so the commands a shell started die
   with it instead of running on unnoticed.
 * A timeout or :meth:`stop` sends SIGTERM, then SIGKILL ``kill_grace`` seconds later.
@@ -249,6 +252,18 @@ class _Run(ProcessProtocol):
         assert self.transport is not None
         self.pid = self.transport.pid
         self.transport.closeStdin()
+        self.runner.log.debug(
+            "job {job_id}: {runner} run started (rule {rule_id}, attempt {attempt}, pid {pid})",
+            job_id=self.execution.job_id,
+            rule_id=self.execution.rule_id,
+            attempt=self.execution.attempt,
+            pid=self.pid,
+            runner=self.runner.kind.wire,
+        )
+        if self.terminating:  # terminated while its start was under way: carry it out now
+            self._signal(signal.SIGTERM)
+            self._arm_kill()
+            return
         timeout = self.runner.options.run_timeout
         if timeout > 0:
             self._timeout_call = self.runner._clock.callLater(
@@ -306,6 +321,17 @@ class _Run(ProcessProtocol):
             return
         self.terminating = True
         self.cause = cause
+        if self.pid is None:
+            # Its start is under way on the spawner thread: connectionMade sends SIGTERM
+            # and arms the SIGKILL, so the kill grace counts from a real SIGTERM.
+            self.runner.log.info(
+                "job {job_id}: {cause} while starting; it is terminated once started",
+                job_id=self.execution.job_id,
+                rule_id=self.execution.rule_id,
+                attempt=self.execution.attempt,
+                cause=cause,
+            )
+            return
         self.runner.log.info(
             "job {job_id}: {cause}; sending SIGTERM to pid {pid}",
             job_id=self.execution.job_id,
@@ -315,6 +341,9 @@ class _Run(ProcessProtocol):
             cause=cause,
         )
         self._signal(signal.SIGTERM)
+        self._arm_kill()
+
+    def _arm_kill(self) -> None:
         self._kill_call = self.runner._clock.callLater(self.runner.options.kill_grace, self._kill)
 
     def _kill(self) -> None:
@@ -523,6 +552,7 @@ class ProcessRunner:
                     argv,
                     proto.env,
                     new_session=self.options.new_session,
+                    on_failure=lambda error: self._spawn_failed(proto, executable, error),
                 )
             else:
                 self._reactor.spawnProcess(proto, executable, argv, env=proto.env, path=None)
@@ -530,22 +560,37 @@ class ProcessRunner:
             self._live.discard(proto)
             if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
                 raise
-            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            if isinstance(e, ValueError) and "null" in why:
-                why = "argument contains a NUL byte"
-            outcome = Outcome(False, f"cannot execute {executable}: {why}")
-            self._log_end(proto.execution, None, outcome, 0.0)
-            proto.deferred.callback(outcome)
+            self._not_started(proto, executable, e)
             return
         proto.env = {}  # not needed any more
-        self.log.debug(
-            "job {job_id}: {runner} run started (rule {rule_id}, attempt {attempt}, pid {pid})",
-            job_id=proto.execution.job_id,
-            rule_id=proto.execution.rule_id,
-            attempt=proto.execution.attempt,
-            pid=proto.pid,
-            runner=self.kind.wire,
-        )
+
+    def _spawn_failed(self, proto: _Run, executable: str, error: OSError) -> None:
+        """The spawner thread could not start ``proto``'s child (on the reactor thread)."""
+        self._live.discard(proto)
+        self._queue.wake()  # its pipes are closed: a start that lacked descriptors can retry
+        if error.errno in TRANSIENT_ERRNOS and not self._stopping:
+            self._queue.retry(proto, error)
+        elif error.errno in TRANSIENT_ERRNOS:
+            self._end_unstarted(proto, Outcome(False, "shutting down", interrupted=True))
+        else:
+            self._not_started(proto, executable, error)
+
+    def _not_started(self, proto: _Run, executable: str, error: Exception) -> None:
+        why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        if isinstance(error, ValueError) and "null" in why:
+            why = "argument contains a NUL byte"
+        self._end_unstarted(proto, Outcome(False, f"cannot execute {executable}: {why}"))
+
+    def _end_unstarted(self, proto: _Run, outcome: Outcome) -> None:
+        proto._cancel_all()  # a stop's grace timer, armed while its start was under way
+        self._log_end(proto.execution, None, outcome, 0.0)
+        try:
+            proto.deferred.callback(outcome)
+        finally:
+            if self._stopping and not self._live:
+                waiters, self._stop_waiters = self._stop_waiters, []
+                for d in waiters:
+                    d.callback(None)
 
     def stop(self, grace: float) -> Deferred[None]:
         """Refuse new runs; give live children ``grace`` s, then SIGTERM, then SIGKILL.
@@ -558,6 +603,8 @@ class ProcessRunner:
             outcome = Outcome(False, "shutting down", interrupted=True)
             self._log_end(queued.execution, None, outcome, 0.0)
             queued.deferred.callback(outcome)
+        # (A child still on its way from the spawner thread is in _live: it gets the
+        # grace too, and connectionMade signals it if its termination came first.)
         if not self._live:
             return succeed(None)
         d: Deferred[None] = Deferred()
