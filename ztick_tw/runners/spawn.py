@@ -22,10 +22,12 @@ What it does not do, and why it is cheaper than ``reactor.spawnProcess``:
   CPython 3.11's ``os.posix_spawn`` holds the GIL all that time, measured at 0.57 ms p50
   and 3 ms p99 per child on the reactor thread.  With the thread, a drain of 3,000
   ``shell true`` jobs (``bench --only shell_drain``) went from 925 to about 1,000 jobs/s
-  and another client's GET p99 from 8.3 to 6.3-7.1 ms; measured again alternating both
-  versions on a slower moment of the machine, 508-752 -> 740-865 jobs/s and GET p99
-  9.9-16.0 -> 6.7-9.3 ms.  Two threads gave 1,200-1,300 jobs/s but a GET p99 of
-  14-24 ms (the reactor then competes with two threads for the GIL), so there is one;
+  and another client's GET p99 from 8.3 to 6.3-7.1 ms.  Measured again alternating both
+  versions, 9 invocations each (27 and 30 drains) on a busier machine: jobs/s about
+  the same (median 747 before, 766 with the thread), GET p99 median 12.1 -> 9.3 ms and
+  p50 4.8 -> 1.4 ms: the thread mostly gives the reactor its time back.  Two threads
+  gave 1,200-1,300 jobs/s but a GET p99 of 14-24 ms (the reactor then competes with two
+  threads for the GIL), so there is one;
 * its exit is seen through a pidfd the reactor watches (``os.pidfd_open``), then reaped
   with ``waitpid(pid, WNOHANG)``; no SIGCHLD handler and no scan of every child.
 
