@@ -7,12 +7,15 @@ commits unresolved) stands under ``Operations``; no protocol, no bytes.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+import ztick_tw.protocol.server as server
 from tests.helpers import EPOCH_NS, SECOND_NS, STAT_KEYS, Harness, make_harness
 from ztick_tw.auth import Token
 from ztick_tw.model import I64_MAX, HttpSpec, Job, JobStatus, ShellSpec
@@ -369,3 +372,23 @@ def test_stat_keys_and_values() -> None:
     assert stat["persistence"] == "logfile"
     assert stat["compression"] == "running"
     assert (stat["auth_enabled"], stat["tls_enabled"], stat["framerate"]) == (1, 1, 60)
+
+
+# -- layering ---------------------------------------------------------------------------
+
+
+def test_the_line_protocol_does_not_import_the_store_or_the_scheduler_tables() -> None:
+    """The transport reaches the scheduler only through ``Operations``.
+
+    ``protocol/server.py`` imports nothing from ``ztick_tw.store`` (durability comes
+    as a ``Durable`` handle) nor ``commands`` (validation is the operations' job).
+    """
+    tree = ast.parse(Path(server.__file__).read_text())
+    imported = {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+    }
+    assert not any(m.startswith("ztick_tw.store") for m in imported), imported
+    assert "ztick_tw.protocol.commands" not in imported
+    assert "ztick_tw.operations" in imported

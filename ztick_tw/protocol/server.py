@@ -83,6 +83,7 @@ class ZtickProtocol(LineReceiver):
     log = Logger()
     factory: ZtickFactory
     handlers: ClassVar[dict[str, Handler]]
+    _ops: Operations  # the factory's, taken in connectionMade
 
     def __init__(self) -> None:
         self._out: list[bytes] = []
