@@ -24,6 +24,7 @@ from ztick_tw.auth import AuthFileError, TokenStore, load_tokens
 from ztick_tw.compaction import CompactionService
 from ztick_tw.config import Config, ControllerConfig
 from ztick_tw.model import RunnerKind
+from ztick_tw.operations import Operations
 from ztick_tw.protocol.server import ZtickFactory
 from ztick_tw.runners.amqp import AmqpRunner
 from ztick_tw.runners.base import IRunner
@@ -385,14 +386,21 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
             config.database.compression_interval,
             config.database.retention,
         )
-    factory = ZtickFactory(
+    # One set of operations for every transport: the namespace rules, validation, STAT.
+    operations = Operations(
         scheduler,
         reactor,
         compression=(lambda: compaction.status) if compaction is not None else (lambda: "idle"),
         persistence=store.name,
         framerate=config.database.framerate,
-        tokens=tokens,
+        auth_enabled=lambda: tokens is not None,
         tls_enabled=tls is not None,
+    )
+    factory = ZtickFactory(
+        scheduler,
+        reactor,
+        operations=operations,
+        tokens=tokens,
         max_connections=max_connections,
         idle_timeout=config.controller.idle_timeout,
         max_unauthenticated=config.controller.max_unauthenticated,

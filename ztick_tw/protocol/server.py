@@ -1,9 +1,12 @@
 """The ztick line protocol over a byte stream: ``ZtickProtocol`` and ``ZtickFactory``.
 
-The protocol turns bytes into calls on the ``Scheduler`` and its answers into bytes;
-it holds no job state.  Responses leave in request order: an answer that waits for its
-write to reach the disk (``fsync_on_persist``) holds back the answers after it on the
-same connection, never those of other connections.
+The protocol turns request lines into calls on ``Operations`` (``ztick_tw.operations``,
+which holds the namespace rules, the validation and STAT) and their results into answer
+lines; it holds no job state.  What stays here is the wire: framing, the ``AUTH``
+handshake, answers in order, long answers in slices and back-pressure.  Responses leave
+in request order: an answer that waits for its write to reach the disk
+(``fsync_on_persist``) holds back the answers after it on the same connection, never
+those of other connections.
 """
 
 from __future__ import annotations
@@ -24,21 +27,22 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ztick_tw.auth import Token, TokenStore
+from ztick_tw.auth import TokenStore
 from ztick_tw.logs import Tally
-from ztick_tw.model import JobStatus
-from ztick_tw.protocol.admission import Admission
-from ztick_tw.protocol.commands import (
-    CommandError,
-    check_identifier,
-    parse_execution,
-    parse_rule,
+from ztick_tw.operations import (
+    ANONYMOUS,
+    Caller,
+    Durable,
+    Invalid,
+    NotFound,
+    OperationError,
+    Operations,
+    Unavailable,
 )
+from ztick_tw.protocol.admission import Admission
 from ztick_tw.protocol.query import QueryStream
 from ztick_tw.protocol.tokenizer import TokenizeError, decode_line, tokenize
-from ztick_tw.scheduler.core import Scheduler, UnknownJob, UnknownRule
-from ztick_tw.scheduler.timers import now_ns
-from ztick_tw.store.base import Commit, StoreError
+from ztick_tw.scheduler.core import Scheduler
 
 #: The longest line accepted, not counting its ``\n``; a longer one closes the connection.
 MAX_LINE_BYTES = 4096
@@ -79,16 +83,18 @@ class ZtickProtocol(LineReceiver):
     log = Logger()
     factory: ZtickFactory
     handlers: ClassVar[dict[str, Handler]]
+    _ops: Operations  # the factory's, taken in connectionMade
 
     def __init__(self) -> None:
         self._out: list[bytes] = []
-        self._waiting: deque[tuple[Commit | None, bytes, bytes]] = deque()
-        self._subscribed: Commit | None = None
+        self._waiting: deque[tuple[Durable | None, bytes, bytes]] = deque()
+        self._subscribed: Durable | None = None
         self._in_data = False
         self._closing = False
         self._connected = False
         self._peer = "?"
-        self._token: Token | None = None  # who AUTH said this is (auth on)
+        self._authenticated = False  # AUTH succeeded (auth on)
+        self._caller: Caller = ANONYMOUS  # who is asking: AUTH's token, or anonymous
         self._auth_call: IDelayedCall | None = None
         self._idle_call: IDelayedCall | None = None
         self._pauses: set[str] = set()  # why reading is paused (back-pressure)
@@ -105,6 +111,7 @@ class ZtickProtocol(LineReceiver):
     def connectionMade(self) -> None:
         """Count the connection, or close it at once when the limit is reached."""
         factory = self.factory
+        self._ops = factory.operations
         peer = self.transport.getPeer() if self.transport is not None else None
         self._peer = str(getattr(peer, "host", peer))
         if factory.connections >= factory.max_connections and not factory.make_room():
@@ -360,7 +367,7 @@ class ZtickProtocol(LineReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         """Handle one request line."""
-        if self._token is None and self.factory.tokens is not None:
+        if not self._authenticated and self.factory.tokens is not None:
             self._authenticate(line)
             return
         try:
@@ -395,7 +402,7 @@ class ZtickProtocol(LineReceiver):
             return
         try:
             handler(self, tokens[0], tokens)
-        except StoreError as e:
+        except Unavailable as e:
             self.log.error(
                 "request {request_id} {instruction} from {peer}: cannot persist: {error}",
                 request_id=_for_log(tokens[0]),
@@ -404,7 +411,7 @@ class ZtickProtocol(LineReceiver):
                 error=str(e),
             )
             self._error(tokens[0])
-        except CommandError as e:
+        except OperationError as e:
             emit = self.log.debug if isinstance(e, NotFound) else self.log.info
             emit(
                 "request {request_id} {instruction} from {peer} refused: {reason}",
@@ -428,7 +435,8 @@ class ZtickProtocol(LineReceiver):
         if len(words) >= 2 and words[0] == "AUTH":
             token = tokens.authenticate(words[1])
             if token is not None:
-                self._token = token
+                self._authenticated = True
+                self._caller = Caller(token)
                 self.factory.admission.discard(self)
                 if self._auth_call is not None and self._auth_call.active():
                     self._auth_call.cancel()
@@ -447,36 +455,13 @@ class ZtickProtocol(LineReceiver):
         self._reply(b"ERROR\n")
         self._close()
 
-    def _check_namespace(self, *identifiers: str) -> None:
-        token = self._token
-        if token is None:
-            return
-        for identifier in identifiers:
-            if not token.allows(identifier):
-                raise Denied(
-                    f"{identifier!r} is outside namespace {token.namespace!r}"
-                    f" of token {token.name}"
-                )
-
-    def _check_owned_rule(self, rule_id: str) -> None:
-        """A tenant may not replace or remove a rule whose pattern is outside its namespace.
-
-        (Such a rule, made by a wider token with an id inside this namespace, is not
-        even listed to this tenant.)
-        """
-        if self._token is None:
-            return
-        existing = self.factory.scheduler.rules.get(rule_id)
-        if existing is not None:
-            self._check_namespace(existing.pattern)
-
-    def _visible(self, identifier: str) -> bool:
-        return self._token is None or self._token.allows(identifier)
-
     # -- bytes out ---------------------------------------------------------------------
 
-    def _reply(self, data: bytes, commit: Commit | None = None, error: bytes = b"") -> None:
-        """Queue ``data`` after every earlier answer; if ``commit`` fails, send ``error``."""
+    def _reply(self, data: bytes, commit: Durable | None = None, error: bytes = b"") -> None:
+        """Queue ``data`` after every earlier answer; if ``commit`` fails, send ``error``.
+
+        ``commit`` is the durability handle an operation returned for a change.
+        """
         if self._waiting or (commit is not None and not commit.done):
             self._waiting.append((commit, data, error))
             self._waiting_bytes += len(data)
@@ -500,11 +485,11 @@ class ZtickProtocol(LineReceiver):
     def _error(self, request_id: str) -> None:
         self._reply(f"{request_id} ERROR\n".encode())
 
-    def _ok(self, request_id: str, commit: Commit | None) -> None:
+    def _ok(self, request_id: str, commit: Durable | None) -> None:
         """``ID OK`` once ``commit`` is on disk (``ID ERROR`` if it fails to get there)."""
         self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
 
-    def _commitResolved(self, commit: Commit) -> None:
+    def _commitResolved(self, commit: Durable) -> None:
         waiting = self._waiting
         out = self._out
         while waiting:
@@ -553,82 +538,52 @@ class ZtickProtocol(LineReceiver):
                 self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
 
-    # -- instructions ------------------------------------------------------------------
+    # -- instructions: words to operations, results to answer lines -------------------
 
     def do_SET(self, request_id: str, tokens: list[str]) -> None:
         """``ID SET <job> <ns>`` or ``ID SET <job> <YYYY-MM-DD> <HH:MM:SS>``."""
         if len(tokens) < 4:
-            raise CommandError("SET needs a job identifier and a time")
-        execution_ns = parse_execution(tokens[3:])
-        job_id = tokens[2]
-        check_identifier("job identifier", job_id)
-        self._check_namespace(job_id)
-        commit = self.factory.scheduler.set_job(job_id, execution_ns)
-        self._ok(request_id, commit)
+            raise Invalid("SET needs a job identifier and a time")
+        self._ok(request_id, self._ops.set_job(self._caller, tokens[2], tokens[3:]))
 
     def do_GET(self, request_id: str, tokens: list[str]) -> None:
         """``ID GET <job>`` answers ``ID OK <status> <ns>``."""
         if len(tokens) < 3:
-            raise CommandError("GET needs a job identifier")
-        self._check_namespace(tokens[2])
-        found = self.factory.scheduler.get_job(tokens[2])
-        if found is None:
-            raise NotFound(f"no job {tokens[2]!r}")
-        status, execution_ns = found
+            raise Invalid("GET needs a job identifier")
+        status, execution_ns = self._ops.get_job(self._caller, tokens[2])
         self._reply(f"{request_id} OK {status.wire} {execution_ns}\n".encode())
 
     def do_QUERY(self, request_id: str, tokens: list[str]) -> None:
         """``ID QUERY [<prefix>]``: one line per matching job, then ``ID OK``."""
-        prefix: str | None = tokens[2] if len(tokens) > 2 else ""
-        token = self._token
-        if token is not None and prefix is not None and not token.allows(prefix):
-            # Only jobs inside the namespace: narrow the prefix to it, or nothing matches.
-            prefix = token.namespace if token.namespace.startswith(prefix) else None
-        scan = self.factory.scheduler.scan if prefix is not None else None
-        self._stream = QueryStream(scan, request_id, prefix or "")
+        query = self._ops.query(self._caller, tokens[2] if len(tokens) > 2 else "")
+        self._stream = QueryStream(query.scan, request_id, query.prefix)
         self._stream_step()
 
     def do_REMOVE(self, request_id: str, tokens: list[str]) -> None:
         """``ID REMOVE <job>``."""
         if len(tokens) < 3:
-            raise CommandError("REMOVE needs a job identifier")
-        self._check_namespace(tokens[2])
-        try:
-            commit = self.factory.scheduler.remove_job(tokens[2])
-        except UnknownJob:
-            raise NotFound(f"no job {tokens[2]!r}") from None
-        self._ok(request_id, commit)
+            raise Invalid("REMOVE needs a job identifier")
+        self._ok(request_id, self._ops.remove_job(self._caller, tokens[2]))
 
     def do_RULE(self, request_id: str, tokens: list[str]) -> None:
         """``ID RULE SET <rule> <pattern> <runner> <args...>``."""
         if len(tokens) < 3 or tokens[2] != "SET":
             return  # "RULE" without "SET" is not an instruction: no answer, as ztick
         if len(tokens) < 6:
-            raise CommandError("RULE SET needs a rule id, a pattern and a runner")
-        self._check_namespace(tokens[3], tokens[4])
-        self._check_owned_rule(tokens[3])
-        rule = parse_rule(tokens[3], tokens[4], tokens[5], tokens[6:])
-        commit = self.factory.scheduler.set_rule(rule)
+            raise Invalid("RULE SET needs a rule id, a pattern and a runner")
+        commit = self._ops.set_rule(self._caller, tokens[3], tokens[4], tokens[5], tokens[6:])
         self._ok(request_id, commit)
 
     def do_REMOVERULE(self, request_id: str, tokens: list[str]) -> None:
         """``ID REMOVERULE <rule>``."""
         if len(tokens) < 3:
-            raise CommandError("REMOVERULE needs a rule id")
-        self._check_namespace(tokens[2])
-        self._check_owned_rule(tokens[2])
-        try:
-            commit = self.factory.scheduler.remove_rule(tokens[2])
-        except UnknownRule:
-            raise NotFound(f"no rule {tokens[2]!r}") from None
-        self._ok(request_id, commit)
+            raise Invalid("REMOVERULE needs a rule id")
+        self._ok(request_id, self._ops.remove_rule(self._caller, tokens[2]))
 
     def do_LISTRULES(self, request_id: str, tokens: list[str]) -> None:
         """``ID LISTRULES``: one line per rule, rendered as ztick does, then ``ID OK``."""
         lines = []
-        for rule in self.factory.scheduler.list_rules():
-            if not (self._visible(rule.id) and self._visible(rule.pattern)):
-                continue
+        for rule in self._ops.list_rules(self._caller):
             words = " ".join((rule.id, rule.pattern, rule.runner.kind.wire, *rule.runner.args()))
             lines.append(f"{request_id} {words}\n")
         lines.append(f"{request_id} OK\n")
@@ -636,7 +591,7 @@ class ZtickProtocol(LineReceiver):
 
     def do_STAT(self, request_id: str, tokens: list[str]) -> None:
         """``ID STAT``: one ``ID <key> <value>`` line per metric, then ``ID OK``."""
-        lines = [f"{request_id} {key} {value}\n" for key, value in self.factory.stats()]
+        lines = [f"{request_id} {key} {value}\n" for key, value in self._ops.stat(self._caller)]
         lines.append(f"{request_id} OK\n")
         self._reply("".join(lines).encode())
 
@@ -659,16 +614,14 @@ def _for_log(text: str, limit: int = 80) -> str:
     return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
-class NotFound(CommandError):
-    """The job or rule named in a request does not exist."""
-
-
-class Denied(CommandError):
-    """The request touches ids outside the authenticated token's namespace."""
-
-
 class ZtickFactory(Factory):
-    """Builds ``ZtickProtocol``s that share one scheduler, and answers STAT."""
+    """Builds ``ZtickProtocol``s that share one ``Operations``; counts their connections.
+
+    ``operations`` is the set every transport shares (``make_service`` builds it);
+    without one, the factory builds its own from ``scheduler`` and the STAT arguments
+    (``persistence``, ``framerate``, ``compression``, ``tls_enabled``; auth is on when
+    there are ``tokens``), which are otherwise unused.
+    """
 
     protocol = ZtickProtocol  # type: ignore[assignment]
     noisy = False  # no "Starting factory" lines; the service logs where it listens
@@ -678,7 +631,7 @@ class ZtickFactory(Factory):
         scheduler: Scheduler,
         reactor: IReactorTime,
         *,
-        persistence: str,
+        persistence: str = "memory",
         framerate: int = 512,
         compression: Callable[[], str] = lambda: "idle",
         tokens: TokenStore | None = None,
@@ -688,19 +641,27 @@ class ZtickFactory(Factory):
         auth_timeout: float = 5.0,
         max_unauthenticated: int = 256,
         max_unauthenticated_per_source: int = 32,
+        operations: Operations | None = None,
     ) -> None:
+        if operations is None:
+            operations = Operations(
+                scheduler,
+                reactor,
+                persistence=persistence,
+                framerate=framerate,
+                compression=compression,
+                auth_enabled=lambda: self.tokens is not None,
+                tls_enabled=tls_enabled,
+            )
+        self.operations = operations
         self.scheduler = scheduler
         self.reactor = reactor
-        self.persistence = persistence
-        self.framerate = framerate
-        self.compression = compression
         self.tokens = tokens
-        self.tls_enabled = tls_enabled
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.auth_timeout = auth_timeout
         self.connections = 0
-        self.started_ns = now_ns(reactor)
+        operations.count_connections(lambda: self.connections)
         self.admission: Admission[ZtickProtocol] = Admission(
             max_unauthenticated, max_unauthenticated_per_source
         )
@@ -757,27 +718,5 @@ class ZtickFactory(Factory):
             )
 
     def stats(self) -> list[tuple[str, str | int]]:
-        """The STAT lines, ztick's keys first, in ztick's order, then ztick-tw's."""
-        s = self.scheduler
-        jobs = s.jobs
-        p50, p99 = s.lag.percentiles(0.50, 0.99)
-        return [
-            ("uptime_ns", now_ns(self.reactor) - self.started_ns),
-            ("connections", self.connections),
-            ("jobs_total", len(jobs)),
-            ("jobs_planned", jobs.count(JobStatus.PLANNED)),
-            ("jobs_triggered", jobs.count(JobStatus.TRIGGERED)),
-            ("jobs_executed", jobs.count(JobStatus.EXECUTED)),
-            ("jobs_failed", jobs.count(JobStatus.FAILED)),
-            ("rules_total", len(s.rules)),
-            ("executions_pending", s.executions_pending),
-            ("executions_inflight", s.executions_inflight),
-            ("persistence", self.persistence),
-            ("compression", self.compression()),
-            ("auth_enabled", int(self.auth_enabled)),
-            ("tls_enabled", int(self.tls_enabled)),
-            ("framerate", self.framerate),
-            ("trigger_lag_p50_us", p50),
-            ("trigger_lag_p99_us", p99),
-            ("trigger_lag_max_us", s.lag.maximum()),
-        ]
+        """The STAT lines (``Operations.stat``), ztick's keys first, then ztick-tw's."""
+        return self.operations.stat(ANONYMOUS)
