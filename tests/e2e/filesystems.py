@@ -22,6 +22,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
+
+import pytest
 
 __all__ = ["MountRefused", "Mounts", "fill", "free_bytes"]
 
@@ -144,3 +147,11 @@ def fill(directory: Path, name: str = "filler") -> Path:
     finally:
         os.close(fd)
     return path
+
+
+def mount_refused(error: MountRefused | str) -> NoReturn:
+    """Skip the test (or fail it on CI, which runs as root): it cannot mount."""
+    message = f"cannot mount a test file system: {error}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " (CI=true: these tests must run as root)")
+    pytest.skip(message)

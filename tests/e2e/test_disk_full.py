@@ -21,7 +21,6 @@ import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
@@ -33,7 +32,7 @@ from tests.e2e.daemon import (
     quote,
     wait_until,
 )
-from tests.e2e.filesystems import MountRefused, Mounts, fill, free_bytes
+from tests.e2e.filesystems import MountRefused, Mounts, fill, free_bytes, mount_refused
 from tests.helpers import STAT_KEYS
 
 SECOND = 1_000_000_000
@@ -59,24 +58,6 @@ JOB_NEW = "disk.full.job.created.by.a.failed.set"
 JOB_AFTER = "disk.full.job.created.after.space.came.back"
 RULE_KEPT = "disk.full.rule.kept.by.failed.writes"
 RULE_NEW = "disk.full.rule.created.by.a.failed.rule.set"
-
-
-def mount_refused(error: MountRefused) -> NoReturn:
-    """Skip the test (or fail it on CI, which runs as root): it cannot mount."""
-    message = f"cannot mount a test file system: {error}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (CI=true: these tests must run as root)")
-    pytest.skip(message)
-
-
-@pytest.fixture
-def mounts() -> Iterator[Mounts]:
-    """Mounts made by the test; all unmounted afterwards, even when the test failed."""
-    m = Mounts()
-    try:
-        yield m
-    finally:
-        m.unmount_all()
 
 
 def small_tmpfs(mounts: Mounts, target: Path) -> Path:

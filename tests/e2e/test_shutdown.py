@@ -16,33 +16,14 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
 from tests.e2e.daemon import Daemon, TomlValue, daemon, now_ns, quote, wait_until
-from tests.e2e.filesystems import MountRefused, Mounts, fill
+from tests.e2e.filesystems import MountRefused, Mounts, fill, mount_refused
 
 #: 2030-01-06 03:00:00 UTC in nanoseconds: far enough ahead that no job fires.
 JAN_2030_NS = 1_893_898_800_000_000_000
-
-
-def mount_refused(error: MountRefused | str) -> NoReturn:
-    """Skip the test (or fail it on CI, which runs as root): it cannot mount."""
-    message = f"cannot mount a test file system: {error}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (CI=true: these tests must run as root)")
-    pytest.skip(message)
-
-
-@pytest.fixture
-def mounts() -> Iterator[Mounts]:
-    """Mounts made by the test; all unmounted afterwards, even when the test failed."""
-    m = Mounts()
-    try:
-        yield m
-    finally:
-        m.unmount_all()
 
 
 def ext4_on_small_tmpfs(mounts: Mounts, tmp_path: Path) -> tuple[Path, Path]:
