@@ -9,22 +9,18 @@ many response head bytes it read before it aborted the connection.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from twisted.trial import unittest
-from zope.interface import implementer
+from twisted.logger import LogEvent
 
-from tests.certs import PKI, make_pki
+from tests.test_http_runner import _Base, _Events
 from ztick_tw.model import HttpSpec
 from ztick_tw.runners.base import Execution, Outcome
 from ztick_tw.runners.http import (
@@ -139,19 +135,9 @@ class Hostile:
                 self.ended.set()
 
 
-@implementer(ILogObserver)
-class _Events:
-    """Collects the events the http runner logs."""
-
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        if str(event.get("log_namespace", "")).startswith("ztick_tw.runners.http"):
-            self.events.append(event)
-
-    def refused(self) -> list[LogEvent]:
-        return [e for e in self.events if "received" in e and "why" in e]
+def _refused(log: _Events) -> list[LogEvent]:
+    """The events of responses refused for their head (they carry ``received`` and ``why``)."""
+    return [e for e in log.events if "received" in e and "why" in e]
 
 
 def _forever(piece: Callable[[int], bytes], head: bytes = b"") -> Script:
@@ -172,23 +158,8 @@ def _pooled(runner: HttpRunner) -> int:
     return sum(len(idle) for idle in pool._connections.values())
 
 
-class HostileServerTests(unittest.TestCase):
-    pki: ClassVar[PKI]
-    pki_dir: ClassVar[str]
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.pki_dir = tempfile.mkdtemp(prefix="ztick-tw-http-limits-")
-        cls.pki = make_pki(cls.pki_dir)
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        shutil.rmtree(cls.pki_dir, True)
-
-    def setUp(self) -> None:
-        self.log = _Events()
-        globalLogPublisher.addObserver(self.log)
-        self.addCleanup(globalLogPublisher.removeObserver, self.log)
+class HostileServerTests(_Base):
+    """Each test serves a hostile script; ``_Base`` makes the PKI and collects the log."""
 
     def hostile(self, script: Script, tls: bool = False) -> Hostile:
         context = None
@@ -199,12 +170,11 @@ class HostileServerTests(unittest.TestCase):
         self.addCleanup(server.stop)
         return server
 
-    def runner(self, timeout: float = 5.0) -> HttpRunner:
+    def runner(self, **options: Any) -> HttpRunner:
         # The timeout is a deadline here: without the limits each job would run into it.
-        options = NetworkOptions(timeout=timeout, http_ca_file=self.pki.ca.cert_path)
-        runner = HttpRunner(reactor, options)
-        self.addCleanup(runner.stop, 0)
-        return runner
+        options.setdefault("timeout", 5.0)
+        options.setdefault("http_ca_file", self.pki.ca.cert_path)
+        return super().runner(**options)
 
     async def wait_ended(self, server: Hostile) -> bool:
         """Wait (at most 10 s) until the server saw its connection end."""
@@ -229,7 +199,7 @@ class HostileServerTests(unittest.TestCase):
         assert await self.wait_ended(server)
         assert _pooled(runner) == 0
         assert runner.running == 0
-        [event] = self.log.refused()
+        [event] = _refused(self.log)
         assert event["why"] == why
         received = event["received"]
         assert isinstance(received, int)
@@ -384,7 +354,7 @@ class HostileServerTests(unittest.TestCase):
             assert await runner.run(_execution("POST", server.url(), f"ok.{n}")) == Outcome(True)
         assert server.requests == 3
         assert server.accepted == 1
-        assert self.log.refused() == []
+        assert _refused(self.log) == []
 
     async def test_head_and_body_in_one_read(self) -> None:
         """A small head with a 60 KiB body in the same write is not counted as head."""
@@ -399,7 +369,7 @@ class HostileServerTests(unittest.TestCase):
         assert outcome == Outcome(False, f"http GET {server.url()}: status 500: " + "b" * 200)
         assert (await runner.run(_execution("GET", server.url()))).reason == outcome.reason
         assert server.accepted == 1
-        assert self.log.refused() == []
+        assert _refused(self.log) == []
 
     async def test_limits_are_exact(self) -> None:
         """Each limit admits a head exactly at it and refuses one a byte or line over.
