@@ -246,6 +246,17 @@ class _Run(ProcessProtocol):
         self._kill_call: IDelayedCall | None = None
         self._drain_call: IDelayedCall | None = None
 
+    def _fields(self, with_pid: bool = True) -> dict[str, object]:
+        """The log fields every event about this run carries."""
+        fields: dict[str, object] = {
+            "job_id": self.execution.job_id,
+            "rule_id": self.execution.rule_id,
+            "attempt": self.execution.attempt,
+        }
+        if with_pid:
+            fields["pid"] = self.pid
+        return fields
+
     # -- ProcessProtocol ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -254,10 +265,7 @@ class _Run(ProcessProtocol):
         self.transport.closeStdin()
         self.runner.log.debug(
             "job {job_id}: {runner} run started (rule {rule_id}, attempt {attempt}, pid {pid})",
-            job_id=self.execution.job_id,
-            rule_id=self.execution.rule_id,
-            attempt=self.execution.attempt,
-            pid=self.pid,
+            **self._fields(),
             runner=self.runner.kind.wire,
         )
         if self.terminating:  # terminated while its start was under way: carry it out now
@@ -326,18 +334,13 @@ class _Run(ProcessProtocol):
             # and arms the SIGKILL, so the kill grace counts from a real SIGTERM.
             self.runner.log.info(
                 "job {job_id}: {cause} while starting; it is terminated once started",
-                job_id=self.execution.job_id,
-                rule_id=self.execution.rule_id,
-                attempt=self.execution.attempt,
+                **self._fields(with_pid=False),
                 cause=cause,
             )
             return
         self.runner.log.info(
             "job {job_id}: {cause}; sending SIGTERM to pid {pid}",
-            job_id=self.execution.job_id,
-            rule_id=self.execution.rule_id,
-            attempt=self.execution.attempt,
-            pid=self.pid,
+            **self._fields(),
             cause=cause,
         )
         self._signal(signal.SIGTERM)
@@ -350,10 +353,7 @@ class _Run(ProcessProtocol):
         self._kill_call = None
         self.runner.log.warn(
             "job {job_id}: pid {pid} still running {grace:g}s after SIGTERM; sending SIGKILL",
-            job_id=self.execution.job_id,
-            rule_id=self.execution.rule_id,
-            attempt=self.execution.attempt,
-            pid=self.pid,
+            **self._fields(),
             grace=self.runner.options.kill_grace,
         )
         self._signal(signal.SIGKILL)
