@@ -164,8 +164,87 @@ class RuleRemoval:
     id: str
 
 
+# -- ztick-tw extensions (SPEC §8-9): frame types from 16 up, skipped by ztick ----------
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSet:
+    """Log entry (type 16): job ``job_id`` recurs on ``text`` with ``options``.
+
+    ``options`` is the canonical ``key=value ...`` rendering of every option (as
+    ``SCHEDULE GET`` lists it); ``start_ns`` is the resolved start (``starting ...``
+    read at SET time, or the SET time itself), so a restart recomputes the same instants.
+    """
+
+    job_id: str
+    text: str
+    options: str
+    start_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRemoval:
+    """Log entry (type 17): job ``job_id`` no longer recurs (the job itself stays)."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """Log entry (type 18): where a scheduled or retried job stands.
+
+    ``runs``: occurrences fired so far (for ``limit``); ``occurrence_ns``: the schedule's
+    own instant (before jitter) the job is planned for, ``I64_MIN`` when the schedule has
+    ended or the job has none; ``attempt``: the attempt the next start will be (1 = a
+    first attempt); ``due_ns``: the due time that attempt belongs to (what
+    ``ZTICK_EXECUTION_NS`` shows across retries).  Written before the type-0 frame that
+    plans the job's next time.
+    """
+
+    job_id: str
+    runs: int
+    occurrence_ns: int
+    attempt: int
+    due_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Log entry (type 19): job ``job_id`` was paused (``paused``) or resumed at ``since_ns``."""
+
+    job_id: str
+    paused: bool
+    since_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A rule's execution policy (``RULE POLICY``); ``None`` means the ``[runners]`` default.
+
+    ``timeout_ns``: a run is ended after this long (outcome ``timeout``); ``retries``:
+    further attempts after a failed one; ``backoff_min_ns``/``backoff_max_ns``: the
+    exponential backoff with full jitter between attempts.
+    """
+
+    timeout_ns: int | None = None
+    retries: int | None = None
+    backoff_min_ns: int | None = None
+    backoff_max_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RulePolicy:
+    """Log entry (type 20): rule ``rule_id``'s policy is now ``policy``."""
+
+    rule_id: str
+    policy: Policy
+
+
+#: The extension entries (types 16-20); ztick skips them when it loads a ztick-tw log.
+Extension = ScheduleSet | ScheduleRemoval | RunState | Pause | RulePolicy
+
 #: One logfile frame, decoded.
-Entry = Job | Rule | JobRemoval | RuleRemoval
+Entry = Job | Rule | JobRemoval | RuleRemoval | Extension
 
 #: The largest string the logfile format can hold (u16 length prefix).
 MAX_STRING_BYTES = 65535
