@@ -197,8 +197,9 @@ class RunState:
     own instant (before jitter) the job is planned for, ``I64_MIN`` when the schedule has
     ended or the job has none; ``attempt``: the attempt the next start will be (1 = a
     first attempt); ``due_ns``: the due time that attempt belongs to (what
-    ``ZTICK_EXECUTION_NS`` shows across retries).  Written before the type-0 frame that
-    plans the job's next time.
+    ``ZTICK_EXECUTION_NS`` shows across retries).  Written right after the type-0 frame
+    that plans the job's next time (a replayed ``planned`` frame resets a job's attempt
+    count, as it always has; this frame then sets it).
     """
 
     job_id: str
