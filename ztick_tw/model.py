@@ -25,6 +25,21 @@ class JobStatus(enum.IntEnum):
         return self.name.lower()
 
 
+class Shown(enum.Enum):
+    """A status shown to clients that is never a status byte (SPEC §9: ``paused``)."""
+
+    PAUSED = "paused"
+
+    @property
+    def wire(self) -> str:
+        """The word used on the wire."""
+        return self.value
+
+
+#: What GET and QUERY show: a status byte's meaning, or ``paused``.
+ShownStatus = JobStatus | Shown
+
+
 class RunnerKind(enum.IntEnum):
     """The runner kind byte of a rule frame, and the word used in ``RULE SET``."""
 
