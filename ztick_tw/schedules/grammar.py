@@ -19,7 +19,20 @@ from ztick_tw.schedules.errors import ScheduleError, at_word
 Word = tuple[int, str]  # (1-based word number, the word as written)
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-MONTH_NAMES = tuple(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"])
+MONTH_NAMES = (
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "may",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "oct",
+    "nov",
+    "dec",
+)
 #: Full and alternative names -> the three-letter names cron knows.
 ALIASES = {
     **{full: full[:3] for full in ("monday", "wednesday", "friday", "saturday", "sunday")},
