@@ -87,7 +87,7 @@ class Interval:
 class Calendar:
     """``every N days/weeks/months/years`` as wall-clock steps in ``zone`` from ``anchor``."""
 
-    __slots__ = ("anchor", "days", "extra", "first", "months", "zone")
+    __slots__ = ("_k", "_t", "anchor", "days", "extra", "first", "months", "zone")
 
     def __init__(self, zone: Zone, anchor: datetime, extra_ns: int, days: int, months: int):
         self.zone = zone
@@ -96,6 +96,8 @@ class Calendar:
         self.days = days  # a step of this many days, or
         self.months = months  # of this many months
         self.first = zone.instant(anchor) + extra_ns
+        self._k = 0  # the last occurrence answered, and its number: after(it) needs one step
+        self._t = self.first
 
     def occurrence(self, k: int) -> int | None:
         """The k-th occurrence (0 is the start)."""
@@ -112,6 +114,12 @@ class Calendar:
         """The first occurrence at or after ``ns`` (``None``: there is none)."""
         if ns <= self.first:
             return self.first
+        if self._t < ns:  # occurrences rise, so the one after _t is the answer if >= ns
+            t = self.occurrence(self._k + 1)
+            if t is not None and t >= ns:
+                self._k += 1
+                self._t = t
+                return t if t <= MAX_NS else None
         wall = self.zone.wall(ns)
         anchor = self.anchor
         if self.days:
@@ -124,6 +132,7 @@ class Calendar:
             if t is None or t > MAX_NS:
                 return None
             if t >= ns:
+                self._k, self._t = k, t
                 return t
             k += 1
 
