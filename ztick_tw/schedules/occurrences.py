@@ -64,24 +64,31 @@ class Interval:
             result = anchor - (anchor - ns) // self.step * self.step
             return result if result <= MAX_NS else None
         occurrence = self._known if self._known <= ns else anchor
+        unit = self.decay_step
         while occurrence < ns:
-            occurrence = self.following(occurrence)
+            # The factor is the same for every age in ((j-1)*unit, j*unit]: jump through
+            # that bucket in one step, to ns or to the bucket's end, whichever comes first.
+            bucket = max(1, -(-(occurrence - anchor) // unit))
+            increment = self.increment(bucket)
+            if increment is None:
+                return None
+            to_ns = -(-(ns - occurrence) // increment)
+            to_end = (anchor + bucket * unit - occurrence) // increment + 1
+            occurrence += min(to_ns, to_end) * increment
             if occurrence > MAX_NS:
                 return None
         self._known = occurrence
         return occurrence
 
-    def following(self, occurrence: int) -> int:
-        """The occurrence after ``occurrence`` (an occurrence) under decay (SPEC §8)."""
-        age = occurrence - self.anchor
-        factor = max(1, -(-age // self.decay_step))
+    def increment(self, factor: int) -> int | None:
+        """``step * factor**decay`` rounded, at least 1 ns (``None``: past the int64 range)."""
         try:
             grown: float = self.step * float(factor) ** self.decay
         except OverflowError:
-            return MAX_NS + 1
+            return None
         if not math.isfinite(grown) or grown > MAX_NS:
-            return MAX_NS + 1
-        return occurrence + max(1, round(grown))
+            return None
+        return max(1, round(grown))
 
 
 class Calendar:
