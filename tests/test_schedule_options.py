@@ -165,3 +165,12 @@ def test_options_reach_the_compiled_schedule() -> None:
     s = compile_schedule("every 1 minute", options, 0)
     assert s.options is options
     assert s.preview(2) == [0, 60 * 10**9]  # no jitter in preview
+
+
+@pytest.mark.parametrize("count", [0, -1, 1001])
+def test_preview_count_outside_1_to_1000_is_an_error(count: int) -> None:
+    """PREVIEW's count must be 1 to 1000 (SPEC §8)."""
+    s = compile_schedule("every 1 minute", Options(), 0)
+    with pytest.raises(ScheduleError, match="1 to 1000"):
+        s.preview(count)
+    assert len(s.preview(1000)) == 1000

@@ -57,7 +57,12 @@ class Schedule:
         return None if t is None or (until is not None and t >= until) else t
 
     def preview(self, count: int) -> list[int]:
-        """SPEC §8 PREVIEW: the first ``count`` instants from the start (limit/until shorten)."""
+        """SPEC §8 PREVIEW: the first ``count`` instants from the start (limit/until shorten).
+
+        ``count`` outside 1..1000 raises ``ScheduleError``.
+        """
+        if not 1 <= count <= MAX_PREVIEW:
+            raise ScheduleError(f"the count must be 1 to {MAX_PREVIEW}, not {count}")
         limit = self.options.limit
         if limit:
             count = min(count, limit)
