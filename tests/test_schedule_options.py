@@ -34,6 +34,12 @@ def test_defaults_render_every_key_in_canonical_order() -> None:
     ]
 
 
+def test_defaults_paste_back() -> None:
+    """The rendered defaults parse back to the defaults (a listing pastes back)."""
+    assert parse_options(Options().render()) == Options()
+    assert parse_options([]) == Options()
+
+
 def test_every_option_parses_and_renders_back() -> None:
     """Each option is read, and render() pastes back to equal options."""
     words = [

@@ -94,7 +94,7 @@ class Interval:
 class Calendar:
     """``every N days/weeks/months/years`` as wall-clock steps in ``zone`` from ``anchor``."""
 
-    __slots__ = ("_k", "_t", "anchor", "days", "extra", "first", "months", "zone")
+    __slots__ = ("_asked", "_k", "_t", "anchor", "days", "extra", "first", "months", "zone")
 
     def __init__(self, zone: Zone, anchor: datetime, extra_ns: int, days: int, months: int):
         self.zone = zone
@@ -105,6 +105,7 @@ class Calendar:
         self.first = zone.instant(anchor) + extra_ns
         self._k = 0  # the last occurrence answered, and its number: after(it) needs one step
         self._t = self.first
+        self._asked = self.first  # the question it answered: between the two, same answer
 
     def occurrence(self, k: int) -> int | None:
         """The k-th occurrence (0 is the start)."""
@@ -121,12 +122,15 @@ class Calendar:
         """The first occurrence at or after ``ns`` (``None``: there is none)."""
         if ns <= self.first:
             return self.first
+        if self._asked <= ns <= self._t:
+            return self._t
         if self._t < ns:  # occurrences rise, so the one after _t is the answer if >= ns
             t = self.occurrence(self._k + 1)
             if t is not None and t >= ns:
-                self._k += 1
-                self._t = t
-                return t if t <= MAX_NS else None
+                if t > MAX_NS:
+                    return None
+                self._k, self._t, self._asked = self._k + 1, t, ns
+                return t
         wall = self.zone.wall(ns)
         anchor = self.anchor
         if self.days:
@@ -139,7 +143,7 @@ class Calendar:
             if t is None or t > MAX_NS:
                 return None
             if t >= ns:
-                self._k, self._t = k, t
+                self._k, self._t, self._asked = k, t, ns
                 return t
             k += 1
 
@@ -147,10 +151,14 @@ class Calendar:
 class Cron:
     """A five-field cron expression over wall-clock time in ``zone``."""
 
-    __slots__ = ("_days", "_sim", "hours", "minutes", "months", "zone")
+    __slots__ = ("_answer", "_asked", "_days", "_sim", "hours", "minutes", "months", "zone")
 
     def __init__(self, zone: Zone, expr: str) -> None:
         self.zone = zone
+        # The last question and answer: any ns between them has the same answer (an ``or``
+        # asks every part each time, and only one of them moved).
+        self._asked = 1
+        self._answer = 0
         sim = CronSim(expr, datetime(2000, 1, 1))
         self._sim = sim  # for its day matching (Vixie: dom OR dow when both are restricted)
         self.minutes = tuple(sorted(sim.minutes))
@@ -209,6 +217,8 @@ class Cron:
 
     def next_from(self, ns: int) -> int | None:
         """The first occurrence at or after ``ns`` (``None``: there is none)."""
+        if self._asked <= ns <= self._answer:
+            return self._answer
         zone = self.zone
         wall = zone.wall(ns - 1)  # just before ns, so a gap's instant equal to ns is found
         wall = wall.replace(second=0, microsecond=0) + _MINUTE
@@ -218,6 +228,7 @@ class Cron:
                 return None
             t = zone.instant(found)
             if t >= ns:
+                self._asked, self._answer = ns, t
                 return t
             wall = found + _MINUTE  # the second pass of a fold: its wall times came first
 
