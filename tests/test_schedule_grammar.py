@@ -256,3 +256,55 @@ def test_decay_without_an_every_part_is_an_error() -> None:
     """`decay` applies to `every` schedules; a cron-only schedule with decay is refused."""
     with pytest.raises(ScheduleError, match="decay applies"):
         compile_schedule("0 9 * * *", parse_options(["decay=1"]), NOW)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "daily and mon-fri",
+        "daily & mon-fri",
+        "daily&mon-fri",
+        "DAILY AND MON-FRI",
+        "daily and mon through fri",
+        "daily and mon thru fri",
+        "daily and mon - fri",
+        "daily and Monday-Friday",
+        "daily and monday through friday",
+        "daily and mon,tues,wed,thurs,fri",
+    ],
+)
+def test_aliases_mean_the_same_schedule(text: str) -> None:
+    """`&`/`and`, `through`/`thru`/` - `, full and short names, any case: one schedule."""
+    assert preview(text, 6) == preview("daily and mon-fri", 6)
+
+
+def test_or_with_pipe_and_full_month_names() -> None:
+    """`|` is `or`; `September` is `sep`; a fragment in `or` fires at 00:00 of its days."""
+    assert preview("0 12 1 September * | sat", 3) == preview("0 12 1 sep * or sat", 3)
+    assert preview("0 12 1 sep * or sat", 3) == z(
+        "2024-05-11 00:00", "2024-05-18 00:00", "2024-05-25 00:00"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("jun-aug", z("2024-06-01 00:00", "2024-06-02 00:00")),
+        ("2025", z("2025-01-01 00:00", "2025-01-02 00:00")),
+        ("sat,sun and jun-aug", z("2024-06-01 00:00", "2024-06-02 00:00", "2024-06-08 00:00")),
+        ("fri-mon", z("2024-05-11 00:00", "2024-05-12 00:00", "2024-05-13 00:00")),
+        ("every 1 hour and 2025", z("2025-01-01 00:20", "2025-01-01 01:20")),
+    ],
+)
+def test_fragments(text: str, expected: list[str]) -> None:
+    """Fragments alone fire at 00:00 of their days; with `and` they filter other parts."""
+    assert preview(text, len(expected)) == expected
+
+
+def test_until_before_any_occurrence_leaves_none() -> None:
+    """A schedule whose first instant is at or after `until` has no occurrence."""
+    s = compile_schedule(
+        "daily starting 2024-06-01", parse_options(["until=2024-06-01T00:00:00Z"]), NOW
+    )
+    assert s.first() is None
+    assert s.preview(5) == []
