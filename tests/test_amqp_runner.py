@@ -47,8 +47,18 @@ from ztick_tw.runners.message import MessageFormat, NetworkOptions, rich_body
 DUE_NS = 1_700_000_000_123_456_789
 
 
-def _execution(spec: AmqpSpec | ShellSpec, job_id: str = "job.1", attempt: int = 1) -> Execution:
-    return Execution(job_id, DUE_NS, "rule.1", attempt, spec, fired_ns=DUE_NS + 7)
+def _brief(outcome: Outcome) -> Outcome:
+    """``outcome`` without the details (output...): success, reason, interrupted."""
+    return Outcome(outcome.success, outcome.reason, outcome.interrupted)
+
+
+def _execution(
+    spec: AmqpSpec | ShellSpec,
+    job_id: str = "job.1",
+    attempt: int = 1,
+    timeout: float | None = None,
+) -> Execution:
+    return Execution(job_id, DUE_NS, "rule.1", attempt, spec, fired_ns=DUE_NS + 7, timeout=timeout)
 
 
 @implementer(ILogObserver)
@@ -150,8 +160,8 @@ class FakeClockTests(unittest.TestCase):
         self.runner = AmqpRunner(self.reactor, NetworkOptions(timeout=5.0))
         self.spec = AmqpSpec("amqp://user:pa55@127.0.0.1:5672/v", "ex", "key")
 
-    def job(self, job_id: str = "job.1") -> Deferred[Outcome]:
-        return self.runner.run(_execution(self.spec, job_id))
+    def job(self, job_id: str = "job.1", timeout: float | None = None) -> Deferred[Outcome]:
+        return self.runner.run(_execution(self.spec, job_id, timeout=timeout))
 
     def refuse(self, index: int = -1) -> None:
         factory = self.reactor.tcpClients[index][2]
@@ -233,6 +243,29 @@ class FakeClockTests(unittest.TestCase):
         assert "timed out after 5s" in later.reason
         assert not self.reactor.getDelayedCalls()
 
+    def test_own_timeout_while_connecting(self) -> None:
+        """A job's own shorter timeout ends it alone while the connection is being made."""
+        quick, slow = self.job("quick", timeout=1), self.job("slow")
+        self.reactor.advance(1)
+        assert self.outcome(quick) == Outcome(
+            False, "amqp 127.0.0.1:5672/v: timed out after 1s connecting", timed_out=True
+        )
+        self.pending(slow)
+        assert self.runner.running == 1
+        self.reactor.advance(4)  # the default 5 s: the connect attempt and "slow" time out
+        assert "timed out after 5s" in self.outcome(slow).reason
+
+    def test_cancel_while_connecting_drops_the_job(self) -> None:
+        """A job cancelled before it was published fires cancelled at once, no CancelledError."""
+        dropped, kept = self.job("dropped"), self.job("kept")
+        dropped.cancel()
+        assert self.outcome(dropped) == Outcome(False, "cancelled", cancelled=True)
+        assert self.runner.running == 1
+        self.refuse()  # (the dropped job is done: the refusal does not reach it again)
+        assert self.outcome(kept).reason == "amqp 127.0.0.1:5672/v: connection refused"
+        dropped.cancel()  # after the end: nothing
+        assert self.runner.running == 0
+
     def test_stop_interrupts_jobs_still_connecting(self) -> None:
         """stop(grace) waits grace, then fails what is left as interrupted.
 
@@ -245,10 +278,10 @@ class FakeClockTests(unittest.TestCase):
         self.reactor.advance(1.9)
         self.pending(d)
         self.reactor.advance(0.1)
-        assert self.outcome(d) == Outcome(False, "stopped at shutdown", interrupted=True)
+        assert _brief(self.outcome(d)) == Outcome(False, "stopped at shutdown", interrupted=True)
         self.successResultOf(stopped)
         assert self.runner.running == 0
-        assert self.outcome(self.job("after")) == Outcome(False, "runner stopped")
+        assert _brief(self.outcome(self.job("after"))) == Outcome(False, "runner stopped")
         self.successResultOf(self.runner.stop(0))
         assert not self.reactor.getDelayedCalls()
 
@@ -260,7 +293,7 @@ class FakeClockTests(unittest.TestCase):
     def test_bad_spec_and_dsn_fail_without_errback(self) -> None:
         """A spec of another kind or an unparsable DSN fails the run; nothing is raised."""
         shell = self.outcome(self.runner.run(_execution(ShellSpec("true"))))
-        assert shell == Outcome(False, "the amqp runner cannot run a shell spec")
+        assert _brief(shell) == Outcome(False, "the amqp runner cannot run a shell spec")
         bad = AmqpSpec("amqp://u:hunter2@h:99999/", "ex", "k")
         outcome = self.outcome(self.runner.run(_execution(bad)))
         assert not outcome.success
@@ -463,7 +496,7 @@ class DeliveryTests(_BrokerBase):
         queue = self.queue()
         spec = AmqpSpec(self.broker.dsn(), "amq.direct", queue)
         outcome = await runner.run(_execution(spec, 'job ütf-8 "quoted"', attempt=3))
-        assert outcome == Outcome(True)
+        assert _brief(outcome) == Outcome(True)
         [(body, props)] = self.broker.get_messages(queue)
         assert body == 'job ütf-8 "quoted"'.encode()
         assert props.content_type == "text/plain"
@@ -487,7 +520,7 @@ class DeliveryTests(_BrokerBase):
         self.broker.declare_queue(queue, exchange, routing_key="jobs.#")
         self.addCleanup(self.broker.delete_queue, queue)
         execution = _execution(AmqpSpec(self.broker.dsn(), exchange, "jobs.eu.1"), "job.j", 2)
-        assert (await runner.run(execution)) == Outcome(True)
+        assert _brief(await runner.run(execution)) == Outcome(True)
         [(body, props)] = self.broker.get_messages(queue)
         assert body == rich_body(execution)
         assert json.loads(body) == {
@@ -511,7 +544,7 @@ class DeliveryTests(_BrokerBase):
         dsn = self.broker.dsn()
         assert (await runner.run(_execution(AmqpSpec(dsn, "", queue), "direct.1"))).success
         nowhere = AmqpSpec(dsn, "amq.direct", unique_name("nobody-listens"))
-        assert (await runner.run(_execution(nowhere, "dropped.1"))) == Outcome(True)
+        assert _brief(await runner.run(_execution(nowhere, "dropped.1"))) == Outcome(True)
         assert [body for body, _ in self.broker.get_messages(queue)] == [b"direct.1"]
 
     async def test_vhost_and_user(self) -> None:
@@ -527,7 +560,7 @@ class DeliveryTests(_BrokerBase):
         # The same user has no rights on another vhost: a clear, password-free reason.
         other = self.broker.dsn(user, password, "/")
         outcome = await runner.run(_execution(AmqpSpec(other, "amq.direct", queue)))
-        assert outcome == Outcome(
+        assert _brief(outcome) == Outcome(
             False,
             f"amqp 127.0.0.1:{self.broker.port}/: access to vhost '/' refused for user {user!r}",
         )
@@ -552,7 +585,9 @@ class DeliveryTests(_BrokerBase):
         outcome = await runner.run(_execution(spec))
         assert reactor.seconds() - started < 3
         label = f"127.0.0.1:{self.broker.port}/"
-        assert outcome == Outcome(False, f"amqp {label}: authentication refused for user 'guest'")
+        assert _brief(outcome) == Outcome(
+            False, f"amqp {label}: authentication refused for user 'guest'"
+        )
         again = runner.run(_execution(spec, "job.2"))
         assert again.called, "a job inside the back-off window fails at once"
         second = self.successResultOf(again)
@@ -579,14 +614,17 @@ class DeliveryTests(_BrokerBase):
         ]
         bad = runner.run(_execution(AmqpSpec(dsn, missing, queue), "bad.1"))
         outcomes = await gatherResults([*good, bad])
-        assert outcomes[:20] == [Outcome(True)] * 20
-        assert outcomes[20] == Outcome(
+        assert [_brief(o) for o in outcomes[:20]] == [Outcome(True)] * 20
+        assert _brief(outcomes[20]) == Outcome(
             False,
             f"amqp 127.0.0.1:{self.broker.port}/: channel closed by broker: 404 NOT_FOUND"
             f" - no exchange '{missing}' in vhost '/'",
         )
+        answer = f"404 NOT_FOUND - no exchange '{missing}' in vhost '/'".encode()
+        assert outcomes[20].output == answer
+        assert {o.output for o in outcomes[:20]} == {b"confirmed"}
         later = await runner.run(_execution(AmqpSpec(dsn, "amq.direct", queue), "ok.later"))
-        assert later == Outcome(True)
+        assert _brief(later) == Outcome(True)
         again = await runner.run(_execution(AmqpSpec(dsn, missing, queue), "bad.2"))
         assert "404 NOT_FOUND" in again.reason
         assert len(self.broker.get_messages(queue)) == 21
@@ -620,7 +658,9 @@ class DeliveryTests(_BrokerBase):
         dsn = self.broker.dsn(tls=True)
         assert dsn.startswith("amqps://") and "localhost" in dsn
         good = self.runner(ca_file=self.broker.ca_file)
-        assert (await good.run(_execution(AmqpSpec(dsn, "amq.direct", queue)))) == Outcome(True)
+        assert _brief(await good.run(_execution(AmqpSpec(dsn, "amq.direct", queue)))) == Outcome(
+            True
+        )
         assert [b for b, _ in self.broker.get_messages(queue)] == [b"job.1"]
         untrusting = self.runner()
         outcome = await untrusting.run(_execution(AmqpSpec(dsn, "amq.direct", queue)))
@@ -638,7 +678,7 @@ class DeliveryTests(_BrokerBase):
         pending = [runner.run(_execution(spec, f"many.{i}")) for i in range(500)]
         assert runner.running == 500
         outcomes = await gatherResults(pending)
-        assert outcomes == [Outcome(True)] * 500
+        assert [_brief(o) for o in outcomes] == [Outcome(True)] * 500
         assert runner.running == 0
         assert runner.connections == 1
         assert sum("connected" in m for m in self.log.messages()) == 1
@@ -655,7 +695,7 @@ class DeliveryTests(_BrokerBase):
         queue = self.queue()
         spec = AmqpSpec(self.broker.dsn(), "amq.direct", queue)
         outcomes = await gatherResults([runner.run(_execution(spec, f"w.{i}")) for i in range(60)])
-        assert outcomes == [Outcome(True)] * 60
+        assert [_brief(o) for o in outcomes] == [Outcome(True)] * 60
         bodies = [body for body, _ in self.broker.get_messages(queue)]
         assert bodies == [f"w.{i}".encode() for i in range(60)]  # and in order
 
@@ -665,13 +705,13 @@ class DeliveryTests(_BrokerBase):
         queue = self.queue()
         dsn = self.broker.dsn()
         bad = await runner.run(_execution(AmqpSpec(dsn, "amq.direct", "k" * 300), "long"))
-        assert bad == Outcome(
+        assert _brief(bad) == Outcome(
             False,
             f"amqp 127.0.0.1:{self.broker.port}/: cannot publish: exchange or routing key"
             " longer than 255 bytes",
         )
         good = await runner.run(_execution(AmqpSpec(dsn, "amq.direct", queue), "fine"))
-        assert good == Outcome(True)
+        assert _brief(good) == Outcome(True)
 
     async def test_confirm_timeout(self) -> None:
         """A publish whose confirm does not come within timeout fails "timed out"."""
@@ -686,9 +726,30 @@ class DeliveryTests(_BrokerBase):
             False,
             f"amqp 127.0.0.1:{proxy.listen_port}/: timed out after 0.5s waiting for the"
             " broker's confirm",
+            timed_out=True,
         )
         assert runner.running == 0
         await proxy.cut()  # the held replies would delay the clean close at cleanup
+
+    async def test_own_timeout_and_cancel_give_a_publish_up(self) -> None:
+        """A run's own timeout (over the default) and a cancel both give up a publish."""
+        proxy = await self.proxy()
+        runner = self.runner(timeout=30)
+        queue = self.queue()
+        spec = AmqpSpec(f"amqp://127.0.0.1:{proxy.listen_port}/", "amq.direct", queue)
+        assert (await runner.run(_execution(spec, "first"))).output == b"confirmed"
+        proxy.hold = True
+        timed = await runner.run(_execution(spec, "held", timeout=0.3))
+        assert timed.timed_out
+        assert timed.reason.endswith("timed out after 0.3s waiting for the broker's confirm")
+        run = runner.run(_execution(spec, "cancelled"))
+        pending = list(runner._pending)
+        await self.wait_for(lambda: all(job.published for job in pending), "the publish")
+        run.cancel()
+        assert run.called
+        assert await run == Outcome(False, "cancelled", cancelled=True)
+        assert runner.running == 0
+        await proxy.cut()
 
     async def test_connect_timeout_against_silent_server(self) -> None:
         """A server that accepts TCP but never speaks AMQP times the job out."""
@@ -716,10 +777,10 @@ class DeliveryTests(_BrokerBase):
         await proxy.cut()
         outcomes = await gatherResults(unconfirmed)
         expected = f"amqp 127.0.0.1:{proxy.listen_port}/: connection lost; delivery not confirmed"
-        assert outcomes == [Outcome(False, expected)] * 5
+        assert [_brief(o) for o in outcomes] == [Outcome(False, expected)] * 5
         assert any("connection lost" in m for m in self.log.messages())
         proxy.hold = False
-        assert (await runner.run(_execution(spec, "after"))) == Outcome(True)
+        assert _brief(await runner.run(_execution(spec, "after"))) == Outcome(True)
         assert runner.connections == 1
 
     async def test_stop_waits_for_confirms_within_grace(self) -> None:
@@ -735,10 +796,12 @@ class DeliveryTests(_BrokerBase):
         pending = [runner.run(_execution(spec, f"s.{i}")) for i in range(100)]
         await runner.stop(10)
         assert all(d.called for d in pending)
-        assert [self.successResultOf(d) for d in pending] == [Outcome(True)] * 100
+        assert [_brief(o) for o in [self.successResultOf(d) for d in pending]] == [
+            Outcome(True)
+        ] * 100
         assert runner.connections == 0
         after = self.successResultOf(runner.run(_execution(spec, "late")))
-        assert after == Outcome(False, "runner stopped")
+        assert _brief(after) == Outcome(False, "runner stopped")
         assert len(self.broker.get_messages(queue)) == 100
         # The broker logs a clean AMQP close (not "client unexpectedly closed TCP").
         await self.wait_for(
@@ -761,7 +824,9 @@ class DeliveryTests(_BrokerBase):
         started = reactor.seconds()
         stopping = runner.stop(0.2)
         outcomes = await gatherResults(pending)
-        assert outcomes == [Outcome(False, "stopped at shutdown", interrupted=True)] * 3
+        assert [_brief(o) for o in outcomes] == [
+            Outcome(False, "stopped at shutdown", interrupted=True)
+        ] * 3
         await proxy.cut()  # the held close-ok never comes: the runner aborts, or we cut
         await stopping
         assert reactor.seconds() - started < 6
@@ -777,12 +842,12 @@ class RestartTests(_BrokerBase):
         runner = self.runner()
         queue = self.queue(durable=True)
         spec = AmqpSpec(self.broker.dsn(), "amq.direct", queue)
-        assert (await runner.run(_execution(spec, "before"))) == Outcome(True)
+        assert _brief(await runner.run(_execution(spec, "before"))) == Outcome(True)
         await threads.deferToThread(self.broker.restart)
         await self.wait_for(lambda: runner.connections == 0, "the runner to see the close")
         lost = [m for m in self.log.messages() if "connection lost" in m]
         assert lost and "320 CONNECTION_FORCED" in lost[0], lost  # the broker's own reason
-        assert (await runner.run(_execution(spec, "after"))) == Outcome(True)
+        assert _brief(await runner.run(_execution(spec, "after"))) == Outcome(True)
         assert runner.connections == 1
         bodies = [body for body, _ in self.broker.get_messages(queue)]
         assert bodies == [b"before", b"after"]

@@ -23,6 +23,13 @@ successful connection), every new job for that DSN at once; the next job after t
 tries again.  A connection lost while open fails the unconfirmed deliveries ("delivery
 not confirmed": the broker may or may not have the message) and the next job reconnects.
 
+``Execution.timeout`` (else ``NetworkOptions.timeout``) bounds a delivery, connecting
+included; past it the publish is given up (``timed_out``; a confirm that comes later is
+ignored).  Cancelling the Deferred of :meth:`AmqpRunner.run` gives it up the same way
+(one not published yet is dropped) and fires ``cancelled_outcome``.  The outcome's
+``output`` is ``b"confirmed"``, or the broker's answer (``b"nack"``, ``b"404 NOT_FOUND -
+no exchange ..."``).
+
 Failure reasons and log lines name the endpoint as ``host:port/vhost``; the password is
 never shown.
 """
@@ -31,6 +38,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, cast
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -66,7 +75,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ztick_tw.model import AmqpSpec
-from ztick_tw.runners.base import Execution, IRunner, Outcome
+from ztick_tw.runners.base import (
+    Execution,
+    IRunner,
+    Outcome,
+    cancelled_outcome,
+    effective_timeout,
+    timeout_reason,
+)
 from ztick_tw.runners.message import NetworkOptions, queue_message
 from ztick_tw.runners.trust import load_trust_root
 
@@ -272,6 +288,17 @@ def _tls_detail(error: BaseException | None) -> str:
 
 
 _LOST = "connection lost; delivery not confirmed"
+#: The output of a confirmed delivery.
+CONFIRMED = b"confirmed"
+
+
+def _broker_answer(error: BaseException) -> bytes:
+    """What the broker said about a publish it did not confirm, as an outcome's output."""
+    if isinstance(error, pika.exceptions.NackError):
+        return b"nack"
+    if isinstance(error, pika.exceptions.ChannelClosedByBroker):
+        return f"{error.reply_code} {error.reply_text}".encode("utf-8", "replace")
+    return b""
 
 
 def _delivery_reason(error: BaseException) -> str:
@@ -294,18 +321,45 @@ def _delivery_reason(error: BaseException) -> str:
 
 
 class _Job:
-    """One execution on its way to the broker."""
+    """One execution on its way to the broker (``timeout`` 0: no limit)."""
 
-    __slots__ = ("deadline", "deferred", "done", "execution", "published", "spec", "started")
+    __slots__ = (
+        "deadline",
+        "deferred",
+        "done",
+        "execution",
+        "published",
+        "runner",
+        "spec",
+        "started",
+        "timeout",
+    )
 
-    def __init__(self, execution: Execution, spec: AmqpSpec, started: float, deadline: float):
+    def __init__(
+        self,
+        runner: AmqpRunner,
+        execution: Execution,
+        spec: AmqpSpec,
+        started: float,
+        timeout: float,
+    ) -> None:
+        self.runner = runner
         self.execution = execution
         self.spec = spec
         self.started = started
-        self.deadline = deadline
-        self.deferred: Deferred[Outcome] = Deferred()
+        self.timeout = timeout
+        self.deadline = started + timeout if timeout > 0 else float("inf")
+        self.deferred: Deferred[Outcome] = Deferred(self._cancel)
         self.done = False
         self.published = False
+
+    def _cancel(self, deferred: Deferred[Outcome]) -> None:
+        """Give the delivery up: dropped if not published yet, its confirm ignored if it is."""
+        self.runner.finish(self, cancelled_outcome())
+
+
+#: Tie-breaker of equal deadlines in the heap (jobs do not compare).
+_order = itertools.count()
 
 
 class _Channel:
@@ -424,18 +478,20 @@ class _Channel:
 
     def _confirmed(self, _frame: object, job: _Job) -> None:
         self.outstanding -= 1
-        self.endpoint.runner.finish(job, Outcome(True))
+        self.endpoint.runner.finish(job, Outcome(True, output=CONFIRMED))
         self.pump()
 
     def _refused(self, failure: Failure, job: _Job) -> None:
         self.outstanding -= 1
         error = failure.value if failure.value is not None else RuntimeError("unknown")
         if isinstance(error, pika.exceptions.UnroutableError):
-            outcome = Outcome(True)  # confirmed, and dropped by the broker as in ztick
+            # Confirmed, and dropped by the broker as in ztick.
+            outcome = Outcome(True, output=CONFIRMED)
         elif self.endpoint.connection_down():
             outcome = Outcome(False, self.endpoint.reason(_LOST))
         else:
-            outcome = Outcome(False, self.endpoint.reason(_delivery_reason(error)))
+            reason = self.endpoint.reason(_delivery_reason(error))
+            outcome = Outcome(False, reason, output=_broker_answer(error))
         self.endpoint.runner.finish(job, outcome)
         self.pump()
 
@@ -765,8 +821,10 @@ class AmqpRunner:
         if ca_file is not None:  # read now: a bad file is a startup error, not a job's
             self._trust = load_ca_file(ca_file)
         self._endpoints: dict[str, _Endpoint] = {}
-        self._by_deadline: collections.deque[_Job] = collections.deque()
+        self._pending: dict[_Job, None] = {}  # the jobs not done, in the order they came
+        self._deadlines: list[tuple[float, int, _Job]] = []  # a heap of their deadlines
         self._timeout_call: IDelayedCall | None = None
+        self._timeout_at = float("inf")
         self._grace_call: IDelayedCall | None = None
         self._live = 0
         self._stopping = False
@@ -805,7 +863,7 @@ class AmqpRunner:
             endpoint = self._endpoints[spec.dsn] = _Endpoint(self, target)
         now = self.reactor.seconds()
         job_id = execution.job_id
-        job = _Job(execution, spec, now, now + self.options.timeout)
+        job = _Job(self, execution, spec, now, effective_timeout(execution, self.options.timeout))
         self._live += 1
         try:
             endpoint.submit(job)
@@ -813,9 +871,11 @@ class AmqpRunner:
             self.log.failure("amqp runner: unexpected error starting job {job_id}", job_id=job_id)
             self.finish(job, Outcome(False, endpoint.reason(f"internal error: {e!r}")))
         if not job.done:  # (a job failed at once by a back-off window needs no timer)
-            self._by_deadline.append(job)
-            if self._timeout_call is None:
-                self._timeout_call = self.reactor.callLater(self.options.timeout, self._expire)
+            self._pending[job] = None
+            if job.timeout > 0:
+                heapq.heappush(self._deadlines, (job.deadline, next(_order), job))
+                if job.deadline < self._timeout_at:
+                    self._arm()
         return job.deferred
 
     def stop(self, grace: float) -> Deferred[None]:
@@ -863,6 +923,7 @@ class AmqpRunner:
             return
         job.done = True
         self._live -= 1
+        self._pending.pop(job, None)
         duration = self.reactor.seconds() - job.started
         if outcome.success:
             self.log.debug(
@@ -885,23 +946,36 @@ class AmqpRunner:
 
     # -- timers ----------------------------------------------------------------------
 
+    def _arm(self) -> None:
+        """Arm the timer for the earliest deadline of a job not done (or none)."""
+        timer, self._timeout_call = self._timeout_call, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timeout_at = float("inf")
+        heap = self._deadlines
+        while heap and heap[0][2].done:
+            heapq.heappop(heap)
+        if heap:
+            self._timeout_at = heap[0][0]
+            delay = max(self._timeout_at - self.reactor.seconds(), 0.0)
+            self._timeout_call = self.reactor.callLater(delay, self._expire)
+
     def _expire(self) -> None:
         """Fail the jobs whose deadline has come; re-arm for the next one."""
         self._timeout_call = None
+        self._timeout_at = float("inf")
         now = self.reactor.seconds()
-        queue = self._by_deadline
-        while queue and (queue[0].done or queue[0].deadline <= now + 1e-6):
-            job = queue.popleft()
+        heap = self._deadlines
+        while heap and (heap[0][2].done or heap[0][0] <= now + 1e-6):
+            job = heapq.heappop(heap)[2]
             if not job.done:
                 self._time_out(job)
-        if queue:
-            self._timeout_call = self.reactor.callLater(
-                max(queue[0].deadline - now, 0.0), self._expire
-            )
+        if self._timeout_call is None:  # (a callback may have armed it meanwhile)
+            self._arm()
 
     def _time_out(self, job: _Job) -> None:
         endpoint = self._endpoints.get(job.spec.dsn)
-        text = f"timed out after {self.options.timeout:g}s"
+        text = timeout_reason(job.timeout)
         if endpoint is not None:
             protocol = endpoint.protocol
             if protocol is not None and protocol.blocked:
@@ -910,21 +984,23 @@ class AmqpRunner:
                 text += " before publishing" if endpoint.state == "open" else " connecting"
             else:
                 text += " waiting for the broker's confirm"
-            self.finish(job, Outcome(False, endpoint.reason(text)))
+            self.finish(job, Outcome(False, endpoint.reason(text), timed_out=True))
         else:
-            self.finish(job, Outcome(False, f"amqp: {text}"))
+            self.finish(job, Outcome(False, f"amqp: {text}", timed_out=True))
 
     def _interrupt(self) -> None:
         """The grace period is over (or nothing is left): fail what remains, close all."""
         call, self._grace_call = self._grace_call, None
         if call is not None and call.active():
             call.cancel()
-        for job in list(self._by_deadline):
+        for job in list(self._pending):
             self.finish(job, Outcome(False, "stopped at shutdown", interrupted=True))
         self._close_all()
 
     def _close_all(self) -> None:
-        self._by_deadline.clear()
+        self._pending.clear()
+        self._deadlines.clear()
+        self._timeout_at = float("inf")
         timer, self._timeout_call = self._timeout_call, None
         if timer is not None and timer.active():
             timer.cancel()
