@@ -16,6 +16,7 @@ import pytest
 
 from ztick_tw.dump import compact, format_json, format_text, iso_time, main
 from ztick_tw.model import (
+    I64_MIN,
     AmqpSpec,
     AwfSpec,
     DirectSpec,
@@ -24,9 +25,15 @@ from ztick_tw.model import (
     Job,
     JobRemoval,
     JobStatus,
+    Pause,
+    Policy,
     RedisSpec,
     Rule,
+    RulePolicy,
     RuleRemoval,
+    RunState,
+    ScheduleRemoval,
+    ScheduleSet,
     ShellSpec,
 )
 from ztick_tw.store.codec import encode
@@ -82,6 +89,66 @@ TEXT_CASES: list[tuple[Entry, str]] = [
     ),
     (JobRemoval("old-job"), "REMOVE old-job"),
     (RuleRemoval("old-rule"), "REMOVERULE old-rule"),
+]
+
+OPTIONS = "tz=Europe/Paris limit=0 until=- overlap=skip"
+SECOND = 10**9
+
+#: ztick-tw's extension frames (types 16-20), as they read in text and in JSON.
+EXTENSION_CASES: list[tuple[Entry, str, str]] = [
+    (
+        ScheduleSet("backup.daily", 'daily and mon-fri starting "May 2, 2024"', OPTIONS, NS),
+        f'SCHEDULE SET backup.daily "daily and mon-fri starting \\"May 2, 2024\\"" {OPTIONS}'
+        f" start={NS}",
+        '{"type":"schedule_set","identifier":"backup.daily",'
+        '"schedule":"daily and mon-fri starting \\"May 2, 2024\\"",'
+        f'"options":"{OPTIONS}","start":{NS}}}',
+    ),
+    (
+        ScheduleRemoval("backup.daily"),
+        "SCHEDULE REMOVE backup.daily",
+        '{"type":"schedule_remove","identifier":"backup.daily"}',
+    ),
+    (
+        RunState("backup.daily", 3, NS, 2, NS - 5),
+        f"RUNSTATE backup.daily runs=3 occurrence={NS} attempt=2 due={NS - 5}",
+        '{"type":"run_state","identifier":"backup.daily","runs":3,'
+        f'"occurrence":{NS},"attempt":2,"due":{NS - 5}}}',
+    ),
+    (
+        RunState("ended", 5, I64_MIN, 1, I64_MIN),
+        "RUNSTATE ended runs=5 occurrence=- attempt=1 due=-",
+        '{"type":"run_state","identifier":"ended","runs":5,"occurrence":null,"attempt":1,'
+        '"due":null}',
+    ),
+    (
+        Pause("backup.daily", True, NS),
+        f"PAUSE backup.daily {NS}",
+        f'{{"type":"pause","identifier":"backup.daily","since":{NS}}}',
+    ),
+    (
+        Pause("backup.daily", False, NS + 1),
+        f"RESUME backup.daily {NS + 1}",
+        f'{{"type":"resume","identifier":"backup.daily","since":{NS + 1}}}',
+    ),
+    (
+        RulePolicy("r", Policy(30 * SECOND, 3, SECOND // 2, 5400 * SECOND)),
+        "RULE POLICY r timeout=30s retries=3 backoff=500ms..1h30m",
+        '{"type":"rule_policy","identifier":"r","timeout":30000000000,"retries":3,'
+        '"backoff_min":500000000,"backoff_max":5400000000000}',
+    ),
+    (
+        RulePolicy("r", Policy(retries=0)),
+        "RULE POLICY r retries=0",
+        '{"type":"rule_policy","identifier":"r","timeout":null,"retries":0,'
+        '"backoff_min":null,"backoff_max":null}',
+    ),
+    (
+        RulePolicy("r", Policy(backoff_max_ns=60 * SECOND)),
+        "RULE POLICY r backoff=-..1m",
+        '{"type":"rule_policy","identifier":"r","timeout":null,"retries":null,'
+        '"backoff_min":null,"backoff_max":60000000000}',
+    ),
 ]
 
 JSON_CASES: list[tuple[Entry, str]] = [
@@ -144,6 +211,89 @@ def test_json_rendering(entry: Entry, line: str) -> None:
     json.loads(line)
 
 
+@pytest.mark.parametrize(("entry", "text", "line"), EXTENSION_CASES, ids=lambda v: str(v)[:30])
+def test_extension_frames_read_like_the_protocol(entry: Entry, text: str, line: str) -> None:
+    """Types 16-20 render as the instruction that wrote them, and as one JSON object.
+
+    The schedule text is quoted (inner quotes escaped), "none" times are ``-`` in text
+    and ``null`` in JSON, a policy shows only the keys it sets, durations as the
+    protocol writes them.
+    """
+    assert format_text(entry) == text
+    assert format_json(entry) == line
+    json.loads(line)
+
+
+def test_extension_json_values_round_trip_through_a_json_reader() -> None:
+    """A JSON reader gets the schedule text, options and numbers back exactly."""
+    entry, _, line = EXTENSION_CASES[0]
+    assert isinstance(entry, ScheduleSet)
+    obj = json.loads(line)
+    assert (obj["schedule"], obj["options"], obj["start"]) == (entry.text, OPTIONS, NS)
+    assert json.loads(format_json(ScheduleSet("j", "a\nb\x1b", "", 0)))["schedule"] == "a\nb\x1b"
+
+
+def test_extension_frames_with_iso_times(tmp_path: Path) -> None:
+    """--iso turns the extension frames' times into ISO 8601 too ("none" stays none)."""
+    path = tmp_path / "logfile"
+    write_log(
+        path,
+        [
+            ScheduleSet("j", "hourly", "tz=UTC", JAN_2030_NS),
+            RunState("j", 0, JAN_2030_NS, 1, I64_MIN),
+            Pause("j", True, JAN_2030_NS),
+        ],
+    )
+    iso = "2030-01-06T03:00:00.000000000Z"
+    status, out, err = run([str(path), "--iso"])
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        f'SCHEDULE SET j "hourly" tz=UTC start={iso}',
+        f"RUNSTATE j runs=0 occurrence={iso} attempt=1 due=-",
+        f"PAUSE j {iso}",
+    ]
+    status, out, err = run([str(path), "--iso", "--format", "json"])
+    objects = [json.loads(line) for line in out.splitlines()]
+    assert (objects[0]["start"], objects[0]["start_iso"]) == (JAN_2030_NS, iso)
+    assert (objects[1]["occurrence_iso"], objects[1]["due"], objects[1]["due_iso"]) == (
+        iso,
+        None,
+        None,
+    )
+    assert objects[2]["since_iso"] == iso
+
+
+def test_dump_file_with_every_extension_frame(tmp_path: Path) -> None:
+    """A logfile mixing ztick's frames and the extension's prints every one, in order."""
+    path = tmp_path / "logfile"
+    entries = [Job("backup.daily", NS), *(e for e, _, _ in EXTENSION_CASES)]
+    write_log(path, entries)
+    status, out, err = run([str(path)])
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [format_text(e) for e in entries]
+    status, out, err = run([str(path), "--format", "json"])
+    assert (status, err) == (0, "")
+    assert [json.loads(line)["type"] for line in out.splitlines()] == [
+        "set", "schedule_set", "schedule_remove", "run_state", "run_state", "pause", "resume",
+        "rule_policy", "rule_policy", "rule_policy",
+    ]  # fmt: skip
+
+
+def test_frames_of_a_newer_version_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    """Types from 21 up are not shown; stderr counts them by type; the exit status is 0."""
+    path = tmp_path / "logfile"
+    newer = b"\x00\x00\x00\x03\x15ab"
+    data = encode(Job("a", 1)) + newer + newer + b"\x00\x00\x00\x01\x30" + encode(Job("b", 2))
+    path.write_bytes(data)
+    status, out, err = run([str(path)])
+    assert status == 0
+    assert out.splitlines() == ["SET a 1 planned", "SET b 2 planned"]
+    assert err == (
+        f"dump: {path}: warning: skipped 3 frames of entry types this version does not "
+        "know (type 21: 2, type 48: 1), written by a newer ztick-tw\n"
+    )
+
+
 def test_json_escapes_like_ztick() -> None:
     """Quotes, backslashes and control characters are escaped as ztick does; UTF-8 stays."""
     line = format_json(JobRemoval('a"b\\c\nd\re\tf\x00g\x08h\x1fé'))
@@ -202,6 +352,87 @@ def test_compact_keeps_final_live_state(tmp_path: Path) -> None:
         "SET a 3 executed",
         "SET c 4 planned",
         "SET r 9 planned",
+    ]
+
+
+def test_compact_keeps_live_extension_entries_after_jobs_and_rules() -> None:
+    """--compact keeps the last schedule, run state, pause and policy of live jobs and rules.
+
+    They come after every job and rule, in order of last write; removals drop them:
+    a job removal all of its job's, a schedule removal the schedule and run state,
+    a resume the pause, a rule removal the policy; entries of ids that are not live
+    are left out.
+    """
+    entries: list[Entry] = [
+        Rule("r", "s.", ShellSpec("true")),
+        RulePolicy("r", Policy(retries=1)),
+        Job("s.a", 10),
+        ScheduleSet("s.a", "hourly", "tz=UTC", 1),
+        RunState("s.a", 0, 10, 1, 10),
+        Pause("s.a", True, 5),
+        Job("s.a", 10, JobStatus.TRIGGERED),
+        RulePolicy("r", Policy(retries=2)),  # last write wins
+        Job("s.b", 20),
+        ScheduleSet("s.b", "daily", "tz=UTC", 2),
+        RunState("s.b", 1, 20, 1, 20),
+        Pause("s.b", True, 6),
+        Pause("s.b", False, 7),  # resumed: not paused any more
+        ScheduleRemoval("s.b"),  # drops the schedule and the run state
+        Job("s.c", 30),
+        ScheduleSet("s.c", "daily", "tz=UTC", 3),
+        Pause("s.c", True, 8),
+        JobRemoval("s.c"),  # drops everything of s.c
+        Pause("ghost", True, 9),  # no such job: not live
+        Rule("gone", "g.", ShellSpec("x")),
+        RulePolicy("gone", Policy(retries=4)),
+        RuleRemoval("gone"),
+        RunState("s.a", 1, 11, 1, 11),  # the run state after the next planned frame
+    ]
+    assert compact(entries) == [
+        Rule("r", "s.", ShellSpec("true")),
+        Job("s.a", 10, JobStatus.TRIGGERED),
+        Job("s.b", 20),
+        ScheduleSet("s.a", "hourly", "tz=UTC", 1),
+        Pause("s.a", True, 5),
+        RulePolicy("r", Policy(retries=2)),
+        RunState("s.a", 1, 11, 1, 11),
+    ]
+
+
+def test_compact_planned_frame_drops_the_run_state_before_it() -> None:
+    """A planned job frame resets the attempt on replay: the run state before it goes."""
+    entries: list[Entry] = [Job("j", 1), RunState("j", 0, 1, 3, 1), Job("j", 2)]
+    assert compact(entries) == [Job("j", 2)]
+    triggered: list[Entry] = [
+        Job("j", 1),
+        RunState("j", 0, 1, 3, 1),
+        Job("j", 1, JobStatus.TRIGGERED),
+    ]
+    assert compact(triggered) == [Job("j", 1, JobStatus.TRIGGERED), RunState("j", 0, 1, 3, 1)]
+
+
+def test_compact_file_in_text(tmp_path: Path) -> None:
+    """``dump --compact`` of a file prints the live extension lines after jobs and rules."""
+    path = tmp_path / "logfile"
+    write_log(
+        path,
+        [
+            Job("a", NS),
+            ScheduleSet("a", "every 5 minutes", "tz=UTC", NS),
+            RunState("a", 1, NS, 1, NS),
+            ScheduleSet("a", "every 10 minutes", "tz=UTC", NS),
+            Job("b", NS),
+            Pause("b", True, NS),
+        ],
+    )
+    status, out, err = run([str(path), "--compact"])
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        f"SET a {NS} planned",
+        f"SET b {NS} planned",
+        f"RUNSTATE a runs=1 occurrence={NS} attempt=1 due={NS}",
+        f'SCHEDULE SET a "every 10 minutes" tz=UTC start={NS}',
+        f"PAUSE b {NS}",
     ]
 
 

@@ -18,6 +18,27 @@ Runner objects carry the runner's fields: shell ``command``; amqp ``dsn``, ``exc
 ``routing_key``; direct ``executable``, ``args``; awf ``workflow``, ``inputs``; http
 ``method``, ``url``; redis ``url``, ``command``, ``key``.
 
+ztick-tw's own frames (types 16-20, SPEC §8-9, ``docs/logfile.md``) read like the
+instructions that wrote them; ``-`` (text) or ``null`` (JSON) is "none" (an ended
+schedule's occurrence, a policy key left to the ``[runners]`` default)::
+
+    SCHEDULE SET <job> "<schedule>" <options> start=<ns>
+    SCHEDULE REMOVE <job>
+    RUNSTATE <job> runs=<n> occurrence=<ns> attempt=<n> due=<ns>
+    PAUSE <job> <ns>                      RESUME <job> <ns>
+    RULE POLICY <rule> [timeout=<duration>] [retries=<n>] [backoff=<min>..<max>]
+
+    {"type":"schedule_set","identifier":"j","schedule":"daily","options":"tz=UTC ...","start":1}
+    {"type":"schedule_remove","identifier":"j"}
+    {"type":"run_state","identifier":"j","runs":2,"occurrence":5,"attempt":1,"due":5}
+    {"type":"pause","identifier":"j","since":7}   {"type":"resume","identifier":"j","since":9}
+    {"type":"rule_policy","identifier":"r","timeout":30000000000,"retries":null,
+     "backoff_min":null,"backoff_max":null}
+
+(JSON durations are nanoseconds.)  Frames of types this version does not know (21 and
+up, from a newer ztick-tw) are skipped, as ztick skips them; a warning on stderr counts
+them and the exit status stays 0.
+
 ``--iso`` shows job times as ISO 8601 UTC with nanoseconds
 (``2030-01-06T03:00:00.000000000Z``) instead of nanoseconds since the epoch, ztick's
 form and the default: in text the time replaces the number, in JSON an
@@ -26,7 +47,11 @@ ztick's output keep working.
 
 ``--compact`` prints only the final live state (last write wins, removals delete), in
 the order of each survivor's last write, as ztick does; unlike ztick a job and a rule
-with the same identifier do not hide each other.  ``--follow`` keeps printing frames as
+with the same identifier do not hide each other.  The extension entries of live jobs
+and rules follow them all, again in order of last write: a job removal drops the job's
+schedule, run state and pause; a schedule removal its schedule and run state; a
+``planned`` job frame its run state (replay resets the attempt there); a resume its
+pause; a rule removal the rule's policy.  ``--follow`` keeps printing frames as
 they are appended, until interrupted by SIGINT (Ctrl-C) or SIGTERM, which both end it
 with status 0, as with ztick.  Exit status: 0 on success, 1 when the file is missing or
 unreadable or a frame is corrupt (what came before it is printed), 2 on bad arguments.
@@ -45,6 +70,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, BinaryIO, NoReturn, TextIO
 
 from ztick_tw.model import (
+    I64_MIN,
     AmqpSpec,
     AwfSpec,
     DirectSpec,
@@ -52,12 +78,20 @@ from ztick_tw.model import (
     HttpSpec,
     Job,
     JobRemoval,
+    JobStatus,
+    Pause,
+    Policy,
     RedisSpec,
     Rule,
+    RulePolicy,
     RuleRemoval,
     RunnerSpec,
+    RunState,
+    ScheduleRemoval,
+    ScheduleSet,
     ShellSpec,
 )
+from ztick_tw.schedules import format_duration
 from ztick_tw.store.codec import Scan, scan
 
 if TYPE_CHECKING:
@@ -118,6 +152,91 @@ def iso_time(ns: int) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', parts)}.{fraction:09d}Z"
 
 
+def _json_time(key: str, ns: int, iso: bool) -> str:
+    """``"key":ns`` (``null`` for I64_MIN), then ``"key_iso":...`` with ``iso``."""
+    if ns == I64_MIN:
+        return f'"{key}":null,"{key}_iso":null' if iso else f'"{key}":null'
+    return f'"{key}":{ns},"{key}_iso":"{iso_time(ns)}"' if iso else f'"{key}":{ns}'
+
+
+def _json_optional(value: int | None) -> str:
+    return "null" if value is None else str(value)
+
+
+def _extension_json(entry: Entry, iso: bool) -> str:
+    j = _json_string
+    match entry:
+        case ScheduleSet(job_id=job_id, text=text, options=options, start_ns=start):
+            return (
+                f'{{"type":"schedule_set","identifier":{j(job_id)},"schedule":{j(text)},'
+                f'"options":{j(options)},{_json_time("start", start, iso)}}}'
+            )
+        case ScheduleRemoval(job_id=job_id):
+            return f'{{"type":"schedule_remove","identifier":{j(job_id)}}}'
+        case RunState(job_id=job_id, runs=runs, occurrence_ns=occ, attempt=attempt, due_ns=due):
+            return (
+                f'{{"type":"run_state","identifier":{j(job_id)},"runs":{runs},'
+                f'{_json_time("occurrence", occ, iso)},"attempt":{attempt},'
+                f"{_json_time('due', due, iso)}}}"
+            )
+        case Pause(job_id=job_id, paused=paused, since_ns=since):
+            kind = "pause" if paused else "resume"
+            return (
+                f'{{"type":"{kind}","identifier":{j(job_id)},{_json_time("since", since, iso)}}}'
+            )
+        case RulePolicy(rule_id=rule_id, policy=policy):
+            o = _json_optional
+            return (
+                f'{{"type":"rule_policy","identifier":{j(rule_id)},'
+                f'"timeout":{o(policy.timeout_ns)},"retries":{o(policy.retries)},'
+                f'"backoff_min":{o(policy.backoff_min_ns)},'
+                f'"backoff_max":{o(policy.backoff_max_ns)}}}'
+            )
+    raise TypeError(f"not a logfile entry: {entry!r}")
+
+
+def _text_time(ns: int, iso: bool) -> str:
+    if ns == I64_MIN:
+        return "-"
+    return iso_time(ns) if iso else str(ns)
+
+
+def _policy_words(policy: Policy) -> list[str]:
+    """The keys a policy sets, as ``RULE POLICY`` takes them; unset keys are left out."""
+    words = []
+    if policy.timeout_ns is not None:
+        words.append(f"timeout={format_duration(policy.timeout_ns)}")
+    if policy.retries is not None:
+        words.append(f"retries={policy.retries}")
+    low, high = policy.backoff_min_ns, policy.backoff_max_ns
+    if low is not None or high is not None:
+        low_text = "-" if low is None else format_duration(low)
+        high_text = "-" if high is None else format_duration(high)
+        words.append(f"backoff={low_text}..{high_text}")
+    return words
+
+
+def _extension_text(entry: Entry, iso: bool) -> str:
+    match entry:
+        case ScheduleSet(job_id=job_id, text=text, options=options, start_ns=start):
+            return (
+                f"SCHEDULE SET {job_id} {_json_string(text)} {options} "
+                f"start={_text_time(start, iso)}"
+            )
+        case ScheduleRemoval(job_id=job_id):
+            return f"SCHEDULE REMOVE {job_id}"
+        case RunState(job_id=job_id, runs=runs, occurrence_ns=occ, attempt=attempt, due_ns=due):
+            return (
+                f"RUNSTATE {job_id} runs={runs} occurrence={_text_time(occ, iso)} "
+                f"attempt={attempt} due={_text_time(due, iso)}"
+            )
+        case Pause(job_id=job_id, paused=paused, since_ns=since):
+            return f"{'PAUSE' if paused else 'RESUME'} {job_id} {_text_time(since, iso)}"
+        case RulePolicy(rule_id=rule_id, policy=policy):
+            return " ".join(("RULE POLICY", rule_id, *_policy_words(policy)))
+    raise TypeError(f"not a logfile entry: {entry!r}")
+
+
 def format_json(entry: Entry, *, iso: bool = False) -> str:
     """One entry as ztick's dump JSON object (no newline).
 
@@ -141,7 +260,7 @@ def format_json(entry: Entry, *, iso: bool = False) -> str:
             return f'{{"type":"remove","identifier":{j(job_id)}}}'
         case RuleRemoval(id=rule_id):
             return f'{{"type":"remove_rule","identifier":{j(rule_id)}}}'
-    raise TypeError(f"not a logfile entry: {entry!r}")
+    return _extension_json(entry, iso)
 
 
 def format_text(entry: Entry, *, iso: bool = False) -> str:
@@ -155,22 +274,76 @@ def format_text(entry: Entry, *, iso: bool = False) -> str:
             return f"REMOVE {job_id}"
         case RuleRemoval(id=rule_id):
             return f"REMOVERULE {rule_id}"
-    raise TypeError(f"not a logfile entry: {entry!r}")
+    return _extension_text(entry, iso)
+
+
+#: What each removal (or other entry) drops from the live state, by key kind.
+_JOB_PARTS = ("job", "schedule", "run_state", "pause")
+_SCHEDULE_PARTS = ("schedule", "run_state")
+_RULE_PARTS = ("rule", "policy")
+
+
+def _live_key(entry: Entry) -> tuple[str, str] | None:
+    """The (kind, id) an entry sets in the live state; None for removals and resumes."""
+    match entry:
+        case Job(id=job_id):
+            return ("job", job_id)
+        case Rule(id=rule_id):
+            return ("rule", rule_id)
+        case ScheduleSet(job_id=job_id):
+            return ("schedule", job_id)
+        case RunState(job_id=job_id):
+            return ("run_state", job_id)
+        case Pause(job_id=job_id, paused=True):
+            return ("pause", job_id)
+        case RulePolicy(rule_id=rule_id):
+            return ("policy", rule_id)
+    return None
+
+
+def _dropped(entry: Entry) -> tuple[tuple[str, ...], str] | None:
+    """The kinds of live entries an entry removes, and for which id."""
+    match entry:
+        case JobRemoval(id=job_id):
+            return _JOB_PARTS, job_id
+        case RuleRemoval(id=rule_id):
+            return _RULE_PARTS, rule_id
+        case ScheduleRemoval(job_id=job_id):
+            return _SCHEDULE_PARTS, job_id
+        case Pause(job_id=job_id, paused=False):
+            return ("pause",), job_id
+        case Job(id=job_id, status=JobStatus.PLANNED):
+            return ("run_state",), job_id  # replay resets the attempt on a planned frame
+    return None
 
 
 def compact(entries: Iterable[Entry]) -> list[Entry]:
     """The live state after ``entries``: last write wins, removals delete.
 
-    Survivors come in the order of their last write.  Jobs and rules are separate
-    namespaces (a rule named like a job does not replace it).
+    Jobs and rules come first, in the order of their last write; then the extension
+    entries of live jobs and rules (schedules, run states, pauses, policies), in the
+    order of their last write, so each comes after the job or rule it belongs to.
+    Jobs and rules are separate namespaces (a rule named like a job does not replace
+    it).  See the module docstring for what each removal drops.
     """
-    live: dict[tuple[bool, str], Entry] = {}
+    live: dict[tuple[str, str], Entry] = {}
     for entry in entries:
-        key = (isinstance(entry, Rule | RuleRemoval), entry.id)
-        live.pop(key, None)
-        if isinstance(entry, Job | Rule):
+        dropped = _dropped(entry)
+        if dropped is not None:
+            kinds, ident = dropped
+            for kind in kinds:
+                live.pop((kind, ident), None)
+        key = _live_key(entry)
+        if key is not None:
+            live.pop(key, None)
             live[key] = entry
-    return list(live.values())
+    base = [e for (kind, _), e in live.items() if kind in ("job", "rule")]
+    extensions = [
+        e
+        for (kind, ident), e in live.items()
+        if kind not in ("job", "rule") and (("rule" if kind == "policy" else "job"), ident) in live
+    ]
+    return base + extensions
 
 
 class _Exit(Exception):
@@ -235,6 +408,16 @@ def _open_error(path: str, exc: OSError) -> str:
     else:
         why = exc.strerror or str(exc)
     return f"dump: {path}: {why}\n"
+
+
+def _warn_skipped(stderr: TextIO, path: str, result: Scan) -> None:
+    """Say how many frames of unknown types (a newer version's) were not shown."""
+    if result.skipped_types:
+        types = ", ".join(f"type {t}: {c}" for t, c in sorted(result.skipped_types.items()))
+        stderr.write(
+            f"dump: {path}: warning: skipped {result.skipped} frames of entry types this "
+            f"version does not know ({types}), written by a newer ztick-tw\n"
+        )
 
 
 def _corrupt(stderr: TextIO, path: str, result: Scan, base: int) -> int:
@@ -304,6 +487,7 @@ def _dump(
             return 1
         result = scan(data)
         printer.print(compact(result) if args.compact else result)
+        _warn_skipped(stderr, path, result)
         problem = result.problem
         if problem is not None:
             if problem.kind == "corrupt":
@@ -365,6 +549,7 @@ def _follow(
             chunk = handle.read(size - offset)
             result = scan(chunk)
             printer.print(result)
+            _warn_skipped(stderr, path, result)
             if result.problem is not None and result.problem.kind == "corrupt":
                 return _corrupt(stderr, path, result, offset)
             offset += result.good_end  # a torn tail is left for the next look
