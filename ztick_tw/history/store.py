@@ -133,8 +133,17 @@ class History:
             raise HistoryError("the run history is already open")
         if not self._threaded:
             self.interrupted = self._db.open()
-            self._opened = True
-            return
+        else:
+            self._start_writer()
+        self._opened = True
+        if self.interrupted:
+            log.warn(
+                "run history: {count} runs were interrupted by a restart; marked failed",
+                count=self.interrupted,
+            )
+
+    def _start_writer(self) -> None:
+        """Open the database on a new writer thread, wait for it, raise its problem."""
         ready = threading.Event()
         problem: list[BaseException] = []
 
@@ -154,12 +163,6 @@ class History:
         if problem:
             self._thread.join()
             raise problem[0]
-        self._opened = True
-        if self.interrupted:
-            log.warn(
-                "run history: {count} runs were interrupted by a restart; marked failed",
-                count=self.interrupted,
-            )
 
     def close(self) -> Deferred[None]:
         """Write everything queued, close the file; fires once closed.  Idempotent.
