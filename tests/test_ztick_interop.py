@@ -9,6 +9,9 @@ The frames come from ``tests/ztick_frames.py``, an encoder and reader written fr
 * ztick-tw → ztick: the logfile the real daemon writes (rules of every runner kind, sets,
   removals, executed, failed and running jobs, then a compaction) is read by the
   ztick-like reader, which finds exactly the state the daemon answers with.
+* ztick-tw's own frames (types 16-20, SPEC §8-9): a log holding them loads in the
+  ztick-like reader, which skips them as ztick does, to exactly the jobs and rules;
+  ztick-tw itself loads a newer version's log past the frame types it does not know.
 * ztick's compaction leftovers (``logfile.to_compress``, ``logfile.compressed`` and
   ``.compressed.tmp``): ``merge_ztick_leftovers`` for every combination of files, torn
   tails, corruption, and a crash at every step of the merge; then the real daemon.
@@ -24,11 +27,13 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 
 from tests import ztick_frames as zf
 from tests.e2e.daemon import Daemon, daemon, now_ns, wait_status, wait_until
@@ -51,15 +56,22 @@ from ztick_tw.model import (
     HttpSpec,
     Job,
     JobRemoval,
+    JobStatus,
+    Pause,
+    Policy,
     RedisSpec,
     Rule,
+    RulePolicy,
     RuleRemoval,
     RunnerSpec,
+    RunState,
+    ScheduleRemoval,
+    ScheduleSet,
     ShellSpec,
 )
 from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.store.base import StoreError
-from ztick_tw.store.codec import scan
+from ztick_tw.store.codec import encode, scan
 from ztick_tw.store.leftovers import (
     COMPRESSED,
     COMPRESSED_TMP,
@@ -415,6 +427,118 @@ def test_a_logfile_the_daemon_wrote_loads_in_ztick(ztick_tw: Daemon) -> None:
     # The run stopped at shutdown stays triggered, which ztick loads as it is.
     final = zf.replay(zf.read_log(ztick_tw.logfile.read_bytes()).records)
     assert final.jobs == expected_jobs
+
+
+# --------------------------------------------------------------------------- extension frames
+
+#: A ztick-tw log of a scheduled job's life: ztick's frames with the extension's between.
+SCHEDULED_LOG: list[Entry] = [
+    Rule("r.backup", "backup.", ShellSpec("tar czf /tmp/b.tgz /etc")),
+    RulePolicy("r.backup", Policy(timeout_ns=600 * 10**9, retries=2)),
+    ScheduleSet("backup.daily", "daily", "tz=Europe/Paris limit=0", zf.PAST),
+    Job("backup.daily", zf.PAST),
+    RunState("backup.daily", 0, zf.PAST, 1, zf.PAST),
+    Job("backup.daily", zf.PAST, JobStatus.TRIGGERED),
+    Job("backup.daily", zf.PAST + 86_400 * 10**9),
+    RunState("backup.daily", 1, zf.PAST + 86_400 * 10**9, 1, zf.PAST + 86_400 * 10**9),
+    Pause("backup.daily", True, zf.PAST + 3600 * 10**9),
+    Job("one.shot", FAR),
+    Pause("one.shot", True, zf.PAST),
+    Pause("one.shot", False, zf.PAST + 1),
+    ScheduleSet("gone.hourly", "hourly", "tz=UTC", zf.PAST),
+    Job("gone.hourly", FAR),
+    ScheduleRemoval("gone.hourly"),
+    Job(UNICODE_ID, FAR + 1),
+    RunState(UNICODE_ID, 3, -(2**63), 2, FAR + 1),
+]
+
+
+def test_a_log_with_extension_frames_loads_in_ztick() -> None:
+    """The ztick loader skips every frame of types 16-20 and loads the rest as it is.
+
+    The frames it skips are exactly the extension's, at their offsets; what it loads
+    is the ztick-tw log's jobs and rules, with the state ztick-tw's own type-0 frames
+    give (a scheduled job is a one-shot job at its next occurrence for ztick).
+    """
+    frames = [encode(e) for e in SCHEDULED_LOG]
+    data = b"".join(frames)
+    offsets = [sum(len(f) for f in frames[:i]) for i in range(len(frames))]
+    log = zf.read_log(data)
+    assert (log.remaining, log.end) == (b"", len(data))
+    ztick_entries = [e for e in SCHEDULED_LOG if isinstance(e, Job | Rule)]
+    assert log.records == [record_of(e) for e in ztick_entries]
+    assert log.skipped == [
+        offset
+        for offset, entry in zip(offsets, SCHEDULED_LOG, strict=True)
+        if not isinstance(entry, Job | Rule)
+    ]
+    state = zf.replay(log.records)
+    assert state.jobs == {
+        "backup.daily": (zf.PAST + 86_400 * 10**9, "planned"),
+        "one.shot": (FAR, "planned"),
+        "gone.hourly": (FAR, "planned"),
+        UNICODE_ID: (FAR + 1, "planned"),
+    }
+    assert list(state.rules) == ["r.backup"]
+    # Every extension frame is a whole frame with a type byte from 16 to 20.
+    assert {data[offset + 4] for offset in log.skipped} == set(range(16, 21))
+
+
+def test_dump_compact_of_a_scheduled_log_reads_in_ztick_too() -> None:
+    """The compacted form (jobs, rules, then extensions) loads in ztick to the same state."""
+    from ztick_tw.dump import compact
+
+    data = b"".join(encode(e) for e in compact(SCHEDULED_LOG))
+    log = zf.read_log(data)
+    full = zf.replay(zf.read_log(b"".join(encode(e) for e in SCHEDULED_LOG)).records)
+    again = zf.replay(log.records)
+    assert (again.jobs, again.rules) == (full.jobs, full.rules)
+    # The policy; backup.daily's schedule, run state and pause; the unicode job's run state.
+    assert len(log.skipped) == 5
+
+
+def _texts(events: Sequence[Mapping[str, Any]]) -> str:
+    return "\n".join(formatEvent(dict(e)) for e in events)
+
+
+def test_ztick_tw_loads_a_newer_log_past_frame_types_it_does_not_know(tmp_path: Path) -> None:
+    """Frames of types 21 and up (a newer ztick-tw's) are skipped at load, as ztick does.
+
+    Every known entry before and after them is loaded, the skipped frames are counted
+    in a warning, nothing is cut from the file, and appends go on after it.
+    """
+    newer = [zf.frame(b"\x15" + b"future"), zf.frame(b"\xc8"), zf.frame(b"\x15")]
+    entries = SCHEDULED_LOG[:5]
+    data = (
+        encode(entries[0])
+        + newer[0]
+        + b"".join(encode(e) for e in entries[1:4])
+        + newer[1]
+        + newer[2]
+        + encode(entries[4])
+    )
+    path = tmp_path / "logfile"
+    path.write_bytes(data)
+    clock = Clock()
+    store = LogfileStore(clock, str(path), fsync=False)
+    with capturedLogs() as events:
+        loaded = list(store.load())
+    try:
+        assert loaded == entries
+        assert store.frames_in_log == len(entries) + 3
+        assert path.read_bytes() == data
+        assert (
+            f"logfile {path}: skipped 3 frames of entry types this version does not know"
+            " (type 21: 2, type 200: 1), written by a newer ztick-tw" in _texts(events)
+        )
+        store.append(Job("after", FAR))
+        clock.advance(0)
+        store.flush()
+    finally:
+        store.close()
+    result = scan(path.read_bytes())
+    assert [*result] == [*entries, Job("after", FAR)]
+    assert (result.problem, result.skipped) == (None, 3)
 
 
 # --------------------------------------------------------------------------- leftovers: unit
