@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ztick_tw.schedules import (
     Options,
@@ -236,6 +238,9 @@ def test_restart_keeps_the_recorded_start() -> None:
         ("@fortnightly", "word 1 '@fortnightly'", "unknown macro"),
         ("daily weekly", "word 2 'weekly'", "unexpected word"),
         ("and daily", "word 1 'and'", "must come before"),
+        ("daily starting 00:30 and mon-fri", "word 4 'and'", "must come last"),
+        ("every 1.5 hours", "word 2 '1.5'", "whole number"),
+        ("0 0 * * * *", "word 1 '0'", "5 fields"),
     ],
 )
 def test_errors_say_what_and_where(text: str, where: str, what: str) -> None:
@@ -308,3 +313,73 @@ def test_until_before_any_occurrence_leaves_none() -> None:
     )
     assert s.first() is None
     assert s.preview(5) == []
+
+
+VOCABULARY = [
+    "every",
+    "0",
+    "1",
+    "-1",
+    "7",
+    "30",
+    "2024",
+    "seconds",
+    "minutes",
+    "day",
+    "months",
+    "ms",
+    "daily",
+    "hourly",
+    "and",
+    "or",
+    "&",
+    "|",
+    "starting",
+    "beginning",
+    "mon-fri",
+    "jun-aug",
+    "through",
+    "thru",
+    "-",
+    "*",
+    "*/5",
+    "*/0",
+    "1-5",
+    "mon",
+    "sunday",
+    "@weekly",
+    "@bogus",
+    "tomorrow",
+    "10:00",
+    "12:15",
+    "PM",
+    "at",
+    "2nd",
+    "May",
+    "2,",
+    "2024-01-01",
+    "31st",
+    "Feb",
+    "30",
+    "fooday",
+    "",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(VOCABULARY), max_size=9), st.sampled_from(["UTC", "Europe/Paris"]))
+def test_any_words_give_a_schedule_or_a_schedule_error(words: list[str], tz: str) -> None:
+    """Whatever the words, compiling gives a working schedule or a ScheduleError, nothing else."""
+    try:
+        s = compile_schedule(" ".join(words), parse_options([f"tz={tz}"]), NOW)
+    except ScheduleError as e:
+        assert str(e)
+        return
+    got = s.preview(3)
+    assert got == sorted(set(got))
+
+
+def test_and_parts_that_never_meet_are_refused() -> None:
+    """`daily and @weekly` starting on a Monday 13:00 never meets Sunday 00:00: an error."""
+    with pytest.raises(ScheduleError, match="share no instant"):
+        compile_schedule("daily and @weekly starting 2024-05-13 13:00", Options(), NOW)

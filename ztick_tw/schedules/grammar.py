@@ -160,6 +160,9 @@ def parse(text: str) -> Parsed:
     for i, (number, word) in enumerate(words):
         if word.lower() in START_WORDS:
             start = tuple(words[i + 1 :])
+            for later, after in start:
+                if after.lower() in AND_WORDS or after.lower() in OR_WORDS:
+                    raise at_word(later, after, f"{word!r} and its time must come last")
             if not start:
                 raise at_word(number, word, "a time must follow (e.g. 'starting 2024-01-01')")
             words = words[:i]

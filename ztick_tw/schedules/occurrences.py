@@ -27,8 +27,9 @@ from dateutil.relativedelta import relativedelta
 from ztick_tw.schedules.zones import Zone
 
 MAX_NS = 2**63 - 1
-#: ``and`` gives up (no common instant) after this many rounds.
-MAX_ROUNDS = 10_000
+#: ``and`` gives up (no common instant) after this many rounds (a round costs a few to
+#: ~100 us: a schedule whose parts never meet must not hold the reactor for long).
+MAX_ROUNDS = 2_000
 #: Cron and day filters look this many years ahead before concluding "never".
 MAX_YEARS = 50
 _MINUTE = timedelta(minutes=1)
@@ -308,13 +309,15 @@ class DayFilter:
 class AllOf:
     """``and``: the instants every part shares."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("gave_up", "parts")
 
     def __init__(self, parts: list[Part]) -> None:
         self.parts = parts
+        self.gave_up = False  # the last answer was None because MAX_ROUNDS ran out
 
     def next_from(self, ns: int) -> int | None:
         """The first occurrence at or after ``ns`` (``None``: there is none)."""
+        self.gave_up = False
         candidate = ns
         for _ in range(MAX_ROUNDS):
             agreed = True
@@ -327,6 +330,7 @@ class AllOf:
                     agreed = False
             if agreed:
                 return candidate
+        self.gave_up = True
         return None
 
 

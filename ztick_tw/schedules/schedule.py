@@ -12,6 +12,7 @@ from datetime import datetime
 from ztick_tw.schedules import grammar
 from ztick_tw.schedules.errors import ScheduleError, at_word
 from ztick_tw.schedules.occurrences import (
+    MAX_ROUNDS,
     AllOf,
     AnyOf,
     Calendar,
@@ -91,8 +92,14 @@ def compile_schedule(
     """
     parsed = grammar.parse(text)
     tz = zone(options.tz)
+    fresh = start_ns is None
     wall, extra, start_ns = _anchor(parsed, tz, now_ns, start_ns)
     root = _build(parsed, options, tz, start_ns, (wall, extra))
+    if fresh and isinstance(root, AllOf) and root.next_from(start_ns) is None and root.gave_up:
+        raise ScheduleError(
+            f"the parts joined by 'and' share no instant (none in {MAX_ROUNDS:,} tries): "
+            f"{' and '.join(repr(p.word[1]) for p in parsed.parts)}"
+        )
     return Schedule(text, options, start_ns, tz, root)
 
 
