@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -36,7 +37,7 @@ from ztick_tw.model import (
     ScheduleSet,
     ShellSpec,
 )
-from ztick_tw.store.codec import encode
+from ztick_tw.store.codec import encode, scan
 
 NS = 1605457800000000000
 
@@ -292,6 +293,53 @@ def test_frames_of_a_newer_version_are_skipped_with_a_warning(tmp_path: Path) ->
         f"dump: {path}: warning: skipped 3 frames of entry types this version does not "
         "know (type 21: 2, type 48: 1), written by a newer ztick-tw\n"
     )
+
+
+DOCS_LOGFILE = Path(__file__).resolve().parent.parent / "docs" / "logfile.md"
+_HEX_BYTE = re.compile(r"[0-9a-f]{2}")
+
+
+def _documented_frames() -> list[tuple[bytes, list[str]]]:
+    """Each hex block of docs/logfile.md: its bytes and the dump lines the page gives.
+
+    A line's leading two-digit hex words are bytes; text after them on the same line
+    is a dump line, else the dump line is the backticked one right after the block.
+    """
+    blocks: list[tuple[bytes, list[str]]] = []
+    lines = DOCS_LOGFILE.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i] != "```":
+            i += 1
+            continue
+        data, shown = bytearray(), []
+        i += 1
+        while lines[i] != "```":
+            words = lines[i].split()
+            count = 0
+            while count < len(words) and _HEX_BYTE.fullmatch(words[count]):
+                count += 1
+            data += bytes.fromhex(" ".join(words[:count]))
+            rest = " ".join(words[count:])
+            if rest and rest.split()[0] in ("PAUSE", "RESUME"):
+                shown.append(rest)
+            i += 1
+        if not shown:
+            shown.append(lines[i + 1].split("`")[1])
+        blocks.append((bytes(data), shown))
+        i += 1
+    return blocks
+
+
+def test_the_worked_examples_of_docs_logfile_are_right() -> None:
+    """Every hex example in docs/logfile.md scans cleanly and dumps as the page says."""
+    blocks = _documented_frames()
+    assert len(blocks) == 7  # types 16, 17, 18 twice, 19 (two frames), 20 twice
+    for data, shown in blocks:
+        result = scan(data)
+        entries = list(result)
+        assert (result.problem, result.good_end) == (None, len(data)), shown
+        assert [format_text(e) for e in entries] == shown
 
 
 def test_json_escapes_like_ztick() -> None:
