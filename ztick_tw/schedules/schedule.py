@@ -8,6 +8,7 @@ wall-clock conversions for calendar parts in a zone other than UTC.
 from __future__ import annotations
 
 from datetime import datetime
+from functools import lru_cache
 
 from ztick_tw.schedules import grammar
 from ztick_tw.schedules.errors import ScheduleError, at_word
@@ -151,7 +152,7 @@ def _build(
             decayed = decayed or used
             parts.append(part)
         elif isinstance(item, grammar.Cron):
-            parts.append(Cron(tz, item.expr))
+            parts.append(_cron(tz.name, item.expr))
         else:
             standalone = single or parsed.op == "or"
             parts.append(DayFilter(tz, item.weekdays, item.months, item.years, standalone))
@@ -170,6 +171,16 @@ def _build(
         for f in filters:
             f.standalone = True
     return AllOf([*generators, *filters])
+
+
+@lru_cache(maxsize=4096)
+def _cron(tz: str, expr: str) -> Cron:
+    """A cron part, shared by every schedule with that expression and zone.
+
+    Its result depends on nothing else, and its memo (last question and answer) stays
+    right whoever asks; 1M jobs on ``0 9 * * mon-fri`` hold one (~6 KB) instead of 1M.
+    """
+    return Cron(zone(tz), expr)
 
 
 def _every(
