@@ -70,6 +70,27 @@ def test_cron_in_the_fold_fires_once_for_every_wall_minute() -> None:
     ]
 
 
+def test_gap_at_midnight_and_a_whole_skipped_day() -> None:
+    """A gap at midnight, and a whole day skipped, fire at the first instant after them.
+
+    Santiago skips 00:00-01:00 on 2024-09-08 (daily and fragments fire at 01:00); Apia
+    skipped 2011-12-30 entirely (its noon fires at 2011-12-31 00:00).
+    """
+    expected = [
+        "2024-09-07T00:00:00-04:00",
+        "2024-09-08T01:00:00-03:00",
+        "2024-09-09T00:00:00-03:00",
+    ]
+    tz = "tz=America/Santiago"
+    assert walk("daily starting 2024-09-07 00:00", "2024-01-01T00:00:00Z", 3, tz) == expected
+    assert walk("mon-sun", "2024-09-06T12:00:00Z", 3, tz) == expected
+    assert walk("0 12 * * *", "2011-12-29T00:00:00Z", 3, "tz=Pacific/Apia") == [
+        "2011-12-29T12:00:00-10:00",
+        "2011-12-31T00:00:00+14:00",
+        "2011-12-31T12:00:00+14:00",
+    ]
+
+
 def test_every_n_hours_stays_exact_across_dst() -> None:
     """`every 1 hour` in Paris across both changes: always exactly one hour apart."""
     for now in ("2024-03-30T22:30:00Z", "2024-10-26T22:30:00Z"):
