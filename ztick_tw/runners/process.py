@@ -251,16 +251,28 @@ def _nul_byte(argv: Sequence[str], env: Mapping[str, str]) -> str | None:
     return None
 
 
+#: The variables each run sets in its child's environment, over the base environment.
+_RUN_VARIABLES = ("ZTICK_JOB_ID", "ZTICK_EXECUTION_NS", "ZTICK_RULE_ID", "ZTICK_ATTEMPT")
+
+#: Seconds a program path found by :func:`_resolve` is trusted without a new ``stat``.
+#: (Should it vanish meanwhile, ``posix_spawn`` fails with the same reason.)
+RESOLVE_TTL = 1.0
+
+
 class _Run(ProcessProtocol):
     """One child process: collects its output, owns its timers, reports its outcome."""
 
     def __init__(
-        self, runner: ProcessRunner, execution: Execution, plan: _Plan, env: dict[str, str]
+        self,
+        runner: ProcessRunner,
+        execution: Execution,
+        plan: _Plan,
+        variables: tuple[tuple[str, str], ...],
     ) -> None:
         self.runner = runner
         self.execution = execution
         self.plan = plan
-        self.env = env
+        self.variables = variables  # the ZTICK_* pairs of this run
         self.deferred: Deferred[Outcome] = Deferred(self._cancel)
         self.started = runner._clock.seconds()  # set again when the child is started
         self.pid: int | None = None
@@ -527,6 +539,15 @@ class ProcessRunner:
         base = os.environ if options.base_environment is None else options.base_environment
         self._base_env: dict[str, str] = dict(base)
         self._search_path = self._base_env.get("PATH", os.defpath)
+        # The base environment, encoded once: a run adds only its ZTICK_* entries.
+        inherited = {k: v for k, v in self._base_env.items() if k not in _RUN_VARIABLES}
+        self._env_error = _nul_byte((), inherited)
+        self._base_envp: list[bytes] = (
+            []
+            if self._env_error
+            else [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in inherited.items()]
+        )
+        self._resolved: dict[str, tuple[float, str]] = {}  # name -> (until, path)
         if native_spawn is None:
             native_spawn = native_spawn_supported(reactor)
         self._native = native_spawn
@@ -559,6 +580,18 @@ class ProcessRunner:
         """The program and argv for ``spec``; raises ``_CannotExecute``."""
         raise NotImplementedError
 
+    def _resolve(self, name: str) -> str:
+        """:func:`_resolve` in the child's ``PATH``, trusted for :data:`RESOLVE_TTL` s."""
+        now = self._clock.seconds()
+        known = self._resolved.get(name)
+        if known is not None and known[0] > now:
+            return known[1]
+        path = _resolve(name, self._search_path)
+        if len(self._resolved) >= 1024:
+            self._resolved.clear()
+        self._resolved[name] = (now + RESOLVE_TTL, path)
+        return path
+
     def run(self, execution: Execution) -> Deferred[Outcome]:
         """Queue the child for ``execution``; fires with its outcome, never errbacks.
 
@@ -576,15 +609,16 @@ class ProcessRunner:
             plan = self._plan(execution.spec)
         except _CannotExecute as e:
             return self._fail_early(execution, e.reason)
-        env = dict(self._base_env)
-        env["ZTICK_JOB_ID"] = execution.job_id
-        env["ZTICK_EXECUTION_NS"] = str(execution.execution_ns)
-        env["ZTICK_RULE_ID"] = execution.rule_id
-        env["ZTICK_ATTEMPT"] = str(execution.attempt)
-        nul = _nul_byte(plan.argv, env)
+        variables = (
+            ("ZTICK_JOB_ID", execution.job_id),
+            ("ZTICK_EXECUTION_NS", str(execution.execution_ns)),
+            ("ZTICK_RULE_ID", execution.rule_id),
+            ("ZTICK_ATTEMPT", str(execution.attempt)),
+        )
+        nul = self._env_error or _nul_byte(plan.argv, dict(variables))
         if nul is not None:
             return self._fail_early(execution, f"cannot execute {plan.executable}: {nul}")
-        proto = _Run(self, execution, plan, env)
+        proto = _Run(self, execution, plan, variables)
         self._queue.add(proto)
         return proto.deferred
 
@@ -601,24 +635,29 @@ class ProcessRunner:
         proto.started = self._clock.seconds()
         try:
             if self._native:
+                envp = self._base_envp + [
+                    os.fsencode(name) + b"=" + os.fsencode(value)
+                    for name, value in proto.variables
+                ]
                 spawn_child(
                     self._reactor,
                     proto,
                     executable,
                     argv,
-                    proto.env,
+                    envp,
                     new_session=self.options.new_session,
                     on_failure=lambda error: self._spawn_failed(proto, executable, error),
                 )
             else:
-                self._reactor.spawnProcess(proto, executable, argv, env=proto.env, path=None)
+                env = dict(self._base_env)
+                env.update(proto.variables)
+                self._reactor.spawnProcess(proto, executable, argv, env=env, path=None)
         except Exception as e:
             self._live.discard(proto)
             if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
                 raise
             self._not_started(proto, executable, e)
             return
-        proto.env = {}  # not needed any more
 
     def _spawn_failed(self, proto: _Run, executable: str, error: OSError) -> None:
         """The spawner thread could not start ``proto``'s child (on the reactor thread)."""
@@ -783,7 +822,7 @@ class ShellRunner(ProcessRunner):
 
     def _plan(self, spec: RunnerSpec) -> _Plan:
         assert isinstance(spec, ShellSpec)
-        executable = _resolve(self.shell_path, self._search_path)
+        executable = self._resolve(self.shell_path)
         return _Plan(executable, (self.shell_path, *self.shell_args, spec.command))
 
 
@@ -806,7 +845,7 @@ class DirectRunner(ProcessRunner):
 
     def _plan(self, spec: RunnerSpec) -> _Plan:
         assert isinstance(spec, DirectSpec)
-        executable = _resolve(spec.executable, self._search_path)
+        executable = self._resolve(spec.executable)
         return _Plan(executable, (spec.executable, *spec.arguments))
 
 
@@ -830,7 +869,7 @@ class AwfRunner(ProcessRunner):
         assert isinstance(spec, AwfSpec)
         name = self.awf_executable
         try:
-            executable = _resolve(name, self._search_path)
+            executable = self._resolve(name)
         except _CannotExecute as e:
             if "/" in name:
                 raise

@@ -404,7 +404,7 @@ class SpawnedProcess(_process.Process):
         proto: ProcessProtocol,
         executable: str,
         argv: Sequence[str],
-        env: Mapping[str, str],
+        env: Mapping[str, str] | Sequence[bytes],
         new_session: bool,
         on_failure: Callable[[OSError], None],
     ) -> None:
@@ -415,8 +415,13 @@ class SpawnedProcess(_process.Process):
         self._on_failure = on_failure
         path = os.fsencode(executable)
         args = [os.fsencode(arg) for arg in argv]
-        envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
-        if any(b"\0" in item for item in (path, *args, *envp)):
+        if isinstance(env, Mapping):
+            envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+            checked: Sequence[bytes] = (path, *args, *envp)
+        else:  # encoded and checked by the caller (the process runners, once per runner)
+            envp = list(env)
+            checked = (path, *args)
+        if any(b"\0" in item for item in checked):
             raise ValueError("embedded null byte")
         spawner = _get_spawner()
         _prepare_descriptors()
@@ -510,12 +515,15 @@ def spawn_child(
     proto: ProcessProtocol,
     executable: str,
     argv: Sequence[str],
-    env: Mapping[str, str],
+    env: Mapping[str, str] | Sequence[bytes],
     *,
     new_session: bool = True,
     on_failure: Callable[[OSError], None],
 ) -> SpawnedProcess:
     """Start ``executable`` with ``argv`` and ``env``, connected to ``proto``.
+
+    ``env`` is a mapping, or the ``b"NAME=value"`` entries already encoded (then the
+    caller has checked them for NUL bytes: a per-runner environment is encoded once).
 
     ``executable`` is a path (no ``PATH`` search).  The child starts on a spawner
     thread: ``proto.makeConnection`` follows on the reactor thread, or ``on_failure``
