@@ -16,8 +16,9 @@ server endpoint string; :func:`listen_endpoint` turns the former into the latter
 ``Config`` keeps both.
 
 Relative paths (``logfile_path``, ``auth_file``, ``tls_cert``, ``tls_key``,
-``[shell] path``) are kept as written and resolved against the process's current
-directory when used, as ztick does; they are not made relative to the config file.
+``[shell] path``, ``[history] path``) are kept as written and resolved against the
+process's current directory when used, as ztick does; they are not made relative to the
+config file.
 """
 
 from __future__ import annotations
