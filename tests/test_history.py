@@ -304,6 +304,34 @@ def test_a_write_error_fails_the_batch_and_the_writer_goes_on(
     assert [r.run for r in read(history, "j")] == [1]
 
 
+def test_a_run_lost_to_a_write_error_never_finishes_another_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The number of a rolled-back begin is given out again; its finish must not land there."""
+    history = make(tmp_path / "h.sqlite")
+    apply = database_module.Database.apply
+    calls: list[int] = []
+
+    def failing_once(self: database_module.Database, batch: list[tuple[object, ...]]) -> object:
+        calls.append(len(batch))
+        answers = apply(self, batch)
+        if len(calls) == 1:  # the begin was written, then the commit "fails"
+            self._db.execute("DELETE FROM jobs")
+            self._db.execute("DELETE FROM runs")
+            raise HistoryError("cannot write the run history: disk I/O error")
+        return answers
+
+    monkeypatch.setattr(database_module.Database, "apply", failing_once)
+    lost = history.begin("j", 1, 1, 1)
+    history.pump()
+    assert lost.dropped and lost.run is None
+    kept = history.begin("j", 2, 2, 1)
+    history.pump()
+    history.finish(lost, 3, "failed", 1, "lost", b"lost")
+    history.finish(kept, 4, "executed", 0, "kept", b"kept")
+    assert read(history, "j") == [RunRecord(1, 2, 2, 4, "executed", 1, 0, "kept", b"kept")]
+
+
 def test_after_close_nothing_is_recorded_and_reads_fail(tmp_path: Path) -> None:
     """close() writes what was queued; later runs are dropped and read() fails."""
     path = tmp_path / "h.sqlite"

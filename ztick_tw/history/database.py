@@ -107,6 +107,8 @@ class Database:
         job is cut down to them now (a scan, once).
         """
         where = self.path if self.path is not None else ":memory:"
+        if sqlite3.sqlite_version_info < (3, 35, 0):  # RETURNING
+            raise HistoryError(f"the run history needs SQLite 3.35+, not {sqlite3.sqlite_version}")
         try:
             conn = sqlite3.connect(where, isolation_level=None, check_same_thread=True)
         except sqlite3.Error as exc:

@@ -360,6 +360,10 @@ class History:
             failure = Failure(exc)  # type: ignore[no-untyped-call]
             answers = [(op[-1], failure) for op in batch if op[0] in (READ, FLUSH, CLOSE)]
             lost = sum(1 for op in batch if op[0] in (BEGIN, FINISH, SKIPPED))
+            for op in batch:
+                if op[0] == BEGIN:  # rolled back: its number may be given out again
+                    op[1].run = None
+                    op[1].dropped = True
             self._report_error(str(exc), lost)
         if any(op[0] == CLOSE for op in batch):
             try:
