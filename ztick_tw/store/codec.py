@@ -32,7 +32,8 @@ fields: 0 shell (command); 1 amqp (dsn, exchange, routing_key); 2 direct (execut
 (method, url); 5 redis (url, command, key).
 
 Everything here is pure (no I/O).  Replay speed matters (a million job frames must
-load in well under a second), so the job frame has a dedicated fast path both ways.
+load in well under a second), so the job frame has a dedicated fast path both ways, and
+the run state and schedule frames (one of each per scheduled job) one for decoding.
 """
 
 from __future__ import annotations
