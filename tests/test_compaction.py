@@ -25,7 +25,7 @@ from twisted.trial import unittest as trial
 
 from tests.helpers import EPOCH_NS, SECOND_NS, FakeRunner, make_clock
 from ztick_tw.compaction import CompactionService
-from ztick_tw.model import Job, JobStatus, Rule, RunnerKind, ShellSpec
+from ztick_tw.model import Job, JobStatus, Rule, RunnerKind, ShellSpec, ShownStatus
 from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.scheduler.snapshot import Snapshot, Throttle
 from ztick_tw.store import logfile as logfile_module
@@ -72,7 +72,7 @@ def replay(path: Path) -> Scheduler:
     return scheduler
 
 
-def state(scheduler: Scheduler) -> tuple[dict[str, tuple[JobStatus, int]], dict[str, Rule]]:
+def state(scheduler: Scheduler) -> tuple[dict[str, tuple[ShownStatus, int]], dict[str, Rule]]:
     """Every job and rule of a scheduler, for comparisons."""
     jobs = {job_id: (status, ns) for job_id, status, ns in scheduler.query()}
     return jobs, {rule.id: rule for rule in scheduler.list_rules()}
