@@ -45,8 +45,16 @@ REACTOR_SSL = cast(IReactorSSL, reactor)
 Handler = Callable[[Request], tuple[int, bytes] | int]
 
 
-def _execution(method: str, url: str, job_id: str = "job.1", attempt: int = 1) -> Execution:
-    return Execution(job_id, DUE_NS, "rule.http", attempt, HttpSpec(method, url), FIRED_NS)
+def _brief(outcome: Outcome) -> Outcome:
+    """``outcome`` without the details (output...): success, reason, interrupted."""
+    return Outcome(outcome.success, outcome.reason, outcome.interrupted)
+
+
+def _execution(
+    method: str, url: str, job_id: str = "job.1", attempt: int = 1, timeout: float | None = None
+) -> Execution:
+    spec = HttpSpec(method, url)
+    return Execution(job_id, DUE_NS, "rule.http", attempt, spec, FIRED_NS, timeout)
 
 
 @dataclass
@@ -218,7 +226,7 @@ class RequestTests(_Base):
         """POST sends ztick's exact body as JSON, the job id and the user agent."""
         server = self.server()
         outcome = await self.runner().run(_execution("POST", server.url("/hook"), "a.job"))
-        assert outcome == Outcome(True)
+        assert _brief(outcome) == Outcome(True)
         [seen] = server.seen
         assert seen.method == "POST"
         assert seen.uri == "/hook"
@@ -255,7 +263,7 @@ class RequestTests(_Base):
         runner = self.runner()
         for method in ("GET", "DELETE"):
             outcome = await runner.run(_execution(method, server.url(), f"{method}.job"))
-            assert outcome == Outcome(True), method
+            assert _brief(outcome) == Outcome(True), method
         assert [s.method for s in server.seen] == ["GET", "DELETE"]
         for seen in server.seen:
             assert seen.body == b""
@@ -269,7 +277,7 @@ class RequestTests(_Base):
         server = self.server(lambda request: (next(codes), b""))
         runner = self.runner()
         for _ in range(3):
-            assert await runner.run(_execution("POST", server.url())) == Outcome(True)
+            assert _brief(await runner.run(_execution("POST", server.url()))) == Outcome(True)
         assert len(server.seen) == 3
 
     async def test_error_statuses_fail_with_status(self) -> None:
@@ -286,7 +294,7 @@ class RequestTests(_Base):
             200 - len(start)
         )
         missing = await runner.run(_execution("GET", url))
-        assert missing == Outcome(False, f"http GET {url}: status 404")
+        assert _brief(missing) == Outcome(False, f"http GET {url}: status 404")
 
     async def test_redirect_not_followed(self) -> None:
         """A 302 is a failure and the Location is not fetched."""
@@ -297,7 +305,7 @@ class RequestTests(_Base):
 
         server = self.server(redirect)
         outcome = await self.runner().run(_execution("POST", server.url("/r")))
-        assert outcome == Outcome(
+        assert _brief(outcome) == Outcome(
             False, f"http POST {server.url('/r')}: status 302 (redirects are not followed)"
         )
         assert [s.uri for s in server.seen] == ["/r"]
@@ -308,20 +316,22 @@ class RequestTests(_Base):
         url = server.url()
         await maybeDeferred(server.port.stopListening)
         outcome = await self.runner().run(_execution("POST", url))
-        assert outcome == Outcome(False, f"http POST {url}: connection refused")
+        assert _brief(outcome) == Outcome(False, f"http POST {url}: connection refused")
 
     async def test_dns_failure(self) -> None:
         """A host name that does not resolve fails with a dns reason."""
         outcome = await self.runner().run(_execution("GET", "http://ztick-test.invalid/x"))
-        assert outcome == Outcome(False, "http GET http://ztick-test.invalid/x: dns lookup failed")
+        assert _brief(outcome) == Outcome(
+            False, "http GET http://ztick-test.invalid/x: dns lookup failed"
+        )
 
     async def test_bad_specs_fail_at_once(self) -> None:
         """A wrong scheme, method or spec kind fails without any network access."""
         runner = self.runner()
         ftp = await runner.run(_execution("GET", "ftp://h/x"))
-        assert ftp == Outcome(False, "http GET ftp://h/x: url must be http:// or https://")
+        assert _brief(ftp) == Outcome(False, "http GET ftp://h/x: url must be http:// or https://")
         patch = await runner.run(_execution("PATCH", "http://h/x"))
-        assert patch == Outcome(False, "http PATCH http://h/x: unsupported method")
+        assert _brief(patch) == Outcome(False, "http PATCH http://h/x: unsupported method")
         shell = Execution("j", DUE_NS, "r", 1, ShellSpec("true"))
         assert not (await runner.run(shell)).success
         assert runner.running == 0
@@ -349,7 +359,7 @@ class RequestTests(_Base):
         server = self.server(lambda request: next(answers))
         runner = self.runner()
         url = server.url("/a?token=tok-value", userinfo="alice:pa%40ss-word@")
-        assert await runner.run(_execution("POST", url)) == Outcome(True)
+        assert _brief(await runner.run(_execution("POST", url))) == Outcome(True)
         seen = server.seen[0]
         expected = base64.b64encode(b"alice:pa@ss-word").decode()
         assert seen.headers["authorization"] == f"Basic {expected}"
@@ -390,7 +400,8 @@ class LimitTests(_Base):
         start = reactor.seconds()
         outcome = await runner.run(_execution("POST", server.url()))
         elapsed = reactor.seconds() - start
-        assert outcome == Outcome(False, f"http POST {server.url()}: timed out after 0.5s")
+        assert _brief(outcome) == Outcome(False, f"http POST {server.url()}: timed out after 0.5s")
+        assert outcome.timed_out and outcome.output == b""
         assert 0.45 <= elapsed < 2.0
         assert runner.running == 0
         # The client aborted the connection: it is not kept for the next job.
@@ -408,11 +419,12 @@ class LimitTests(_Base):
         server = self.server(stall)
         runner = self.runner(timeout=0.3)
         outcome = await runner.run(_execution("PUT", server.url()))
-        assert outcome == Outcome(
+        assert _brief(outcome) == Outcome(
             False,
             f"http PUT {server.url()}: timed out after 0.3s"
             " (reading the body of a status 200 response)",
         )
+        assert outcome.timed_out and outcome.output == b"status 200\npartial"
         assert await self.wait_closed(server)
 
     async def test_large_body_is_bounded(self) -> None:
@@ -422,7 +434,7 @@ class LimitTests(_Base):
         server = self.server(lambda request: next(answers))
         runner = self.runner(http_max_response_bytes=4096)
         outcome = await runner.run(_execution("POST", server.url()))
-        assert outcome == Outcome(True)
+        assert _brief(outcome) == Outcome(True)
         assert await self.wait_closed(server)
         assert (await runner.run(_execution("POST", server.url()))).success
         assert server.connections.accepted == 2
@@ -432,7 +444,9 @@ class LimitTests(_Base):
         server = self.server(lambda request: (503, b"z" * (1024 * 1024)))
         runner = self.runner(http_max_response_bytes=1000)
         outcome = await runner.run(_execution("POST", server.url()))
-        assert outcome == Outcome(False, f"http POST {server.url()}: status 503: " + "z" * 200)
+        assert _brief(outcome) == Outcome(
+            False, f"http POST {server.url()}: status 503: " + "z" * 200
+        )
 
     async def test_connections_reused(self) -> None:
         """20 sequential jobs to one server share keep-alive connections."""
@@ -472,7 +486,7 @@ class LimitTests(_Base):
         runner = self.runner()
         for round_ in range(3):
             runs = [runner.run(_execution("POST", url, f"r{round_}.{n}")) for n in range(20)]
-            assert await gatherResults(runs) == [Outcome(True)] * 20
+            assert [_brief(o) for o in await gatherResults(runs)] == [Outcome(True)] * 20
 
     async def test_concurrent_jobs(self) -> None:
         """200 jobs started together all succeed, over a bounded number of connections."""
@@ -482,7 +496,7 @@ class LimitTests(_Base):
         runs = [runner.run(_execution("POST", server.url(), f"c.{n}")) for n in range(200)]
         assert runner.running == 200
         outcomes = await gatherResults(runs)
-        assert outcomes == [Outcome(True)] * 200
+        assert [_brief(o) for o in outcomes] == [Outcome(True)] * 200
         assert sorted(s.headers["x-ztick-job-id"] for s in server.seen) == sorted(
             f"c.{n}" for n in range(200)
         )
@@ -514,10 +528,10 @@ class StopTests(_Base):
         await runner.stop(0.2)
         assert 0.15 <= reactor.seconds() - start < 2.0
         outcome = await hung
-        assert outcome == Outcome(False, "stopped at shutdown", interrupted=True)
+        assert _brief(outcome) == Outcome(False, "stopped at shutdown", interrupted=True)
         assert runner.running == 0
         late = await runner.run(_execution("POST", server.url(), "late"))
-        assert late == Outcome(False, "runner stopped")
+        assert _brief(late) == Outcome(False, "runner stopped")
         assert len(server.seen) == 1
         assert await self.wait_closed(server)
 
@@ -531,7 +545,9 @@ class StopTests(_Base):
         assert runner.running == 3
         await runner.stop(0.05)
         outcomes = await gatherResults(runs)
-        assert outcomes == [Outcome(False, "stopped at shutdown", interrupted=True)] * 3
+        assert [_brief(o) for o in outcomes] == [
+            Outcome(False, "stopped at shutdown", interrupted=True)
+        ] * 3
         assert [s.headers["x-ztick-job-id"] for s in server.seen] == ["q.0"]
         assert server.connections.accepted == 1
         assert runner.running == 0
@@ -558,7 +574,7 @@ class StopTests(_Base):
         start = reactor.seconds()
         await runner.stop(5)
         assert reactor.seconds() - start < 2.0
-        assert await run == Outcome(True)
+        assert _brief(await run) == Outcome(True)
         assert await self.wait_closed(server)
 
     async def test_stop_idle(self) -> None:
@@ -578,9 +594,9 @@ class HttpsTests(_Base):
         """An https chain leading to http_ca_file is accepted, by IP and by DNS name."""
         server = self.server(tls=True)
         runner = self.runner(http_ca_file=self.pki.ca.cert_path)
-        assert await runner.run(_execution("POST", server.url())) == Outcome(True)
+        assert _brief(await runner.run(_execution("POST", server.url()))) == Outcome(True)
         by_name = await runner.run(_execution("POST", server.url(host="localhost")))
-        assert by_name == Outcome(True)
+        assert _brief(by_name) == Outcome(True)
         assert server.seen[0].body == b'{"job_id":"job.1","execution":1700000000123456789}'
 
     async def test_bundle_with_several_certificates(self) -> None:
@@ -590,7 +606,7 @@ class HttpsTests(_Base):
             f.write(cert_pem(self.pki.other_ca.cert, self.pki.ca.cert))
         server = self.server(tls=True)
         runner = self.runner(http_ca_file=bundle)
-        assert await runner.run(_execution("GET", server.url())) == Outcome(True)
+        assert _brief(await runner.run(_execution("GET", server.url()))) == Outcome(True)
 
     async def test_untrusted_ca(self) -> None:
         """A chain that does not lead to the configured CA fails with a TLS reason."""
@@ -624,3 +640,71 @@ class HttpsTests(_Base):
             f.write("nothing here\n")
         with pytest.raises(ValueError, match="no PEM certificate"):
             load_trust_root(empty)
+
+
+class OutcomeDetailTests(_Base):
+    """Issue 10: output, the run's own timeout, and cancel."""
+
+    async def test_output_is_status_and_body_tail(self) -> None:
+        """The outcome's output is ``status N``, a newline and the tail of the body."""
+        answers = iter([(201, b"a" * 10 + b"END"), (404, b"nope")])
+        server = self.server(lambda request: next(answers))
+        runner = self.runner(output_limit_bytes=8)
+        created = await runner.run(_execution("POST", server.url()))
+        assert created == Outcome(True, output=b"status 201\naaaaaEND")
+        missing = await runner.run(_execution("GET", server.url()))
+        assert missing.output == b"status 404\nnope" and not missing.success
+
+    async def test_execution_timeout_over_the_default(self) -> None:
+        """The run's own timeout wins over ``[runners] timeout``; the request is aborted."""
+        server = self.server(lambda request: NOT_DONE_YET)
+        runner = self.runner(timeout=30)
+        outcome = await runner.run(_execution("POST", server.url(), timeout=0.3))
+        assert outcome == Outcome(
+            False, f"http POST {server.url()}: timed out after 0.3s", timed_out=True
+        )
+        assert await self.wait_closed(server)
+        assert runner.running == 0
+
+    async def test_cancel_aborts_the_request(self) -> None:
+        """Cancel fires cancelled at once (no CancelledError) and drops the connection."""
+        server = self.server(lambda request: NOT_DONE_YET)
+        runner = self.runner()
+        run = runner.run(_execution("POST", server.url()))
+        for _ in range(400):
+            if server.seen:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        assert len(server.seen) == 1
+        run.cancel()
+        assert run.called
+        assert await run == Outcome(False, "cancelled", cancelled=True)
+        assert runner.running == 0
+        assert await self.wait_closed(server)
+
+    async def test_cancel_while_waiting_for_a_connection_drops_it(self) -> None:
+        """A delivery cancelled before it got a connection is never sent."""
+        server = self.server(lambda r: NOT_DONE_YET if r.uri == b"/hang" else (200, b"ok"))
+        runner = HttpRunner(reactor, NetworkOptions(), max_connections_per_host=1)
+        self.addCleanup(runner.stop, 0)
+        hung = runner.run(_execution("POST", server.url("/hang"), "a"))
+        dropped = runner.run(_execution("POST", server.url(), "b"))
+        last = runner.run(_execution("POST", server.url(), "c"))
+        dropped.cancel()
+        assert (await dropped).cancelled
+        for _ in range(400):
+            if server.seen:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        hung.cancel()  # frees the connection slot: "c" is next, "b" is skipped
+        assert (await hung).cancelled
+        assert _brief(await last) == Outcome(True)
+        assert [seen.headers["x-ztick-job-id"] for seen in server.seen] == ["a", "c"]
+
+    async def test_cancel_after_the_end_does_nothing(self) -> None:
+        """Cancelling a finished delivery keeps its outcome."""
+        server = self.server()
+        run = self.runner().run(_execution("POST", server.url()))
+        first = await run
+        run.cancel()
+        assert await run == first == Outcome(True, output=b"status 200\nok")

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from ztick_tw.model import I64_MAX, I64_MIN, JobStatus
-from ztick_tw.scheduler.jobs import JobTable, pack, unpack_ns, unpack_status
+from ztick_tw.scheduler import jobs as jobs_module
+from ztick_tw.scheduler.jobs import JobTable, SortedIds, pack, unpack_ns, unpack_status
 
 P, T, E, F = JobStatus.PLANNED, JobStatus.TRIGGERED, JobStatus.EXECUTED, JobStatus.FAILED
 
@@ -408,3 +409,216 @@ class JobTableMachine(RuleBasedStateMachine):
 
 JobTableMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60)
 TestJobTableMachine = JobTableMachine.TestCase
+
+
+# -- the prefix index ------------------------------------------------------------------
+
+
+def test_new_ids_wait_unsorted_and_fold_in_bounded_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new id costs no sorted insert: it waits in a buffer of fewer than ``FOLD_AT``.
+
+    The buffer is folded into the sorted chunks ``FOLD_AT`` ids at a time, or before a
+    scan, so no call ever sorts or merges more than ``FOLD_AT`` ids.
+    """
+    monkeypatch.setattr(jobs_module, "FOLD_AT", 8)
+    monkeypatch.setattr(jobs_module, "_CHUNK", 4)
+    table = JobTable()
+    index = table._ids
+    assert isinstance(index, SortedIds)
+    folded: list[int] = []
+    fold = SortedIds._fold
+
+    def counting_fold(self: SortedIds) -> None:
+        folded.append(len(self._fresh))
+        fold(self)
+
+    monkeypatch.setattr(SortedIds, "_fold", counting_fold)
+    ids = [f"job.{i:03}" for i in range(50)]
+    random.Random(5).shuffle(ids)
+    for n, job_id in enumerate(ids[:7], 1):
+        table.set(job_id, n)
+        assert len(index._fresh) == n  # waiting, not sorted in
+    assert index._chunks == []
+    for n, job_id in enumerate(ids[7:], 8):
+        table.set(job_id, n)
+        assert len(index._fresh) < 8
+    assert folded == [8] * 6
+    assert [j for j, _, _ in table.scan("job.", None, 100)] == sorted(ids)
+    assert folded == [8] * 6 + [2]
+    assert all(1 <= len(chunk) <= 8 for chunk in index._chunks)
+    assert index._maxes == [chunk[-1] for chunk in index._chunks]
+
+
+def test_growing_ids_fold_by_extending_the_last_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids set in increasing order (``job.0000001``...) fold in at the end, in full chunks.
+
+    The index holds the very id objects of the job dict (no second copy of an id).
+    """
+    monkeypatch.setattr(jobs_module, "FOLD_AT", 10)
+    monkeypatch.setattr(jobs_module, "_CHUNK", 4)
+    table = JobTable()
+    ids = [f"job.{i:07}" for i in range(1, 36)]
+    for job_id in ids:
+        table.set(job_id, 1)
+    assert list(table._ids) == ids
+    assert [len(chunk) for chunk in table._ids._chunks] == [4] * 7 + [7]
+    keys = {id(k) for k in table._jobs}
+    assert all(id(job_id) in keys for chunk in table._ids._chunks for job_id in chunk)
+
+
+def test_removing_every_id_empties_the_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids removed while waiting or after being folded in leave no trace, down to nothing.
+
+    Removing an id the index does not hold is a ``KeyError``.
+    """
+    monkeypatch.setattr(jobs_module, "FOLD_AT", 5)
+    monkeypatch.setattr(jobs_module, "_CHUNK", 4)
+    table = JobTable()
+    ids = [f"j{i:02}" for i in range(30)]
+    random.Random(3).shuffle(ids)
+    for job_id in ids:
+        table.set(job_id, 1)
+    assert [j for j, _, _ in table.scan("j", "j09", 3)] == ["j10", "j11", "j12"]
+    table.set("late", 1)  # waits in the buffer
+    assert table.remove("late")
+    for job_id in ids:
+        assert table.remove(job_id)
+        assert [j for j, _, _ in table.scan("", None, 100)] == sorted(table._jobs)
+    assert table._ids._chunks == []
+    assert table._ids._maxes == []
+    with pytest.raises(KeyError):
+        table._ids.remove("j00")
+    table.set("again", 2)
+    assert table.scan("", None, 10) == [("again", P, 2)]
+
+
+def _model_scan(model: set[str], prefix: str, after: str | None, limit: int) -> list[str]:
+    """What ``scan`` must return, from a plain ``sorted()`` of the ids."""
+    out: list[str] = []
+    for job_id in sorted(model):
+        if (job_id < prefix) if after is None else (job_id <= after):
+            continue
+        if not job_id.startswith(prefix) or len(out) == limit:
+            break
+        out.append(job_id)
+    return out
+
+
+class IndexMachine(RuleBasedStateMachine):
+    """Random sets, removes, undos, status changes and (resumed) scans against ``sorted()``.
+
+    Chunks and folds are made tiny so that cuts, joins and folds into the middle happen
+    within a few steps.  An open paged scan runs across the changes: it must list, in
+    increasing order and once each, every id that existed for its whole duration.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._saved = (jobs_module._CHUNK, jobs_module.FOLD_AT)
+        jobs_module._CHUNK, jobs_module.FOLD_AT = 4, 3
+        self.table = JobTable()
+        self.model: set[str] = set()
+        self.undo: dict[str, int | None] = {}
+        self.paging: tuple[str, str | None] | None = None  # (prefix, after) of an open scan
+        self.stable: set[str] = set()  # ids present for the whole open scan
+        self.seen: list[str] = []
+
+    def teardown(self) -> None:
+        jobs_module._CHUNK, jobs_module.FOLD_AT = self._saved
+
+    ids = st.text(st.sampled_from("ab.1"), min_size=1, max_size=4)
+
+    @rule(job_id=ids, ns=st.integers(0, 9))
+    def set_job(self, job_id: str, ns: int) -> None:
+        self.undo[job_id] = self.table.raw(job_id)
+        self.table.set(job_id, ns)
+        self.model.add(job_id)
+
+    @rule(job_id=ids)
+    def remove_job(self, job_id: str) -> None:
+        self.undo[job_id] = self.table.raw(job_id)
+        assert self.table.remove(job_id) == (job_id in self.model)
+        self.model.discard(job_id)
+        self.stable.discard(job_id)
+
+    @rule(job_id=ids)
+    def restore_job(self, job_id: str) -> None:
+        if job_id not in self.undo:
+            return
+        packed = self.undo.pop(job_id)
+        self.table.restore(job_id, packed)
+        if packed is None:
+            self.model.discard(job_id)
+            self.stable.discard(job_id)
+        else:
+            self.model.add(job_id)
+
+    @rule(job_id=ids)
+    def fail_job(self, job_id: str) -> None:
+        if job_id in self.model:
+            self.table.set_status(job_id, JobStatus.FAILED)
+
+    @rule(
+        prefix=st.text(st.sampled_from("ab.1"), max_size=2),
+        after=st.none() | ids,
+        limit=st.integers(1, 5),
+    )
+    def scan(self, prefix: str, after: str | None, limit: int) -> None:
+        got = self.table.scan(prefix, after, limit)
+        assert [j for j, _, _ in got] == _model_scan(self.model, prefix, after, limit)
+        assert all(self.table.get(j) == (s, n) for j, s, n in got)
+
+    @precondition(lambda self: self.paging is None)
+    @rule(prefix=st.text(st.sampled_from("ab.1"), max_size=2))
+    def open_scan(self, prefix: str) -> None:
+        self.paging = (prefix, None)
+        self.stable = {j for j in self.model if j.startswith(prefix)}
+        self.seen = []
+
+    @precondition(lambda self: self.paging is not None)
+    @rule(limit=st.integers(1, 3))
+    def next_page(self, limit: int) -> None:
+        assert self.paging is not None
+        prefix, after = self.paging
+        page = [j for j, _, _ in self.table.scan(prefix, after, limit)]
+        assert page == _model_scan(self.model, prefix, after, limit)
+        self.seen += page
+        if len(page) < limit:
+            assert self.seen == sorted(set(self.seen))  # increasing: none twice
+            assert self.stable <= set(self.seen)
+            self.paging = None
+        else:
+            self.paging = (prefix, page[-1])
+
+    @rule()
+    def iterate(self) -> None:
+        """Iterating the index folds it and lists every id in order."""
+        assert list(self.table._ids) == sorted(self.model)
+
+    @rule()
+    def reload(self) -> None:
+        """Rebuild the table from a replay of its jobs (the index is built in one pass)."""
+        fresh = JobTable()
+        for job_id, status, ns in self.table.items():
+            fresh.load(job_id, ns, int(status))
+        fresh.finish_load()
+        self.table = fresh
+        self.undo.clear()
+
+    @invariant()
+    def index_is_sorted_model(self) -> None:
+        """Chunks sorted, fresh ids apart from them, together exactly the model's ids."""
+        index = self.table._ids
+        chunked = [job_id for chunk in index._chunks for job_id in chunk]
+        assert chunked == sorted(set(chunked))
+        assert sorted(chunked + list(index._fresh)) == sorted(self.model)
+        assert len(index) == len(self.model)
+        assert len(index._fresh) < jobs_module.FOLD_AT
+        assert index._maxes == [chunk[-1] for chunk in index._chunks]
+        assert all(0 < len(chunk) <= 2 * jobs_module._CHUNK for chunk in index._chunks)
+
+
+IndexMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=80, deadline=None)
+TestIndexMachine = IndexMachine.TestCase

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -48,6 +49,15 @@ def test_json_body_has_every_field() -> None:
     }
     assert http_body(EXECUTION, "POST", "json") == rich_body(EXECUTION)
     assert queue_message(EXECUTION, "json") == rich_body(EXECUTION)
+
+
+def test_json_body_carries_a_retry_attempt() -> None:
+    """A third attempt says ``"attempt":3`` in every json message (http, redis, amqp)."""
+    third = dataclasses.replace(EXECUTION, attempt=3, timeout=5.0)
+    for body in (http_body(third, "PUT", "json"), queue_message(third, "json")):
+        assert body is not None
+        assert json.loads(body)["attempt"] == 3
+    assert b'"attempt":3,' in rich_body(third)
 
 
 def test_json_escapes_and_keeps_unicode() -> None:

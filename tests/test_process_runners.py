@@ -32,8 +32,15 @@ DUE_NS = 1_700_000_000_123_456_789
 PATH = os.environ.get("PATH", os.defpath)
 
 
-def _execution(spec: RunnerSpec, job_id: str = "job.1", attempt: int = 1) -> Execution:
-    return Execution(job_id, DUE_NS, "rule.1", attempt, spec)
+def _execution(
+    spec: RunnerSpec, job_id: str = "job.1", attempt: int = 1, timeout: float | None = None
+) -> Execution:
+    return Execution(job_id, DUE_NS, "rule.1", attempt, spec, timeout=timeout)
+
+
+def _brief(outcome: Outcome) -> Outcome:
+    """``outcome`` without the details (output, exit code): success, reason, interrupted."""
+    return Outcome(outcome.success, outcome.reason, outcome.interrupted)
 
 
 @implementer(ILogObserver)
@@ -50,7 +57,7 @@ class _Events:
     def output(self, job_id: str, stream: str) -> list[LogEvent]:
         return [e for e in self.events if e.get("job_id") == job_id and e.get("stream") == stream]
 
-    def text(self, job_id: str, stream: str = "stdout") -> str:
+    def text(self, job_id: str, stream: str = "output") -> str:
         found = self.output(job_id, stream)
         assert len(found) == 1, f"expected one {stream} event for {job_id}, got {found}"
         return str(found[0]["text"])
@@ -111,7 +118,7 @@ class ShellRunnerTests(_Base):
     async def test_success(self) -> None:
         """Exit status 0 is success, and the end is logged with the job and duration."""
         outcome = await self.shell().run(_execution(ShellSpec("exit 0")))
-        assert outcome == Outcome(True)
+        assert _brief(outcome) == Outcome(True)
         ends = [m for m in self.log.messages("job.1") if "succeeded" in m]
         assert len(ends) == 1, self.log.messages("job.1")
         assert "rule rule.1" in ends[0]
@@ -119,13 +126,15 @@ class ShellRunnerTests(_Base):
     async def test_nonzero_exit(self) -> None:
         """A non-zero exit status fails the job with ``exit status N`` and a warning."""
         outcome = await self.shell().run(_execution(ShellSpec("exit 3")))
-        assert outcome == Outcome(False, "exit status 3")
+        assert _brief(outcome) == Outcome(False, "exit status 3")
+        assert outcome.exit_code == 3
         assert any("exit status 3" in m for m in self.log.messages("job.1"))
 
     async def test_killed_by_signal(self) -> None:
         """A child killed by a signal fails with the signal's number and name."""
         outcome = await self.shell().run(_execution(ShellSpec("kill -9 $$")))
-        assert outcome == Outcome(False, "killed by signal 9 (SIGKILL)")
+        assert _brief(outcome) == Outcome(False, "killed by signal 9 (SIGKILL)")
+        assert outcome.exit_code is None
 
     async def test_environment(self) -> None:
         """The child sees the base environment plus the ZTICK_* variables of the run."""
@@ -135,7 +144,7 @@ class ShellRunnerTests(_Base):
             ' "$ZTICK_ATTEMPT" "$BASE_VAR" "${HOME-unset}"'
         )
         outcome = await runner.run(_execution(ShellSpec(command), job_id="env.job", attempt=3))
-        assert outcome == Outcome(True)
+        assert _brief(outcome) == Outcome(True)
         assert self.log.text("env.job") == f"env.job|{DUE_NS}|rule.1|3|base|unset|"
 
     async def test_daemon_environment_by_default(self) -> None:
@@ -156,43 +165,57 @@ class ShellRunnerTests(_Base):
         """The runner runs ``shell_path shell_args... command`` (here /bin/false fails)."""
         runner = ShellRunner(reactor, "/bin/false", ["-c"], ProcessOptions())
         outcome = await runner.run(_execution(ShellSpec("true")))
-        assert outcome == Outcome(False, "exit status 1")
+        assert _brief(outcome) == Outcome(False, "exit status 1")
 
     async def test_missing_shell(self) -> None:
         """A shell path that does not exist fails the job with the path and the reason."""
         runner = ShellRunner(reactor, "/no/such/sh", ["-c"], ProcessOptions())
         outcome = await runner.run(_execution(ShellSpec("true")))
-        assert outcome == Outcome(False, "cannot execute /no/such/sh: No such file or directory")
+        assert _brief(outcome) == Outcome(
+            False, "cannot execute /no/such/sh: No such file or directory"
+        )
         assert runner.running == 0
 
     async def test_stdin_is_closed(self) -> None:
         """The child reads EOF on stdin at once (``cat`` ends instead of waiting)."""
         outcome = await self.shell(run_timeout=10).run(_execution(ShellSpec("cat; echo done")))
-        assert outcome == Outcome(True)
+        assert _brief(outcome) == Outcome(True)
         assert self.log.text("job.1") == "done"
 
-    async def test_stdout_and_stderr_logged_separately(self) -> None:
-        """Each non-empty stream gives one log event with its text; empty ones none."""
-        await self.shell().run(_execution(ShellSpec("echo out; echo err >&2")))
-        assert self.log.text("job.1", "stdout") == "out"
-        assert self.log.text("job.1", "stderr") == "err"
-        await self.shell().run(_execution(ShellSpec("true"), job_id="quiet"))
-        assert self.log.output("quiet", "stdout") == []
-        assert self.log.output("quiet", "stderr") == []
+    async def test_output_interleaved_as_it_came(self) -> None:
+        """Stdout and stderr form one output, in the order they were written.
 
-    async def test_output_is_capped(self) -> None:
-        """Past output_limit_bytes per stream the output is counted and dropped."""
+        It is the outcome's output and one log event; a silent run has neither.
+        """
+        command = "echo out1; sleep 0.2; echo err >&2; sleep 0.2; echo out2"
+        outcome = await self.shell().run(_execution(ShellSpec(command)))
+        assert outcome == Outcome(True, output=b"out1\nerr\nout2\n", exit_code=0)
+        assert self.log.text("job.1") == "out1\nerr\nout2"
+        quiet = await self.shell().run(_execution(ShellSpec("true"), job_id="quiet"))
+        assert quiet == Outcome(True, output=b"", exit_code=0)
+        assert self.log.output("quiet", "output") == []
+
+    async def test_output_keeps_the_tail(self) -> None:
+        """Past output_limit_bytes the start is dropped: the last bytes are kept, counted."""
         runner = self.shell(output_limit_bytes=1000)
         command = "head -c 1000000 /dev/zero | tr '\\0' x; head -c 5000 /dev/zero | tr '\\0' y >&2"
         outcome = await runner.run(_execution(ShellSpec(command)))
-        assert outcome == Outcome(True)
-        [out] = self.log.output("job.1", "stdout")
-        assert out["text"] == "x" * 1000
-        assert out["dropped"] == 999_000
-        assert "999000 more bytes dropped" in formatEvent(out)
-        [err] = self.log.output("job.1", "stderr")
-        assert err["text"] == "y" * 1000
-        assert err["dropped"] == 4000
+        assert _brief(outcome) == Outcome(True)
+        assert outcome.output == b"y" * 1000
+        [out] = self.log.output("job.1", "output")
+        assert out["text"] == "y" * 1000
+        assert out["dropped"] == 1_004_000
+        assert "1004000 bytes dropped before" in formatEvent(out)
+        command = "head -c 300000 /dev/zero | tr '\\0' x; echo end"
+        outcome = await runner.run(_execution(ShellSpec(command), job_id="tail"))
+        assert outcome.output == b"x" * 996 + b"end\n"
+
+    async def test_no_output_kept_with_a_zero_limit(self) -> None:
+        """output_limit_bytes=0 keeps nothing (the bytes are still read and counted)."""
+        outcome = await self.shell(output_limit_bytes=0).run(_execution(ShellSpec("echo hi")))
+        assert outcome == Outcome(True, output=b"", exit_code=0)
+        [out] = self.log.output("job.1", "output")
+        assert out["dropped"] == 3
 
     async def test_timeout_terminates_the_job(self) -> None:
         """A run past run_timeout is sent SIGTERM and fails; its whole group goes too."""
@@ -200,7 +223,7 @@ class ShellRunnerTests(_Base):
         pidfile = os.path.join(self.tmp, "sleep.pid")
         started = reactor.seconds()
         outcome = await runner.run(_execution(ShellSpec(f"sleep 30 & echo $! > {pidfile}; wait")))
-        assert outcome == Outcome(False, "timed out after 0.5s")
+        assert _brief(outcome) == Outcome(False, "timed out after 0.5s")
         assert reactor.seconds() - started < 20
         with open(pidfile) as f:
             sleep_pid = int(f.read())
@@ -213,7 +236,7 @@ class ShellRunnerTests(_Base):
         started = reactor.seconds()
         outcome = await runner.run(_execution(ShellSpec("trap '' TERM; echo ready; sleep 30")))
         elapsed = reactor.seconds() - started
-        assert outcome == Outcome(False, "timed out after 0.5s")
+        assert _brief(outcome) == Outcome(False, "timed out after 0.5s")
         assert self.log.text("job.1") == "ready"
         # It outlived the SIGTERM (sent at 0.5 s), so only the SIGKILL (0.3 s later) ended it.
         assert elapsed >= 0.75
@@ -228,7 +251,7 @@ class ShellRunnerTests(_Base):
         started = reactor.seconds()
         outcome = await runner.run(_execution(ShellSpec(command)))
         elapsed = reactor.seconds() - started
-        assert outcome == Outcome(False, "timed out after 0.5s")
+        assert _brief(outcome) == Outcome(False, "timed out after 0.5s")
         with open(pidfile) as f:
             straggler = int(f.read())
         assert await self.wait_gone(straggler), "the sleep that ignores SIGTERM survived"
@@ -241,13 +264,13 @@ class ShellRunnerTests(_Base):
         outcome = await runner.run(_execution(ShellSpec("sleep 30 & echo $!")))
         pid = int(self.log.text("job.1"))
         self.addCleanup(os.kill, pid, signal.SIGKILL)
-        assert outcome == Outcome(True)
+        assert _brief(outcome) == Outcome(True)
         assert runner.running == 0
 
     async def test_wrong_spec_kind(self) -> None:
         """A spec of another runner kind fails instead of raising."""
         outcome = await self.shell().run(_execution(DirectSpec("/bin/true")))
-        assert outcome == Outcome(False, "the shell runner cannot run a direct rule")
+        assert _brief(outcome) == Outcome(False, "the shell runner cannot run a direct rule")
 
 
 class DirectRunnerTests(_Base):
@@ -255,7 +278,7 @@ class DirectRunnerTests(_Base):
         """No shell: ``;``, ``|`` and ``$()`` reach the program as plain text."""
         spec = DirectSpec("/bin/echo", ("a;b|c", "$(id)", "two words"))
         outcome = await self.direct().run(_execution(spec))
-        assert outcome == Outcome(True)
+        assert _brief(outcome) == Outcome(True)
         assert self.log.text("job.1") == "a;b|c $(id) two words"
 
     async def test_path_lookup_uses_child_path(self) -> None:
@@ -263,27 +286,29 @@ class DirectRunnerTests(_Base):
         _write_script(os.path.join(self.tmp, "mytool"), '#!/bin/sh\necho "tool $1"\n')
         runner = self.direct(base_environment={"PATH": f"/no/such/dir:{self.tmp}:/bin"})
         outcome = await runner.run(_execution(DirectSpec("mytool", ("x",))))
-        assert outcome == Outcome(True)
+        assert _brief(outcome) == Outcome(True)
         assert self.log.text("job.1") == "tool x"
 
     async def test_missing_executable(self) -> None:
         """A missing program fails the job naming the path; nothing is spawned."""
         runner = self.direct()
         outcome = await runner.run(_execution(DirectSpec("/no/such")))
-        assert outcome == Outcome(False, "cannot execute /no/such: No such file or directory")
+        assert _brief(outcome) == Outcome(
+            False, "cannot execute /no/such: No such file or directory"
+        )
 
     async def test_name_not_on_path(self) -> None:
         """A bare name found nowhere on PATH fails, naming it and the PATH searched."""
         runner = self.direct(base_environment={"PATH": self.tmp})
         outcome = await runner.run(_execution(DirectSpec("no-such-tool")))
-        assert outcome == Outcome(
+        assert _brief(outcome) == Outcome(
             False, f"cannot execute no-such-tool: not found on PATH ({self.tmp})"
         )
 
     async def test_not_executable(self) -> None:
         """A directory is not executable: the job fails with the reason."""
         outcome = await self.direct().run(_execution(DirectSpec(self.tmp)))
-        assert outcome == Outcome(False, f"cannot execute {self.tmp}: Is a directory")
+        assert _brief(outcome) == Outcome(False, f"cannot execute {self.tmp}: Is a directory")
 
     async def _exec_failure(self, new_session: bool, fork: bool, native: bool = False) -> Outcome:
         # The file passes the pre-spawn check but exec() fails (its interpreter is missing).
@@ -303,25 +328,33 @@ class DirectRunnerTests(_Base):
         """posix_spawn's OSError becomes a failed outcome naming the program."""
         outcome = await self._exec_failure(new_session=True, fork=False, native=True)
         script = os.path.join(self.tmp, "badinterp")
-        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+        assert _brief(outcome) == Outcome(
+            False, f"cannot execute {script}: No such file or directory"
+        )
 
     async def test_exec_failure_twisted_posix_spawnp(self) -> None:
         """With reactor.spawnProcess, posix_spawnp's OSError gives the same reason."""
         outcome = await self._exec_failure(new_session=False, fork=False)
         script = os.path.join(self.tmp, "badinterp")
-        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+        assert _brief(outcome) == Outcome(
+            False, f"cannot execute {script}: No such file or directory"
+        )
 
     async def test_exec_failure_fork_fallback(self) -> None:
         """When Twisted forks instead, the child's exec error still gives a clear reason."""
         outcome = await self._exec_failure(new_session=False, fork=True)
         script = os.path.join(self.tmp, "badinterp")
-        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+        assert _brief(outcome) == Outcome(
+            False, f"cannot execute {script}: No such file or directory"
+        )
 
     async def test_exec_failure_through_setsid(self) -> None:
         """With reactor.spawnProcess and a new session, setsid's exec error gives the reason."""
         outcome = await self._exec_failure(new_session=True, fork=False)
         script = os.path.join(self.tmp, "badinterp")
-        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+        assert _brief(outcome) == Outcome(
+            False, f"cannot execute {script}: No such file or directory"
+        )
 
     async def test_children_run_concurrently(self) -> None:
         """Twenty 1 s children started together are all alive at once and all succeed."""
@@ -341,7 +374,7 @@ class DirectRunnerTests(_Base):
         for d in runs:
             d.addCallback(ended)
         outcomes = await gatherResults(runs)
-        assert outcomes == [Outcome(True)] * 20
+        assert [_brief(o) for o in outcomes] == [Outcome(True)] * 20
         # Run one after another they would take 20 s; together they end far sooner.
         assert max(ends) - started < 10
         assert runner.running == 0
@@ -354,7 +387,7 @@ class StopTests(_Base):
         d = runner.stop(1)
         assert d.called
         outcome = await runner.run(_execution(DirectSpec("/bin/true")))
-        assert outcome == Outcome(False, "shutting down", interrupted=True)
+        assert _brief(outcome) == Outcome(False, "shutting down", interrupted=True)
 
     async def test_stop_lets_a_short_child_finish(self) -> None:
         """A child that ends within the grace period finishes normally."""
@@ -372,7 +405,7 @@ class StopTests(_Base):
 
         run.addCallback(run_ended)
         stopped.addCallback(stop_ended)
-        assert await run == Outcome(True)
+        assert _brief(await run) == Outcome(True)
         await stopped
         assert order == ["run", "stop"]
 
@@ -384,12 +417,12 @@ class StopTests(_Base):
         stopped = runner.stop(0.3)
         assert not stopped.called
         late = await runner.run(_execution(DirectSpec("/bin/true"), job_id="late"))
-        assert late == Outcome(False, "shutting down", interrupted=True)
+        assert _brief(late) == Outcome(False, "shutting down", interrupted=True)
         await stopped
         elapsed = reactor.seconds() - started
         assert run.called
         outcome = await run
-        assert outcome == Outcome(
+        assert _brief(outcome) == Outcome(
             False, "stopped at shutdown (killed by signal 15 (SIGTERM))", interrupted=True
         )
         assert elapsed >= 0.25
@@ -403,7 +436,7 @@ class StopTests(_Base):
         await deferLater(reactor, 0.2, lambda: None)  # let the shell set its trap
         await runner.stop(0)
         outcome = await run
-        assert outcome == Outcome(
+        assert _brief(outcome) == Outcome(
             False, "stopped at shutdown (killed by signal 9 (SIGKILL))", interrupted=True
         )
 
@@ -460,7 +493,7 @@ class StopWhileStartingTests(_Base):
         await stopped
         assert run.called
         outcome = await run
-        assert outcome == Outcome(
+        assert _brief(outcome) == Outcome(
             False, "stopped at shutdown (killed by signal 9 (SIGKILL))", interrupted=True
         )
         assert runner.running == 0
@@ -485,15 +518,9 @@ class StopWhileStartingTests(_Base):
         await stopped
         assert all(run.called for run in runs)
         outcomes = await gatherResults(runs)
-        assert (
-            outcomes
-            == [
-                Outcome(
-                    False, "stopped at shutdown (killed by signal 15 (SIGTERM))", interrupted=True
-                )
-            ]
-            * 5
-        )
+        assert [_brief(o) for o in outcomes] == [
+            Outcome(False, "stopped at shutdown (killed by signal 15 (SIGTERM))", interrupted=True)
+        ] * 5
         assert spawn_module._get_spawner()._requests.empty()  # nothing left to start
         pids = [e["pid"] for e in self.log.events if "run failed" in e.get("log_format", "")]
         assert len(pids) == 5 and None not in pids
@@ -516,7 +543,9 @@ class StopWhileStartingTests(_Base):
         stopped.addTimeout(20, reactor)
         await stopped
         outcome = await run
-        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+        assert _brief(outcome) == Outcome(
+            False, f"cannot execute {script}: No such file or directory"
+        )
         owners = [
             getattr(getattr(c, "func", None), "__self__", None) for c in reactor.getDelayedCalls()
         ]
@@ -527,7 +556,9 @@ class StopWhileStartingTests(_Base):
         script = _write_script(os.path.join(self.tmp, "badinterp"), "#!/no/such/interp\n")
         runner = self.direct()
         outcome = await runner.run(_execution(DirectSpec(script)))
-        assert outcome == Outcome(False, f"cannot execute {script}: No such file or directory")
+        assert _brief(outcome) == Outcome(
+            False, f"cannot execute {script}: No such file or directory"
+        )
         assert runner.running == 0
 
     async def test_fallback_without_ctypes_posix_spawn(self) -> None:
@@ -537,7 +568,7 @@ class StopWhileStartingTests(_Base):
         runner = self.shell()
         assert not runner._native
         outcome = await runner.run(_execution(ShellSpec("echo fallback")))
-        assert outcome == Outcome(True)
+        assert _brief(outcome) == Outcome(True)
         assert self.log.text("job.1") == "fallback"
 
 
@@ -556,7 +587,7 @@ class AwfRunnerTests(_Base):
         runner = self.awf(f"{self.tmp}:{PATH}")
         spec = AwfSpec("wf", ("a=1", "b=2"))
         outcome = await runner.run(_execution(spec))
-        assert outcome == Outcome(True)
+        assert _brief(outcome) == Outcome(True)
         assert self.log.text("job.1").split("\n") == [
             "awf",
             "run",
@@ -571,7 +602,7 @@ class AwfRunnerTests(_Base):
         """A failing awf fails the job with its exit status."""
         _write_script(os.path.join(self.tmp, "awf"), "#!/bin/sh\nexit 4\n")
         outcome = await self.awf(f"{self.tmp}:{PATH}").run(_execution(AwfSpec("wf")))
-        assert outcome == Outcome(False, "exit status 4")
+        assert _brief(outcome) == Outcome(False, "exit status 4")
 
     async def test_awf_missing(self) -> None:
         """Without awf on PATH the job fails with a clear reason."""
@@ -642,7 +673,7 @@ class ShortageTests(_Base):
         runs = [runner.run(_execution(ShellSpec(f"echo {i}"), job_id=f"fd.{i}")) for i in range(5)]
         assert runner.running == 5
         outcomes = await gatherResults(runs)
-        assert outcomes == [Outcome(True)] * 5
+        assert [_brief(o) for o in outcomes] == [Outcome(True)] * 5
         assert failing.job_ids == ["fd.0"] * 4 + [f"fd.{i}" for i in range(1, 5)]
         warnings = [formatEvent(e) for e in self.spawn_log if "cannot start" in formatEvent(e)]
         assert len(warnings) == 1, warnings  # rate limited
@@ -658,8 +689,8 @@ class ShortageTests(_Base):
         await deferLater(reactor, 0.05, lambda: None)  # first is running
         self.inject(_FailingSpawns(1, errno.ENFILE))
         second = runner.run(_execution(ShellSpec("true"), job_id="second"))
-        assert await first == Outcome(True)
-        assert await second == Outcome(True)
+        assert _brief(await first) == Outcome(True)
+        assert _brief(await second) == Outcome(True)
 
     async def test_spawner_thread_shortage_is_retried(self) -> None:
         """EAGAIN reported later by the spawner thread also requeues the run, which runs."""
@@ -680,7 +711,7 @@ class ShortageTests(_Base):
         outcomes = await gatherResults(
             [runner.run(_execution(ShellSpec("true"), job_id=f"late.{i}")) for i in range(2)]
         )
-        assert outcomes == [Outcome(True)] * 2
+        assert [_brief(o) for o in outcomes] == [Outcome(True)] * 2
         assert calls[0] == "late.0"
         assert calls.count("late.0") == 2
         warnings = [formatEvent(e) for e in self.spawn_log if "cannot start" in formatEvent(e)]
@@ -694,7 +725,7 @@ class ShortageTests(_Base):
         await deferLater(reactor, 0.01, lambda: None)
         assert not run.called
         await runner.stop(0)
-        assert await run == Outcome(False, "shutting down", interrupted=True)
+        assert _brief(await run) == Outcome(False, "shutting down", interrupted=True)
         assert runner.running == 0
 
     async def test_real_descriptor_limit(self) -> None:
@@ -713,7 +744,7 @@ class ShortageTests(_Base):
         await deferLater(reactor, 0.2, lambda: None)
         assert not run.called
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        assert await run == Outcome(True)
+        assert _brief(await run) == Outcome(True)
         assert self.log.text("limited") == "ran"
         warnings = [formatEvent(e) for e in self.spawn_log if "cannot start" in formatEvent(e)]
         assert warnings and "out of file descriptors" in warnings[0], warnings
@@ -721,15 +752,19 @@ class ShortageTests(_Base):
     async def test_nul_byte_in_argument(self) -> None:
         """A NUL byte in the command fails the job with a clear reason, no traceback."""
         outcome = await self.shell().run(_execution(ShellSpec("echo a\0b")))
-        assert outcome == Outcome(False, "cannot execute /bin/sh: argument contains a NUL byte")
+        assert _brief(outcome) == Outcome(
+            False, "cannot execute /bin/sh: argument contains a NUL byte"
+        )
         outcome = await self.direct().run(_execution(DirectSpec("/bin/echo", ("x\0",))))
-        assert outcome == Outcome(False, "cannot execute /bin/echo: argument contains a NUL byte")
+        assert _brief(outcome) == Outcome(
+            False, "cannot execute /bin/echo: argument contains a NUL byte"
+        )
         assert self.flushLoggedErrors() == []  # type: ignore[no-untyped-call]
 
     async def test_nul_byte_in_environment(self) -> None:
         """A NUL byte in a ZTICK_* value (the job id) fails the job naming the variable."""
         outcome = await self.shell().run(_execution(ShellSpec("true"), job_id="a\0b"))
-        assert outcome == Outcome(
+        assert _brief(outcome) == Outcome(
             False, "cannot execute /bin/sh: environment variable ZTICK_JOB_ID contains a NUL byte"
         )
 
@@ -745,5 +780,138 @@ class ShortageTests(_Base):
 
         reactor.callLater(0, look)  # runs after the first slice
         outcomes = await gatherResults(runs)
-        assert outcomes == [Outcome(True)] * 40
+        assert [_brief(o) for o in outcomes] == [Outcome(True)] * 40
         assert 0 < seen[0] <= SLICE_RUNS
+
+
+class RunTimeoutTests(_Base):
+    """Execution.timeout: the rule's policy, over the runner's run_timeout."""
+
+    async def test_execution_timeout_ends_the_whole_group(self) -> None:
+        """A run past its own timeout (no runner default) is ended, its group with it."""
+        runner = self.shell(kill_grace=0.3)
+        pidfile = os.path.join(self.tmp, "sleep.pid")
+        command = f"echo begun; sleep 30 & echo $! > {pidfile}; wait"
+        outcome = await runner.run(_execution(ShellSpec(command), timeout=0.5))
+        assert outcome == Outcome(
+            False, "timed out after 0.5s", output=b"begun\n", exit_code=None, timed_out=True
+        )
+        with open(pidfile) as f:
+            assert await self.wait_gone(int(f.read())), "the shell's sleep survived"
+        assert runner.running == 0
+
+    async def test_execution_timeout_overrides_run_timeout(self) -> None:
+        """A shorter timeout of the run wins over a longer run_timeout of the runner."""
+        runner = self.shell(run_timeout=60)
+        outcome = await runner.run(_execution(ShellSpec("sleep 30"), timeout=0.3))
+        assert outcome.timed_out
+        assert outcome.reason == "timed out after 0.3s"
+
+    async def test_zero_execution_timeout_means_no_limit(self) -> None:
+        """timeout=0 lifts the runner's run_timeout for this run; None keeps it."""
+        runner = self.shell(run_timeout=0.2)
+        free = await runner.run(_execution(ShellSpec("sleep 0.6; echo done"), timeout=0))
+        assert free == Outcome(True, output=b"done\n", exit_code=0)
+        bound = await runner.run(_execution(ShellSpec("sleep 30"), job_id="b", timeout=None))
+        assert bound.timed_out and bound.reason == "timed out after 0.2s"
+
+    async def test_term_ignored_reports_the_timeout_not_the_kill(self) -> None:
+        """A child ignoring SIGTERM is killed after the grace; the outcome says timed out."""
+        runner = self.shell(kill_grace=0.2)
+        command = "trap '' TERM; echo ready; sleep 30"
+        outcome = await runner.run(_execution(ShellSpec(command), timeout=0.3))
+        assert outcome.timed_out and outcome.reason == "timed out after 0.3s"
+        assert outcome.output == b"ready\n"
+        assert any("sending SIGKILL" in m for m in self.log.messages("job.1"))
+
+
+class CancelTests(_Base):
+    """The Deferred of run() can be cancelled; it fires cancelled, never errbacks."""
+
+    async def wait_for(self, path: str) -> None:
+        for _ in range(400):
+            if os.path.exists(path):
+                return
+            await deferLater(reactor, 0.025, lambda: None)
+        raise AssertionError(f"{path} never appeared")
+
+    async def test_cancel_a_running_child_ends_its_group(self) -> None:
+        """Cancel fires the Deferred at once with the output so far, and ends the group.
+
+        The runner counts the run until the child and what it started are gone.
+        """
+        runner = self.shell(kill_grace=0.3)
+        pidfile = os.path.join(self.tmp, "sleep.pid")
+        command = f"echo begun; sleep 30 & echo $! > {pidfile}; wait"
+        run = runner.run(_execution(ShellSpec(command)))
+        await self.wait_for(pidfile)
+        await deferLater(reactor, 0.05, lambda: None)  # let the reactor read "begun"
+        run.cancel()
+        assert run.called
+        outcome = await run
+        assert outcome == Outcome(False, "cancelled", output=b"begun\n", cancelled=True)
+        with open(pidfile) as f:
+            assert await self.wait_gone(int(f.read())), "the shell's sleep survived"
+        for _ in range(200):
+            if runner.running == 0:
+                break
+            await deferLater(reactor, 0.025, lambda: None)
+        assert runner.running == 0
+        ends = [m for m in self.log.messages("job.1") if "run failed" in m]
+        assert len(ends) == 1 and "cancelled (killed by signal 15 (SIGTERM))" in ends[0]
+
+    async def test_cancel_before_start_drops_the_run(self) -> None:
+        """A run cancelled while it waits in the spawn queue never starts."""
+        runner = self.shell()
+        marker = os.path.join(self.tmp, "ran")
+        run = runner.run(_execution(ShellSpec(f"touch {marker}")))
+        after = runner.run(_execution(ShellSpec("true"), job_id="after"))
+        assert runner.running == 2
+        run.cancel()
+        assert run.called
+        assert await run == Outcome(False, "cancelled", cancelled=True)
+        assert runner.running == 1
+        assert _brief(await after) == Outcome(True)  # started after the dropped one's turn
+        assert not os.path.exists(marker)
+        assert any("cancelled before it started" in m for m in self.log.messages("job.1"))
+
+    async def test_cancel_after_the_end_does_nothing(self) -> None:
+        """Cancelling a run that has ended leaves its outcome as it was."""
+        run = self.shell().run(_execution(ShellSpec("exit 4")))
+        first = await run
+        run.cancel()
+        assert await run == first
+        assert first.exit_code == 4 and not first.cancelled
+
+    async def test_cancel_a_timed_out_run_still_ending(self) -> None:
+        """A timed-out run still ending (SIGTERM ignored) can be cancelled; it is killed."""
+        runner = self.shell(kill_grace=1)
+        pidfile = os.path.join(self.tmp, "shell.pid")
+        command = f"trap '' TERM; echo $$ > {pidfile}; sleep 30"
+        run = runner.run(_execution(ShellSpec(command), timeout=0.2))
+        await self.wait_for(pidfile)
+        await deferLater(reactor, 0.5, lambda: None)  # past the timeout: SIGTERM ignored
+        assert not run.called
+        run.cancel()
+        assert (await run).cancelled
+        assert runner.running == 1  # the SIGKILL comes kill_grace after the SIGTERM
+        with open(pidfile) as f:
+            assert await self.wait_gone(int(f.read())), "the shell ignoring TERM survived"
+
+    async def test_cancel_while_starting_on_the_thread(self) -> None:
+        """A run cancelled while its start is under way is terminated once it started."""
+        runner = self.direct(kill_grace=0.2)
+        blocked = _BlockedSpawner()
+        self.addCleanup(blocked.release)
+        run = runner.run(_execution(DirectSpec("/bin/sleep", ("30",))))
+        await deferLater(reactor, 0.05, lambda: None)  # its start is on the thread now
+        assert runner.running == 1 and not run.called
+        run.cancel()
+        assert (await run) == Outcome(False, "cancelled", cancelled=True)
+        blocked.release()
+        stopped = runner.stop(30)  # waits for the cancelled child, not the grace
+        stopped.addTimeout(20, reactor)
+        await stopped
+        pids = [e["pid"] for e in self.log.events if "run failed" in e.get("log_format", "")]
+        assert len(pids) == 1 and pids[0] is not None
+        assert await self.wait_gone(pids[0])

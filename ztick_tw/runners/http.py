@@ -1,4 +1,4 @@
-"""The ``http`` runner: deliver a job as a webhook (``http <METHOD> <url>``).
+r"""The ``http`` runner: deliver a job as a webhook (``http <METHOD> <url>``).
 
 One :class:`HttpRunner` serves every ``http`` rule.  It sends requests with a single
 :class:`twisted.web.client.Agent` over a persistent :class:`HTTPConnectionPool`, so jobs
@@ -11,9 +11,14 @@ bound for the same endpoint reuse keep-alive connections.  Per run:
   ``Authorization: Basic`` header and is removed from the request line.
 * A 2xx status is success; any other status fails the job with the status in the
   reason (and the start of the response body).  Redirects are not followed.
-* ``NetworkOptions.timeout`` bounds the whole delivery, from :meth:`HttpRunner.run`
-  (waiting for a free connection included) to the last byte of the response.  A request
-  that runs out of time has its connection aborted; it never goes back to the pool.
+* ``Execution.timeout`` (else ``NetworkOptions.timeout``) bounds the whole delivery, from
+  :meth:`HttpRunner.run` (waiting for a free connection included) to the last byte of the
+  response.  A request that runs out of time has its connection aborted; it never goes
+  back to the pool; its outcome has ``timed_out``.
+* Cancelling the Deferred of :meth:`HttpRunner.run` ends the delivery the same way (one
+  still waiting for a connection is dropped) and fires ``cancelled_outcome``.
+* The outcome's ``output`` is ``b"status N\n"`` and the tail of the response body (at most
+  ``NetworkOptions.output_limit_bytes``); empty when no response came.
 * The response body is always read, so the connection can carry the next request, but
   at most ``http_max_response_bytes`` of it: past that the connection is aborted.  The
   outcome still comes from the status code.
@@ -72,7 +77,14 @@ from zope.interface import implementer
 from ztick_tw import __version__
 from ztick_tw.model import HttpSpec
 from ztick_tw.runners import trust
-from ztick_tw.runners.base import Execution, IRunner, Outcome
+from ztick_tw.runners.base import (
+    Execution,
+    IRunner,
+    Outcome,
+    cancelled_outcome,
+    effective_timeout,
+    timeout_reason,
+)
 from ztick_tw.runners.message import (
     JOB_ID_HEADER,
     SIGNATURE_HEADER,
@@ -424,11 +436,13 @@ class _BodyReader(Protocol):
     Without a ``delivery`` (nobody wants the response any more) it aborts at once.
     """
 
-    def __init__(self, delivery: _Delivery | None, limit: int) -> None:
+    def __init__(self, delivery: _Delivery | None, limit: int, tail_limit: int = 0) -> None:
         self.delivery = delivery
         self.limit = limit
+        self.tail_limit = tail_limit
         self.received = 0
         self.prefix = b""
+        self.tail = bytearray()
         self.cut_off = delivery is None
         self.finished = False
 
@@ -441,10 +455,20 @@ class _BodyReader(Protocol):
             return
         if len(self.prefix) < REASON_BODY_BYTES:
             self.prefix += data[: REASON_BODY_BYTES - len(self.prefix)]
+        if self.tail_limit:
+            tail = self.tail
+            tail += data
+            if len(tail) > 2 * self.tail_limit:
+                del tail[: len(tail) - self.tail_limit]
         self.received += len(data)
         if self.received > self.limit:
             self.cut_off = True
             self.abort()
+
+    def body_tail(self) -> bytes:
+        """The last ``tail_limit`` bytes of the body read so far."""
+        tail = self.tail
+        return bytes(tail[len(tail) - self.tail_limit :] if len(tail) > self.tail_limit else tail)
 
     def abort(self) -> None:
         """Drop the connection under this response: it will not go back to the pool."""
@@ -481,6 +505,7 @@ class _Delivery:
         "runner",
         "status",
         "target",
+        "timeout",
         "timer",
     )
 
@@ -497,7 +522,8 @@ class _Delivery:
         self.method = method
         self.target = target
         self.body = body
-        self.result: Deferred[Outcome] | None = Deferred()
+        self.result: Deferred[Outcome] | None = Deferred(self.cancel)
+        self.timeout = 0.0
         self.timer: IDelayedCall | None = None
         self.pending: Deferred[Any] | None = None
         self.reader: _BodyReader | None = None
@@ -552,7 +578,8 @@ class _Delivery:
             response.deliverBody(_BodyReader(None, 0))  # type: ignore[no-untyped-call]
             return
         self.status = response.code
-        reader = _BodyReader(self, self.runner.options.http_max_response_bytes)
+        options = self.runner.options
+        reader = _BodyReader(self, options.http_max_response_bytes, options.output_limit_bytes)
         self.reader = reader
         response.deliverBody(reader)  # type: ignore[no-untyped-call]
 
@@ -583,17 +610,27 @@ class _Delivery:
                 url=self.target.redacted,
                 why=_failure_reason(reason),
             )
-        self.finish(self.status_outcome(reader.prefix))
+        self.finish(self.status_outcome(reader.prefix, self.output(reader)))
 
-    def status_outcome(self, prefix: bytes) -> Outcome:
+    def output(self, reader: _BodyReader | None) -> bytes:
+        r"""``b"status N\n"`` and the body's tail so far; empty before the response."""
+        if not self.status:
+            return b""
+        tail = reader.body_tail() if reader is not None else b""
+        return b"status %d\n" % self.status + tail
+
+    def status_outcome(self, prefix: bytes, output: bytes) -> Outcome:
         status = self.status
         if 200 <= status < 300:
-            return Outcome(True)
+            return Outcome(True, output=output)
         if 300 <= status < 400:
-            return Outcome(False, self.describe(f"status {status} (redirects are not followed)"))
+            what = f"status {status} (redirects are not followed)"
+            return Outcome(False, self.describe(what), output=output)
         text = _printable(prefix)
         return Outcome(
-            False, self.describe(f"status {status}: {text}" if text else f"status {status}")
+            False,
+            self.describe(f"status {status}: {text}" if text else f"status {status}"),
+            output=output,
         )
 
     # -- ending ----------------------------------------------------------------------
@@ -611,10 +648,16 @@ class _Delivery:
 
     def timed_out(self) -> None:
         self.timer = None
-        what = f"timed out after {self.runner.options.timeout:g}s"
+        what = timeout_reason(self.timeout)
         if self.status:
             what += f" (reading the body of a status {self.status} response)"
-        self.end(Outcome(False, self.describe(what)))
+        self.end(
+            Outcome(False, self.describe(what), output=self.output(self.reader), timed_out=True)
+        )
+
+    def cancel(self, result: Deferred[Outcome]) -> None:
+        """The run's Deferred was cancelled: abort the request, or drop it if it waits."""
+        self.end(cancelled_outcome(self.output(self.reader)))
 
     def finish(self, outcome: Outcome) -> None:
         result = self.result
@@ -702,8 +745,10 @@ class HttpRunner:
         result = delivery.result
         assert result is not None
         self._live.add(delivery)
-        if self.options.timeout > 0:
-            delivery.timer = self.clock.callLater(self.options.timeout, delivery.timed_out)
+        timeout = effective_timeout(execution, self.options.timeout)
+        if timeout > 0:
+            delivery.timeout = timeout
+            delivery.timer = self.clock.callLater(timeout, delivery.timed_out)
         slots = self._hosts.get(target.key)
         if slots is None:
             slots = self._hosts[target.key] = _HostSlots(self.max_connections_per_host)

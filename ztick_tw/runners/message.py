@@ -50,7 +50,8 @@ JOB_ID_HEADER = "X-Ztick-Job-Id"
 class NetworkOptions:
     """How the ``http``, ``redis`` and ``amqp`` runners behave (``[runners]`` in the config).
 
-    ``timeout``: seconds one delivery may take, connecting included (ztick: 30).
+    ``timeout``: seconds one delivery may take, connecting included (ztick: 30); the
+    default of runs whose ``Execution.timeout`` is ``None``; 0 means no limit.
     ``message_format``: ``"ztick"`` (ztick's exact messages) or ``"json"`` (rich_body).
     ``http_ca_file``: PEM bundle that https certificates must chain to; ``None`` means
     the system's trust store.
@@ -61,6 +62,8 @@ class NetworkOptions:
     message across a broker restart.
     ``amqp_ca_file``: PEM bundle that ``amqps://`` brokers must chain to; ``None`` means
     the system's trust store.
+    ``output_limit_bytes``: at most this many bytes of a response body's tail go into the
+    outcome's ``output`` (http).
     """
 
     timeout: float = 30.0
@@ -70,6 +73,7 @@ class NetworkOptions:
     http_max_response_bytes: int = 65536
     amqp_persistent: bool = True
     amqp_ca_file: str | None = None
+    output_limit_bytes: int = 65536
 
 
 def _json(document: dict[str, object]) -> bytes:

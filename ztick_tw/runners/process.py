@@ -21,13 +21,17 @@ in order, instead of failing the job.  Per run:
 * The child gets the daemon's environment (or ``ProcessOptions.base_environment``) plus
   ``ZTICK_JOB_ID``, ``ZTICK_EXECUTION_NS``, ``ZTICK_RULE_ID`` and ``ZTICK_ATTEMPT``.
 * stdin is ``/dev/null`` (the fallback: a pipe closed at once; the child reads EOF);
-  stdout and stderr are read and at most ``output_limit_bytes`` of each are kept and
-  logged when the run ends.
+  stdout and stderr are read into one buffer as they come (interleaved), of which the
+  last ``output_limit_bytes`` are kept: they are the outcome's ``output`` (the run's
+  history) and are logged when the run ends.
 * With ``new_session`` (the default) the child leads its own session and process group
   (``POSIX_SPAWN_SETSID``; the fallback execs it through the ``setsid`` program):
   a timeout or a shutdown signals the whole group, so the commands a shell started die
   with it instead of running on unnoticed.
-* A timeout or :meth:`stop` sends SIGTERM, then SIGKILL ``kill_grace`` seconds later.
+* A timeout (``Execution.timeout``, else ``run_timeout``), a cancel or :meth:`stop` sends
+  SIGTERM, then SIGKILL ``kill_grace`` seconds later.  A cancelled run's Deferred fires at
+  once (``cancelled_outcome``); the child is still ended and counted in ``running`` until
+  it has.  A run cancelled while waiting to start is dropped.
 
 The outcome is decided when the child has exited and its pipes are closed.  If
 something the child left behind keeps the pipes open, the run ends ``exit_drain``
@@ -54,7 +58,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ztick_tw.model import AwfSpec, DirectSpec, RunnerKind, RunnerSpec, ShellSpec
-from ztick_tw.runners.base import Execution, IRunner, Outcome
+from ztick_tw.runners.base import (
+    CANCELLED_REASON,
+    Execution,
+    IRunner,
+    Outcome,
+    cancelled_outcome,
+    effective_timeout,
+    timeout_reason,
+)
 from ztick_tw.runners.spawn import (
     FDS_PER_CHILD,
     TRANSIENT_ERRNOS,
@@ -85,9 +97,10 @@ FDS_PER_RUN = FDS_PER_CHILD
 class ProcessOptions:
     """How process runners treat their children.
 
-    ``output_limit_bytes``: at most this many bytes of stdout and of stderr are kept (and
-    logged) per run; the rest is read and counted but dropped.
-    ``run_timeout``: seconds a run may take before it is terminated; 0 means no limit.
+    ``output_limit_bytes``: the last this many bytes of stdout and stderr (together, as
+    they came) are kept (and logged) per run; the rest is read and counted but dropped.
+    ``run_timeout``: seconds a run may take before it is terminated; 0 means no limit
+    (the default of runs whose ``Execution.timeout`` is ``None``).
     ``kill_grace``: seconds between SIGTERM and SIGKILL (timeouts and :meth:`stop`).
     ``base_environment``: the child's environment before the ``ZTICK_*`` variables are
     added; ``None`` means the daemon's own ``os.environ`` (read when the runner is made).
@@ -183,24 +196,40 @@ def _exec_failure(executable: str, stderr: bytes) -> str | None:
     return None
 
 
-class _Capture:
-    """The first ``limit`` bytes of one output stream, and a count of the rest."""
+#: Bytes of a child's stderr kept from its start, to read why it could not ``exec``.
+_ERR_HEAD_BYTES = 8192
 
-    __slots__ = ("data", "dropped", "limit")
+
+class _Tail:
+    """The last ``limit`` bytes of a run's stdout and stderr, as they came; the total.
+
+    The buffer grows to twice ``limit`` before its head is cut, so a chatty child costs
+    one ``del`` per ``limit`` bytes, not one per read.
+    """
+
+    __slots__ = ("data", "limit", "total")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.data = bytearray()
-        self.dropped = 0
+        self.total = 0
 
     def add(self, chunk: bytes) -> None:
-        room = self.limit - len(self.data)
-        if room >= len(chunk):
-            self.data += chunk
-        else:
-            if room > 0:
-                self.data += chunk[:room]
-            self.dropped += len(chunk) - max(room, 0)
+        self.total += len(chunk)
+        data = self.data
+        data += chunk
+        if len(data) > 2 * self.limit:
+            del data[: len(data) - self.limit]
+
+    def value(self) -> bytes:
+        """The kept bytes: the last ``limit`` of the output."""
+        data = self.data
+        return bytes(data[len(data) - self.limit :]) if len(data) > self.limit else bytes(data)
+
+    @property
+    def dropped(self) -> int:
+        """How many bytes of the output are not kept."""
+        return self.total - min(len(self.data), self.limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,15 +261,17 @@ class _Run(ProcessProtocol):
         self.execution = execution
         self.plan = plan
         self.env = env
-        self.deferred: Deferred[Outcome] = Deferred()
+        self.deferred: Deferred[Outcome] = Deferred(self._cancel)
         self.started = runner._clock.seconds()  # set again when the child is started
         self.pid: int | None = None
-        self.stdout = _Capture(runner.options.output_limit_bytes)
-        self.stderr = _Capture(runner.options.output_limit_bytes)
+        self.output = _Tail(runner.options.output_limit_bytes)
+        self.err_head = b""  # the start of stderr, for _exec_failure
         self.exited = False
         self.ended = False
         self.terminating = False
         self.cause: str | None = None  # why we terminated it, if we did
+        self.timed_out = False
+        self.cancelled = False
         self._timeout_call: IDelayedCall | None = None
         self._grace_call: IDelayedCall | None = None
         self._kill_call: IDelayedCall | None = None
@@ -272,17 +303,17 @@ class _Run(ProcessProtocol):
             self._signal(signal.SIGTERM)
             self._arm_kill()
             return
-        timeout = self.runner.options.run_timeout
+        timeout = effective_timeout(self.execution, self.runner.options.run_timeout)
         if timeout > 0:
-            self._timeout_call = self.runner._clock.callLater(
-                timeout, self.terminate, f"timed out after {timeout:g}s"
-            )
+            self._timeout_call = self.runner._clock.callLater(timeout, self._time_out, timeout)
 
     def outReceived(self, data: bytes) -> None:
-        self.stdout.add(data)
+        self.output.add(data)
 
     def errReceived(self, data: bytes) -> None:
-        self.stderr.add(data)
+        if len(self.err_head) < _ERR_HEAD_BYTES:
+            self.err_head += data[: _ERR_HEAD_BYTES - len(self.err_head)]
+        self.output.add(data)
 
     def processExited(self, reason: Failure) -> None:
         self.exited = True
@@ -314,6 +345,25 @@ class _Run(ProcessProtocol):
         self.runner._finished(self, outcome)
 
     # -- termination ----------------------------------------------------------------------
+
+    def _time_out(self, seconds: float) -> None:
+        self._timeout_call = None
+        if self.exited or self.terminating:
+            return
+        self.timed_out = True
+        self.terminate(timeout_reason(seconds))
+
+    def _cancel(self, deferred: Deferred[Outcome]) -> None:
+        """The run's Deferred was cancelled: drop the run if it waits, else end it.
+
+        Fires the Deferred at once (so it never errbacks with ``CancelledError``); a
+        child already started is terminated as a timeout would terminate it, and stays
+        in ``running`` until it has ended.
+        """
+        if self.ended:
+            return
+        self.cancelled = True
+        self.runner._cancelled(self)
 
     def shutdown(self, grace: float) -> None:
         """Give the child ``grace`` seconds, then terminate it (runner is stopping)."""
@@ -420,21 +470,27 @@ class _Run(ProcessProtocol):
     def _outcome(self, reason: Failure) -> Outcome:
         exit_code: int | None = getattr(reason.value, "exitCode", None)
         sig: int | None = getattr(reason.value, "signal", None)
+        if sig is not None:
+            exit_code = None
+        output = self.output.value()
+        if self.timed_out:
+            assert self.cause is not None
+            return Outcome(False, self.cause, output=output, exit_code=exit_code, timed_out=True)
         if self.cause is not None:
-            if self.cause.startswith("timed out"):
-                return Outcome(False, self.cause)
             return Outcome(
                 False,
                 f"{self.cause} ({_describe_exit(exit_code, sig)})",
                 interrupted=self.cause == SHUTDOWN_CAUSE,
+                output=output,
+                exit_code=exit_code,
             )
         if sig is None and exit_code == 0:
-            return Outcome(True)
+            return Outcome(True, output=output, exit_code=0)
         if sig is None and exit_code in (1, 126, 127):
-            why = _exec_failure(self.plan.executable, bytes(self.stderr.data))
+            why = _exec_failure(self.plan.executable, self.err_head)
             if why is not None:
-                return Outcome(False, why)
-        return Outcome(False, _describe_exit(exit_code, sig))
+                return Outcome(False, why, output=output, exit_code=exit_code)
+        return Outcome(False, _describe_exit(exit_code, sig), output=output, exit_code=exit_code)
 
 
 def _cancelled(call: IDelayedCall | None) -> IDelayedCall | None:
@@ -568,7 +624,9 @@ class ProcessRunner:
         """The spawner thread could not start ``proto``'s child (on the reactor thread)."""
         self._live.discard(proto)
         self._queue.wake()  # its pipes are closed: a start that lacked descriptors can retry
-        if error.errno in TRANSIENT_ERRNOS and not self._stopping:
+        if proto.cancelled:
+            self._end_unstarted(proto, cancelled_outcome())  # (fired already: only logged)
+        elif error.errno in TRANSIENT_ERRNOS and not self._stopping:
             self._queue.retry(proto, error)
         elif error.errno in TRANSIENT_ERRNOS:
             self._end_unstarted(proto, Outcome(False, "shutting down", interrupted=True))
@@ -583,9 +641,11 @@ class ProcessRunner:
 
     def _end_unstarted(self, proto: _Run, outcome: Outcome) -> None:
         proto._cancel_all()  # a stop's grace timer, armed while its start was under way
+        proto.ended = True
         self._log_end(proto.execution, None, outcome, 0.0)
         try:
-            proto.deferred.callback(outcome)
+            if not proto.deferred.called:  # a cancelled run's fired at its cancel
+                proto.deferred.callback(outcome)
         finally:
             if self._stopping and not self._live:
                 waiters, self._stop_waiters = self._stop_waiters, []
@@ -622,6 +682,20 @@ class ProcessRunner:
         self._log_end(execution, None, outcome, 0.0)
         return succeed(outcome)
 
+    def _cancelled(self, run: _Run) -> None:
+        """``run``'s Deferred was cancelled: drop it if it waits to start, else end it."""
+        if self._queue.remove(run):
+            run.ended = True
+            self.log.info(
+                "job {job_id}: {runner} run cancelled before it started"
+                " (rule {rule_id}, attempt {attempt})",
+                **run._fields(with_pid=False),
+                runner=self.kind.wire,
+            )
+        else:
+            run.terminate(CANCELLED_REASON)
+        run.deferred.callback(cancelled_outcome(run.output.value()))
+
     def _finished(self, run: _Run, outcome: Outcome) -> None:
         self._live.discard(run)
         self._queue.wake()  # its descriptors are free: a start that lacked them can retry
@@ -629,35 +703,37 @@ class ProcessRunner:
             self._log_output(run)
             self._log_end(run.execution, run.pid, outcome, self._clock.seconds() - run.started)
         finally:
-            run.deferred.callback(outcome)
+            if not run.deferred.called:  # a cancelled run's fired at its cancel
+                run.deferred.callback(outcome)
             if self._stopping and not self._live:
                 waiters, self._stop_waiters = self._stop_waiters, []
                 for d in waiters:
                     d.callback(None)
 
     def _log_output(self, run: _Run) -> None:
+        """One event with the run's output (stdout and stderr as they came), if any."""
+        tail = run.output
+        if not tail.total:
+            return
         execution = run.execution
-        for stream, capture in (("stdout", run.stdout), ("stderr", run.stderr)):
-            if not capture.data and not capture.dropped:
-                continue
-            text = capture.data.decode("utf-8", "replace")
-            if text.endswith("\n"):
-                text = text[:-1]
-            fields = {
-                "job_id": execution.job_id,
-                "rule_id": execution.rule_id,
-                "attempt": execution.attempt,
-                "pid": run.pid,
-                "stream": stream,
-                "text": text,
-                "dropped": capture.dropped,
-            }
-            if capture.dropped:
-                self.log.info(
-                    "job {job_id} {stream}: {text}\n[{dropped} more bytes dropped]", **fields
-                )
-            else:
-                self.log.info("job {job_id} {stream}: {text}", **fields)
+        text = tail.value().decode("utf-8", "replace")
+        if text.endswith("\n"):
+            text = text[:-1]
+        fields = {
+            "job_id": execution.job_id,
+            "rule_id": execution.rule_id,
+            "attempt": execution.attempt,
+            "pid": run.pid,
+            "stream": "output",
+            "text": text,
+            "dropped": tail.dropped,
+        }
+        if tail.dropped:
+            self.log.info(
+                "job {job_id} {stream}: [{dropped} bytes dropped before]\n{text}", **fields
+            )
+        else:
+            self.log.info("job {job_id} {stream}: {text}", **fields)
 
     def _log_end(
         self, execution: Execution, pid: int | None, outcome: Outcome, duration: float

@@ -585,6 +585,17 @@ class SpawnQueue(Generic[T]):
             if self._items:
                 self._arm(0)
 
+    def remove(self, item: T) -> bool:
+        """Take ``item`` out of the queue (its run was cancelled); False if not queued."""
+        try:
+            self._items.remove(item)
+        except ValueError:
+            return False
+        if not self._items:
+            self._cancel()
+            self._waiting = False
+        return True
+
     def clear(self) -> list[T]:
         """Remove and return every item not started yet; stop pumping."""
         items = list(self._items)
