@@ -871,9 +871,13 @@ class Scheduler:
         self._watch_next(job_id, rec)
 
     def _watch_next(self, job_id: str, rec: Recurrence) -> None:
-        """While a scheduled job runs, keep its next occurrence in ``upcoming``."""
+        """While a scheduled job runs, keep its next occurrence in ``upcoming``.
+
+        An occurrence already due (a ``misfire=all`` catch-up) is not watched: it runs
+        when this run ends, one after another, and never meets the overlap policy.
+        """
         occurrence = rec.occurrence_ns
-        if occurrence is None:
+        if occurrence is None or occurrence <= now_ns(self._reactor):
             return
         planned = planned_ns(occurrence, self.recurrences.compiled(rec).options, self._rng)
         self.upcoming.set(job_id, planned)
