@@ -17,11 +17,13 @@ from ztick_tw.config import (
     CONFIG_MAX_BYTES,
     DEFAULT_LISTEN,
     DEFAULT_SOURCE,
+    HISTORY_SUFFIX,
     KNOWN_KEYS,
     Config,
     ConfigError,
     ControllerConfig,
     DatabaseConfig,
+    HistoryConfig,
     HttpConfig,
     LogConfig,
     SchedulerConfig,
@@ -524,8 +526,8 @@ def test_telemetry_endpoint_without_enabled_is_fine() -> None:
         ("[Database]\nframerate = 1", "unknown section [Database] (did you mean [database]?)"),
         (
             "[server]\nport = 1",
-            "unknown section [server] (known sections: [log], "
-            "[controller], [shell], [database], [http], [telemetry], [scheduler], [runners])",
+            "unknown section [server] (known sections: [log], [controller], [shell], "
+            "[database], [http], [telemetry], [scheduler], [runners], [history])",
         ),
         ('level = "info"', "key level is outside any section (did you mean [log] level?)"),
         ("bogus = 1", "key bogus is outside any section"),
@@ -1058,3 +1060,96 @@ def test_a_pipe_is_read_like_a_file() -> None:
     finally:
         os.close(read_end)
     assert config.database.framerate == 9
+
+
+# ----------------------------------------------------------------- history and retry policy
+
+
+def test_history_and_retry_defaults() -> None:
+    """[history] runs 20, output_bytes 4096, no path; [runners] retries 0, backoff 1s..5m."""
+    config = parse_config("", SRC)
+    assert config.history == HistoryConfig(runs=20, output_bytes=4096, path=None)
+    assert config.runners.retries == 0
+    assert (config.runners.backoff_min_ns, config.runners.backoff_max_ns) == (
+        1_000_000_000,
+        300_000_000_000,
+    )
+
+
+def test_history_and_retry_keys_parse() -> None:
+    """The keys are read: backoff's two durations become nanoseconds."""
+    text = (
+        '[history]\nruns = 10000\noutput_bytes = 1048576\npath = "h/runs.sqlite"\n'
+        '[runners]\nretries = 1000\nbackoff = "500ms..1h30m"\n'
+    )
+    config = parse_config(text, SRC)
+    assert config.history == HistoryConfig(runs=10000, output_bytes=1 << 20, path="h/runs.sqlite")
+    assert config.runners.retries == 1000
+    assert config.runners.backoff_min_ns == 500_000_000
+    assert config.runners.backoff_max_ns == 5_400_000_000_000
+    assert parse_config('[runners]\nbackoff = "2s..2s"\n', SRC).runners.backoff_min_ns == 2 * 10**9
+    zero = parse_config('[history]\noutput_bytes = 0\n[runners]\nbackoff = "0..0"\n', SRC)
+    assert (zero.history.output_bytes, zero.runners.backoff_max_ns) == (0, 0)
+
+
+def test_history_path_defaults_beside_the_logfile() -> None:
+    """No [history] path: <logfile_path>.history.sqlite; with memory persistence: in memory."""
+    assert Config().history_path == "logfile" + HISTORY_SUFFIX
+    logfile = parse_config('[database]\nlogfile_path = "/var/lib/z/ztick.log"\n', SRC)
+    assert logfile.history_path == "/var/lib/z/ztick.log.history.sqlite"
+    memory = parse_config('[database]\npersistence = "memory"\n', SRC)
+    assert memory.history_path is None
+    chosen = '[database]\npersistence = "memory"\n[history]\npath = "runs.sqlite"\n'
+    assert parse_config(chosen, SRC).history_path == "runs.sqlite"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[history]\nruns = 0", "[history] runs: must be an integer from 1 to 10000, got 0"),
+        (
+            "[history]\nruns = 10001",
+            "[history] runs: must be an integer from 1 to 10000, got 10001",
+        ),
+        (
+            "[history]\noutput_bytes = 1048577",
+            "[history] output_bytes: must be an integer from 0 to 1048576, got 1048577",
+        ),
+        ('[history]\npath = ""', "[history] path: must be a non-empty path, not empty"),
+        (
+            "[runners]\nretries = -1",
+            "[runners] retries: must be an integer from 0 to 1000, got -1",
+        ),
+        (
+            "[runners]\nretries = 1001",
+            "[runners] retries: must be an integer from 0 to 1000, got 1001",
+        ),
+        (
+            '[runners]\nbackoff = "5m..1s"',
+            "[runners] backoff: the minimum 5m is above the maximum 1s",
+        ),
+        (
+            '[runners]\nbackoff = "5s"',
+            '[runners] backoff: must be two durations "<min>..<max>" (e.g. "1s..5m"), got "5s"',
+        ),
+        (
+            "[runners]\nbackoff = 5",
+            '[runners] backoff: must be two durations "<min>..<max>" (e.g. "1s..5m"), got 5',
+        ),
+        (
+            '[runners]\nbackoff = "1x..5m"',
+            '[runners] backoff: must be two durations "<min>..<max>" (e.g. "1s..5m"):'
+            " bad duration '1x' (write e.g. 500ms, 30s, 5m, 1h30m, 2d)",
+        ),
+    ],
+)
+def test_history_and_retry_keys_are_validated(text: str, message: str) -> None:
+    """Out-of-range counts, an empty path and malformed or inverted backoffs are refused."""
+    assert _error(text + "\n") == f"{SRC}: {message}"
+
+
+def test_history_section_is_known() -> None:
+    """[history] is a section of its own; a misspelt key gets a suggestion."""
+    assert KNOWN_KEYS["history"] == ("runs", "output_bytes", "path")
+    assert "retries" in KNOWN_KEYS["runners"] and "backoff" in KNOWN_KEYS["runners"]
+    assert "did you mean runs?" in _error("[history]\nrun = 3\n")

@@ -2,7 +2,8 @@
 
 Every key of ztick's configuration is accepted with ztick's meaning and default, so a
 ztick config file loads unchanged; ztick-tw adds a few keys of its own (``[log] format``,
-the ``[scheduler]`` and ``[runners]`` sections, ``[database] recover_corrupt_log``).
+the ``[scheduler]``, ``[runners]`` and ``[history]`` sections, ``[database]
+recover_corrupt_log``).
 Validation is strict: an unknown section or key, a value of the wrong TOML type or
 outside its range, or a bad combination raises :class:`ConfigError`, whose text is one
 line per problem naming the file, the key and the problem; every problem in the file is
@@ -39,15 +40,19 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel
 
+from ztick_tw.schedules import parse_duration
+
 __all__ = [
     "CONFIG_MAX_BYTES",
     "DEFAULT_LISTEN",
     "DEFAULT_SOURCE",
+    "HISTORY_SUFFIX",
     "KNOWN_KEYS",
     "Config",
     "ConfigError",
     "ControllerConfig",
     "DatabaseConfig",
+    "HistoryConfig",
     "HttpConfig",
     "InterruptedJobs",
     "LogConfig",
@@ -76,6 +81,11 @@ DEFAULT_SOURCE = "(built-in defaults)"
 
 CONFIG_MAX_BYTES = 1 << 20
 """The largest config file read (1 MiB); ``-c /dev/zero`` must not read for ever."""
+
+HISTORY_SUFFIX = ".history.sqlite"
+"""Appended to ``logfile_path`` to name the run history's default file."""
+
+_MIB = 1 << 20
 
 _U16_MAX = 65535
 _U32_MAX = 2**32 - 1
@@ -282,6 +292,24 @@ class RunnersConfig:
     http_max_response_bytes: int = 65536
     amqp_persistent: bool = True
     amqp_ca_file: str | None = None
+    retries: int = 0
+    """Default rule policy (SPEC §9): attempts after a failed one; 0 = no retry."""
+    backoff_min_ns: int = 1_000_000_000
+    """Default rule policy: ``backoff = "<min>..<max>"``, the shortest wait before a retry."""
+    backoff_max_ns: int = 300_000_000_000
+    """Default rule policy: the longest wait before a retry (the exponential's cap)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryConfig:
+    """``[history]`` (ztick-tw extension): the per-job run history of SPEC §9."""
+
+    runs: int = 20
+    """Runs kept per job (the newest)."""
+    output_bytes: int = 4096
+    """Bytes of output kept per run (the tail)."""
+    path: str | None = None
+    """The SQLite file as written; ``None``: the default, see ``Config.history_path``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,10 +324,24 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runners: RunnersConfig = field(default_factory=RunnersConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     source: str = DEFAULT_SOURCE
+    """The file this configuration was read from (or ``DEFAULT_SOURCE``)."""
     #: Things accepted for ztick's sake that an operator should fix (logged at startup).
     warnings: tuple[str, ...] = ()
-    """The file this configuration was read from (or ``DEFAULT_SOURCE``)."""
+
+    @property
+    def history_path(self) -> str | None:
+        """The run history's SQLite file; ``None``: kept in memory.
+
+        ``[history] path`` when set; otherwise ``<logfile_path>.history.sqlite`` beside the
+        logfile, or in memory with ``persistence = "memory"``.
+        """
+        if self.history.path is not None:
+            return self.history.path
+        if self.database.persistence == "memory":
+            return None
+        return self.database.logfile_path + HISTORY_SUFFIX
 
 
 # --------------------------------------------------------------------------- listen
@@ -554,6 +596,22 @@ def _positive_seconds(value: object) -> object:
     return seconds
 
 
+def _backoff(value: object) -> object:
+    wanted = 'two durations "<min>..<max>" (e.g. "1s..5m")'
+    if not isinstance(value, str):
+        raise _Invalid(f"must be {wanted}, got {_describe(value)}")
+    low_text, dots, high_text = value.partition("..")
+    if not dots:
+        raise _Invalid(f"must be {wanted}, got {_quote(value)}")
+    try:
+        low, high = parse_duration(low_text.strip()), parse_duration(high_text.strip())
+    except ValueError as exc:
+        raise _Invalid(f"must be {wanted}: {exc}") from None
+    if low > high:
+        raise _Invalid(f"the minimum {low_text.strip()} is above the maximum {high_text.strip()}")
+    return (low, high)
+
+
 def _string_list(value: object) -> object:
     if not isinstance(value, list):
         raise _Invalid(f"must be an array of strings, got {_describe(value)}")
@@ -627,6 +685,13 @@ _SCHEMA: dict[str, dict[str, _Validator]] = {
         "http_max_response_bytes": _integer(0, _U32_MAX),
         "amqp_persistent": _boolean,
         "amqp_ca_file": _PATH,
+        "retries": _integer(0, 1000),
+        "backoff": _backoff,
+    },
+    "history": {
+        "runs": _integer(1, 10_000),
+        "output_bytes": _integer(0, _MIB),
+        "path": _PATH,
     },
 }
 
@@ -781,7 +846,13 @@ def _build(document: Mapping[str, Any]) -> Config:
 
     telemetry = TelemetryConfig(**cast(dict[str, Any], values.get("telemetry", {})))
     scheduler = SchedulerConfig(**cast(dict[str, Any], values.get("scheduler", {})))
-    runners = RunnersConfig(**cast(dict[str, Any], values.get("runners", {})))
+    runners_values = dict(values.get("runners", {}))
+    if "backoff" in runners_values:
+        low, high = cast(tuple[int, int], runners_values.pop("backoff"))
+        runners_values["backoff_min_ns"] = low
+        runners_values["backoff_max_ns"] = high
+    runners = RunnersConfig(**cast(dict[str, Any], runners_values))
+    history = HistoryConfig(**cast(dict[str, Any], values.get("history", {})))
 
     errors.extend(_combination_errors(controller, http, telemetry, bad))
     if ("shell", "path") not in bad:
@@ -801,6 +872,7 @@ def _build(document: Mapping[str, Any]) -> Config:
         telemetry=telemetry,
         scheduler=scheduler,
         runners=runners,
+        history=history,
     )
 
 
