@@ -22,6 +22,7 @@ def _ask(h: Harness, line: str, conn: Conn | None = None) -> list[str]:
 
 @pytest.fixture
 def h() -> Harness:
+    """A harness with one rule matching every job."""
     harness = make_harness()
     harness.scheduler.set_rule(Rule("r", "", ShellSpec("true")))
     return harness
@@ -148,7 +149,7 @@ def test_stat_ends_with_the_extension_keys(h: Harness) -> None:
 
 
 def test_quote_escapes_quotes_backslashes_and_controls() -> None:
-    """Quoted output escapes ``"`` and ``\\`` and writes control characters as JSON escapes."""
+    r"""Quoted output escapes ``"`` and ``\\`` and writes control characters as JSON escapes."""
     assert quote('a "b" \\ c\n\x1b') == '"a \\"b\\" \\\\ c\\n\\u001b"'
     assert field("tz=UTC") == "tz=UTC"
     assert field("until=-") == "until=-"

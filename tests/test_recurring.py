@@ -234,7 +234,8 @@ def test_overlap_skip_records_the_skipped_occurrence() -> None:
     w.advance(0)
     w.advance(10)
     assert w.runner.started == ["slow"]
-    assert w.history.skips == [("slow", first + 10 * SECOND_NS, "the previous run was still running")]
+    skipped = ("slow", first + 10 * SECOND_NS, "the previous run was still running")
+    assert w.history.skips == [skipped]
     w.advance(5)
     w.finish("slow")
     assert w.get("slow") == (P, first + 20 * SECOND_NS)

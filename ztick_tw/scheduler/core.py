@@ -10,7 +10,7 @@ import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -75,19 +75,15 @@ class NoRule(LookupError):
     """No rule matches the job (``RUN``)."""
 
 
-class RunHandle(Protocol):
-    """What a run history hands back for a run it has begun (opaque to the scheduler)."""
-
-
 class RunLog(Protocol):
     """Where runs are recorded (``ztick_tw.history.History``); never blocks."""
 
-    def begin(self, job_id: str, due_ns: int, started_ns: int, attempt: int) -> RunHandle:
-        """A run has started."""
+    def begin(self, job_id: str, due_ns: int, started_ns: int, attempt: int) -> Any:
+        """A run has started; returns a handle for ``finish`` (opaque to the scheduler)."""
 
     def finish(
         self,
-        handle: RunHandle,
+        handle: Any,
         ended_ns: int,
         outcome: str,
         exit_code: int | None,
@@ -113,7 +109,7 @@ class _Queued:
     attempt: int = 1
     manual: bool = False  # an extra run asked for by RUN: its outcome goes to history only
     started: Deferred[None] | None = None  # RUN: fired once the run has started
-    handle: RunHandle | None = None
+    handle: Any = None  # the run history's handle of this run
     running: Deferred[Outcome] | None = None
     cancelled: bool = False
 
