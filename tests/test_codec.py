@@ -22,19 +22,28 @@ from ztick_tw.model import (
     Job,
     JobRemoval,
     JobStatus,
+    Pause,
+    Policy,
     RedisSpec,
     Rule,
+    RulePolicy,
     RuleRemoval,
     RunnerSpec,
+    RunState,
+    ScheduleRemoval,
+    ScheduleSet,
     ShellSpec,
 )
 from ztick_tw.store.codec import (
     MAX_FRAME_BYTES,
+    NONE_U32,
     CodecError,
+    UnknownEntryType,
     decode_payload,
     encode,
     encode_job,
     encode_payload,
+    entry_id,
     scan,
 )
 
@@ -111,6 +120,59 @@ HAND_FRAMES: list[tuple[Entry, bytes]] = [
     ),
     (JobRemoval("toto"), hx("00 00 00 07 02 00 04 74 6f 74 6f")),
     (RuleRemoval("r"), hx("00 00 00 04 03 00 01 72")),
+    # The ztick-tw extension (docs/logfile.md).  16 schedule set: job "j", text
+    # "daily", options "tz=UTC", start 1605457800000000000.
+    (
+        ScheduleSet("j", "daily", "tz=UTC", 1605457800000000000),
+        hx(
+            "00 00 00 1b 10 00 01 6a 00 05 64 61 69 6c 79 00 06 74 7a 3d 55 54 43"
+            " 16 47 bb 5c ee e1 50 00"
+        ),
+    ),
+    # 17 schedule removal: job "j".
+    (ScheduleRemoval("j"), hx("00 00 00 04 11 00 01 6a")),
+    # 18 run state: job "j", 2 runs, occurrence 7, attempt 3, due 5.
+    (
+        RunState("j", 2, 7, 3, 5),
+        hx(
+            "00 00 00 1a 12 00 01 6a 00 00 00 02 00 00 00 00 00 00 00 07 00 03"
+            " 00 00 00 00 00 00 00 05"
+        ),
+    ),
+    # ... an ended schedule: occurrence I64_MIN ("none"), the first attempt, due -1.
+    (
+        RunState("j", 4294967295, I64_MIN, 1, -1),
+        hx(
+            "00 00 00 1a 12 00 01 6a ff ff ff ff 80 00 00 00 00 00 00 00 00 01"
+            " ff ff ff ff ff ff ff ff"
+        ),
+    ),
+    # 19 pause: job "j" paused at 9, then resumed at 10.
+    (Pause("j", True, 9), hx("00 00 00 0d 13 00 01 6a 01 00 00 00 00 00 00 00 09")),
+    (Pause("j", False, 10), hx("00 00 00 0d 13 00 01 6a 00 00 00 00 00 00 00 00 0a")),
+    # 20 rule policy: rule "r", timeout 30 s, 3 retries, backoff 1 s .. 300 s.
+    (
+        RulePolicy("r", Policy(30 * 10**9, 3, 10**9, 300 * 10**9)),
+        hx(
+            "00 00 00 20 14 00 01 72 00 00 00 06 fc 23 ac 00 00 00 00 03"
+            " 00 00 00 00 3b 9a ca 00 00 00 00 45 d9 64 b8 00"
+        ),
+    ),
+    # ... every key left to the [runners] default: I64_MIN and 0xffffffff; 0 retries.
+    (
+        RulePolicy("r", Policy()),
+        hx(
+            "00 00 00 20 14 00 01 72 80 00 00 00 00 00 00 00 ff ff ff ff"
+            " 80 00 00 00 00 00 00 00 80 00 00 00 00 00 00 00"
+        ),
+    ),
+    (
+        RulePolicy("r", Policy(retries=0)),
+        hx(
+            "00 00 00 20 14 00 01 72 80 00 00 00 00 00 00 00 00 00 00 00"
+            " 80 00 00 00 00 00 00 00 80 00 00 00 00 00 00 00"
+        ),
+    ),
 ]
 
 
@@ -276,7 +338,7 @@ def test_not_an_entry_rejected() -> None:
 MALFORMED: list[tuple[str, bytes, str]] = [
     ("empty", b"", "empty payload"),
     ("unknown type", b"\x04\x00\x01a", "unknown entry type byte 4"),
-    ("type 255", b"\xff", "unknown entry type byte 255"),
+    ("reserved type 15", b"\x0f\x00\x01a", "unknown entry type byte 15"),
     ("id past end", hx("00 00 05 61 62 63"), "job id needs 5 bytes"),
     ("no id length", hx("00 00"), "length of job id needs 2 bytes"),
     ("short time", hx("00 00 01 61 00 00 00"), "job execution time needs 8 bytes"),
@@ -300,6 +362,16 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("amqp short", hx("01 00 01 72 00 01 70 01 00 01 64 00 01 65"), "amqp routing key"),
     ("removal trailing", hx("03 00 01 72 72"), "1 trailing bytes after the rule removal"),
     ("removal short", hx("02 00"), "length of removed job id"),
+    ("schedule no start", hx("10 00 01 6a 00 01 64 00 00 00 00"), "schedule start time"),
+    ("schedule trailing", hx("10 00 01 6a 00 00 00 00" + " 00" * 8 + " 00"), "schedule entry"),
+    ("schedule bad utf8", hx("10 00 01 6a 00 01 ff 00 00" + " 00" * 8), "schedule text is not"),
+    ("unschedule short", hx("11 00 02 6a"), "unscheduled job id needs 2 bytes"),
+    ("run state short", hx("12 00 01 6a 00 00 00 01 00"), "run state (runs, occurrence"),
+    ("run state trailing", hx("12 00 01 6a" + " 00" * 23), "1 trailing bytes after the run"),
+    ("pause flag 2", hx("13 00 01 6a 02" + " 00" * 8), "bad pause flag 2 at payload offset 4"),
+    ("pause short", hx("13 00 01 6a 01 00"), "pause flag and time needs 9 bytes"),
+    ("policy short", hx("14 00 01 72" + " 00" * 27), "policy (timeout, retries, backoff)"),
+    ("policy trailing", hx("14 00 01 72" + " 00" * 29), "after the rule policy entry"),
 ]
 
 
@@ -330,6 +402,179 @@ def test_malformed_frame_in_scan_is_corruption_at_its_offset(payload: bytes, rea
     assert result.problem.kind == "corrupt"
     assert result.problem.offset == len(good)
     assert reason in result.problem.reason
+
+
+def test_unknown_types_from_21_are_skipped_and_counted() -> None:
+    """Whole frames of types 21-255 (a newer version's) are stepped over, as ztick does.
+
+    The scan goes on past them to the frames after, ends without a problem, yields only
+    the entries it knows and counts the skipped frames by type.  Before issue 10 such a
+    frame stopped the scan as corrupt.
+    """
+    known: list[Entry] = [Job("a", 1), RunState("a", 1, 2, 1, 2), Job("b", 2)]
+    frames = [encode(e) for e in known]
+    newer = [
+        struct.pack(">I", 1) + b"\x15",  # type 21, nothing after the type byte
+        struct.pack(">I", 6) + b"\xff\x00\x00\x00\x00\x00",  # type 255, zeros
+        struct.pack(">I", 40) + b"\x15" + bytes(range(39)),  # type 21 again
+    ]
+    data = frames[0] + newer[0] + newer[1] + frames[1] + newer[2] + frames[2]
+    result = scan(data)
+    assert list(result) == known
+    assert (result.good_end, result.problem) == (len(data), None)
+    assert result.count == 3
+    assert result.skipped_types == {21: 2, 255: 1}
+    assert result.skipped == 3
+
+
+def test_a_type_byte_damaged_to_21_is_not_a_silent_skip() -> None:
+    """Damage that makes a frame look like a newer type, with a wrong length, is corrupt.
+
+    The damaged frame's length (one byte too long) lands the scan inside the next
+    frame, which then looks torn; since whole frames run from after the skipped one
+    to the end, the skipped frame is the damage, reported where it starts.  (Found by
+    test_damage_in_the_middle_never_silently_drops_whole_frames.)
+    """
+    first, second = encode(Job("", 0)), encode(Job("", 0))
+    damaged = bytearray(first + second)
+    damaged[3:5] = b"\x0d\x15"  # length 13, type 21
+    result = scan(bytes(damaged))
+    assert list(result) == []
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("corrupt", 0)
+    assert result.good_end == 0
+    assert (
+        "right after 1 skipped frame of unknown type from byte offset 0" in result.problem.reason
+    )
+    assert result.skipped_types == {}  # the skipped frame was the damage, not a newer frame
+
+
+def test_a_corrupt_frame_right_after_skipped_ones_blames_them_too() -> None:
+    """A frame that fails to decode right after skipped frames is reported at the first."""
+    good = encode(Job("a", 1))
+    newer = struct.pack(">I", 3) + b"\x16ab"
+    bad = struct.pack(">I", 4) + b"\x05\x00\x01a"
+    result = scan(good + newer + newer + bad + good)
+    assert list(result) == [Job("a", 1)]
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("corrupt", len(good))
+    assert "unknown entry type byte 5" in result.problem.reason
+    assert "right after 2 skipped frames of unknown types" in result.problem.reason
+
+
+def test_a_real_torn_tail_after_newer_frames_stays_torn() -> None:
+    """A newer log cut by a crash: the newer frames are skipped and the tail is torn."""
+    good = encode(Job("a", 1))
+    newer = struct.pack(">I", 5) + b"\x16abcd"
+    torn = encode(Job("b", 2))[:-5]
+    result = scan(good + newer + torn)
+    assert list(result) == [Job("a", 1)]
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("torn", len(good + newer))
+    assert result.skipped_types == {22: 1}
+
+
+@pytest.mark.parametrize("entry_type", [21, 128, 255])
+def test_decode_of_an_unknown_type_says_it_is_newer(entry_type: int) -> None:
+    """decode_payload of a type from 21 up raises UnknownEntryType, a CodecError."""
+    with pytest.raises(UnknownEntryType) as info:
+        decode_payload(bytes([entry_type]) + b"\x00\x01a")
+    assert info.value.entry_type == entry_type
+    assert f"unknown entry type byte {entry_type}" in info.value.reason
+    assert "newer ztick-tw" in info.value.reason
+
+
+def test_unknown_type_frame_cut_short_is_a_torn_tail() -> None:
+    """A newer frame torn by a crash is torn like any other: it is not skipped whole."""
+    good = encode(Job("a", 1))
+    torn = (struct.pack(">I", 20) + b"\x16" + bytes(19))[:-4]
+    result = scan(good + torn)
+    assert list(result) == [Job("a", 1)]
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("torn", len(good))
+    assert result.skipped == 0
+
+
+@pytest.mark.parametrize("entry_type", [4, 9, 15])
+def test_types_4_to_15_are_still_corrupt(entry_type: int) -> None:
+    """Only types from 21 up are skipped: 4-15 (between ztick's and ours) are damage."""
+    good = encode(Job("a", 1))
+    bad = struct.pack(">I", 4) + bytes([entry_type]) + b"\x00\x01a"
+    result = scan(good + bad + encode(Job("b", 2)))
+    assert list(result) == [Job("a", 1)]
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("corrupt", len(good))
+    assert f"unknown entry type byte {entry_type}" in result.problem.reason
+
+
+def test_fast_path_extension_entries_are_real_entries() -> None:
+    """Run states and schedules built by the replay fast path equal, hash and freeze alike."""
+    entries: list[RunState | ScheduleSet] = [
+        RunState("job.0000001", 7, 42, 2, 41),
+        ScheduleSet("job.0000001", "every 5 minutes", "tz=Europe/Paris limit=3", 9),
+    ]
+    for entry in entries:
+        (decoded,) = list(scan(encode(entry)))
+        assert type(decoded) is type(entry)
+        assert decoded == entry
+        assert hash(decoded) == hash(entry)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            decoded.job_id = "other"  # type: ignore[misc]
+
+
+def test_fast_path_schedule_with_bad_lengths_goes_to_the_careful_path() -> None:
+    """A schedule frame whose inner lengths do not add up is corrupt, with the field named."""
+    frame = bytearray(encode(ScheduleSet("j", "daily", "tz=UTC", 1)))
+    frame[9] = 0x40  # text length 0x40: runs past the frame's end
+    good = encode(Job("a", 1))
+    result = scan(good + bytes(frame) + good)
+    assert list(result) == [Job("a", 1)]
+    assert result.problem is not None
+    assert (result.problem.kind, result.problem.offset) == ("corrupt", len(good))
+    assert "schedule text needs 64 bytes" in result.problem.reason
+
+
+def test_entry_id_names_the_job_or_rule_of_every_entry() -> None:
+    """entry_id gives the id an entry is about, whatever the entry's field is called."""
+    assert [entry_id(e) for e, _ in HAND_FRAMES] == [
+        "toto", "tatat", "é", "t", "r", "a", "ta", "d", "d", "w", "h", "q", "toto", "r",
+        "j", "j", "j", "j", "j", "j", "r", "r", "r",
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------- extension encode errors
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        (RunState("j", -1, 0, 1, 0), "run count -1 is not a count from 0 to 4294967295"),
+        (RunState("j", 2**32, 0, 1, 0), "run count 4294967296 is not a count"),
+        (RunState("j", 1, 0, 65536, 0), "attempt 65536 is not a number from 0 to 65535"),
+        (RunState("j", 1, 2**63, 1, 0), "occurrence time 9223372036854775808 is not"),
+        (RunState("j", 1, 0, 1, cast(Any, 1.5)), "due time 1.5 is not an integer"),
+        (Pause("j", cast(Any, 1), 0), "paused 1 is not a bool"),
+        (ScheduleSet("j", "x" * 65536, "", 0), "schedule of job 'j': text is 65536 bytes"),
+        (ScheduleSet("j", "daily", "tz=\ud800", 0), "options cannot be encoded as UTF-8"),
+        (RulePolicy("r", Policy(timeout_ns=I64_MIN)), "timeout -9223372036854775808 is the"),
+        (RulePolicy("r", Policy(retries=NONE_U32)), "retries 4294967295 is the logfile's"),
+        (RulePolicy("r", Policy(retries=-1)), "retries -1 is not a count"),
+        (RulePolicy("r", Policy(backoff_max_ns=I64_MAX + 1)), "backoff maximum 9223372036"),
+        (RulePolicy("r", cast(Any, None)), "policy of rule 'r': None is not a Policy"),
+    ],
+    ids=lambda v: repr(v)[:50],
+)
+def test_extension_entry_that_cannot_be_written_is_refused(entry: Entry, reason: str) -> None:
+    """Out-of-range counts, "none" markers used as values and bad strings raise CodecError."""
+    with pytest.raises(CodecError) as info:
+        encode(entry)
+    assert reason in info.value.reason
+
+
+def test_extension_frame_over_max_rejected() -> None:
+    """A schedule frame over MAX_FRAME_BYTES cannot exist (three 64 KiB strings cannot)."""
+    entry = ScheduleSet("x" * 65535, "y" * 65535, "z" * 65535, 0)
+    assert decode_payload(encode(entry)[4:]) == entry  # the largest one fits
 
 
 def test_fast_path_bad_status_reported_precisely() -> None:
@@ -443,11 +688,21 @@ _runner: st.SearchStrategy[RunnerSpec] = st.one_of(
     st.builds(HttpSpec, _text, _text),
     st.builds(RedisSpec, _text, _text, _text),
 )
+_i64 = st.integers(I64_MIN, I64_MAX)
+_duration = st.none() | st.integers(I64_MIN + 1, I64_MAX)
+_policy = st.builds(
+    Policy, _duration, st.none() | st.integers(0, NONE_U32 - 1), _duration, _duration
+)
 _entry: st.SearchStrategy[Entry] = st.one_of(
-    st.builds(Job, _text, st.integers(I64_MIN, I64_MAX), st.sampled_from(JobStatus)),
+    st.builds(Job, _text, _i64, st.sampled_from(JobStatus)),
     st.builds(Rule, _text, _text, _runner),
     st.builds(JobRemoval, _text),
     st.builds(RuleRemoval, _text),
+    st.builds(ScheduleSet, _text, _text, _text, _i64),
+    st.builds(ScheduleRemoval, _text),
+    st.builds(RunState, _text, st.integers(0, 2**32 - 1), _i64, st.integers(0, 65535), _i64),
+    st.builds(Pause, _text, st.booleans(), _i64),
+    st.builds(RulePolicy, _text, _policy),
 )
 
 
@@ -521,6 +776,11 @@ MIXED: list[Entry] = [
     Rule("r2", "report.", DirectSpec("/usr/bin/env", ("true", ""))),
     RuleRemoval("r1"),
     Job("x", -1, JobStatus.FAILED),
+    ScheduleSet("report.weekly", "0 8 * * mon", "tz=Europe/Paris limit=0", 1_700_000_000),
+    RunState("report.weekly", 0, 1_700_000_600_000_000_000, 1, 1_700_000_600_000_000_000),
+    Pause("report.weekly", True, 1_700_000_000_000_000_000),
+    RulePolicy("r2", Policy(timeout_ns=30_000_000_000)),
+    ScheduleRemoval("report.weekly"),
 ]
 
 

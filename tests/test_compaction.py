@@ -25,7 +25,21 @@ from twisted.trial import unittest as trial
 
 from tests.helpers import EPOCH_NS, SECOND_NS, FakeRunner, make_clock
 from ztick_tw.compaction import CompactionService
-from ztick_tw.model import Job, JobStatus, Rule, RunnerKind, ShellSpec, ShownStatus
+from ztick_tw.model import (
+    I64_MIN,
+    Entry,
+    Job,
+    JobStatus,
+    Pause,
+    Policy,
+    Rule,
+    RulePolicy,
+    RunnerKind,
+    RunState,
+    ScheduleSet,
+    ShellSpec,
+    ShownStatus,
+)
 from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.scheduler.snapshot import Snapshot, Throttle
 from ztick_tw.store import logfile as logfile_module
@@ -361,6 +375,86 @@ def test_snapshot_stops_when_asked() -> None:
     snapshot = Snapshot({f"j{i}": executed for i in range(1000)}, [], [], throttle=no_pause)
     with pytest.raises(CompactionAborted):
         snapshot.write(lambda data: None, lambda: True)
+
+
+#: What the scheduler puts in ``Snapshot.extensions`` for a scheduled, paused job.
+EXTENSIONS: list[Entry] = [
+    ScheduleSet("j.0", "every 1 hour", "tz=UTC limit=3", EPOCH_NS),
+    RunState("j.0", 1, EPOCH_NS + 3600 * SECOND_NS, 1, EPOCH_NS + 3600 * SECOND_NS),
+    Pause("j.0", True, EPOCH_NS + 5 * SECOND_NS),
+    ScheduleSet("j.1", "0 8 * * mon-fri", "tz=Europe/Paris limit=0", EPOCH_NS),
+    RunState("j.1", 0, I64_MIN, 2, EPOCH_NS),
+    RulePolicy("r", Policy(timeout_ns=30 * SECOND_NS, retries=2)),
+]
+
+
+def test_extension_entries_survive_a_compaction_after_the_rules(tmp_path: Path) -> None:
+    """A snapshot's extension entries are written after every job and rule, in order.
+
+    The compacted log holds the jobs, then the rule, then exactly the extension
+    entries the snapshot carried; extension frames appended while it was written
+    are copied after them, so nothing acknowledged is lost.
+    """
+    scheduler, store, runner, clock = setup(tmp_path)
+    scheduler.set_rule(Rule("r", "j.", ShellSpec("true")))
+    future = EPOCH_NS + 3600 * SECOND_NS
+    for i in range(3):
+        scheduler.set_job(f"j.{i}", future + i)
+    for entry in EXTENSIONS:  # as the scheduler logs them when they happen
+        store.append(entry)
+    settle(clock, runner)
+    snapshot = scheduler.snapshot(0)
+    snapshot.throttle = no_pause
+    snapshot.extensions = list(EXTENSIONS)  # the lead's Scheduler.snapshot fills this
+    outcome: list[Any] = []
+    store.compact(snapshot.write).addBoth(outcome.append)
+    late = Pause("j.0", False, future)
+    store.append(late)  # appended while the snapshot is written
+    settle(clock, runner)
+    assert isinstance(outcome[0], CompactionResult), outcome
+    assert outcome[0].frames_after == 3 + 1 + len(EXTENSIONS) + 1
+    entries = list(scan((tmp_path / "ztick.log").read_bytes()))
+    assert entries == [
+        Job("j.0", future),
+        Job("j.1", future + 1),
+        Job("j.2", future + 2),
+        Rule("r", "j.", ShellSpec("true")),
+        *EXTENSIONS,
+        late,
+    ]
+
+
+def test_snapshot_throttles_extension_entries_too() -> None:
+    """Extension frames are written in batches with a throttle check after each."""
+    paces: list[int] = []
+    chunks: list[bytes] = []
+    snapshot = Snapshot(
+        {},
+        [],
+        [],
+        throttle=lambda: paces.append(len(chunks)),
+        extensions=[Pause(f"j.{i}", True, i) for i in range(10)],
+        batch=4,
+    )
+    assert snapshot.write(chunks.append, lambda: False) == 10
+    assert paces == [1, 2, 3]  # after 4, 8 and the last 2 frames
+    assert list(scan(b"".join(chunks))) == snapshot.extensions
+
+
+def test_snapshot_stops_during_extension_entries_when_asked() -> None:
+    """A shutdown during the extension frames aborts the snapshot like one during jobs."""
+    snapshot = Snapshot(
+        {}, [], [], throttle=no_pause, extensions=[Pause("j", True, 1)] * 600, batch=256
+    )
+    calls = [0]
+
+    def stopping() -> bool:
+        calls[0] += 1
+        return calls[0] >= 2
+
+    with pytest.raises(CompactionAborted):
+        snapshot.write(lambda data: None, stopping)
+    assert calls[0] == 2
 
 
 class _SignalReactor(Clock):

@@ -22,6 +22,7 @@ when ``max_pending_ops`` operations wait, new runs are not recorded at all (``fo
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -87,7 +88,9 @@ class History:
         self._output_bytes = output_bytes
         self._max_ops = max_pending_ops
         self._max_output = max_pending_output
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # the queue's bookkeeping; held for microseconds
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()  # C: put never blocks
+        self._idle = False  # the writer is (about to be) waiting on _wake
         self._queue: deque[_Op] = deque()
         self._outputs: deque[RunHandle] = deque()  # finishes waiting whose output may be shed
         self._pending_output = 0
@@ -212,7 +215,10 @@ class History:
         if handle.dropped or handle.result is not None:
             return
         limit = self._output_bytes
-        kept = b"" if limit == 0 else bytes(output[-limit:])
+        if len(output) <= limit and type(output) is bytes:
+            kept = output
+        else:
+            kept = bytes(output[-limit:]) if limit else b""
         handle.result = (ended_ns, outcome, exit_code, detail, kept)
         if self._closing is not None:
             return  # the close is queued before this: it will not be written
@@ -249,15 +255,19 @@ class History:
     # ------------------------------------------------------------------ the queue
 
     def _put(self, op: _Op, output_of: RunHandle | None = None) -> None:
-        with self._cond:
-            self._queue.append(op)
-            if output_of is not None:
+        if output_of is None:
+            self._queue.append(op)  # atomic; the writer only pops from the other end
+        else:
+            with self._lock:
+                self._queue.append(op)
                 assert output_of.result is not None
                 self._outputs.append(output_of)
                 self._pending_output += len(output_of.result[4])
                 if self._pending_output > self._max_output:
                     self._shed_output()
-            self._cond.notify()
+        if self._idle:
+            self._idle = False
+            self._wake.put(None)
 
     def _shed_output(self) -> None:
         """Replace the oldest waiting outputs until the waiting output fits (lock held)."""
@@ -312,7 +322,7 @@ class History:
         if self._threaded and self._opened:
             raise HistoryError("pump() is for a history without a writer thread")
         while True:
-            with self._cond:
+            with self._lock:
                 batch = self._take()
             if not batch:
                 return
@@ -320,12 +330,18 @@ class History:
 
     def _writer_loop(self) -> None:
         while True:
-            with self._cond:
-                while not self._queue:
-                    self._cond.wait()
+            # Idle first, then look: a _put after the look sees _idle and wakes us.
+            self._idle = True
+            if not self._queue:
+                self._wake.get()
+            self._idle = False
+            with self._lock:
                 batch = self._take()
+            if not batch:
+                continue
             answers = self._write(batch)
-            self._reactor_call(self._deliver, answers)
+            if answers:
+                self._reactor_call(self._deliver, answers)
             if self._closed:
                 return
 

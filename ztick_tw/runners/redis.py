@@ -15,10 +15,16 @@ are matched to jobs in order (RESP replies are FIFO).
 
 Failures:
 
-* ``NetworkOptions.timeout`` covers connecting and the reply.  A job whose reply is late
-  poisons the pipeline (every later reply would be matched to the wrong job), so the
-  connection is dropped, every job on it fails with the timeout, and the next job
-  reconnects.  A job still waiting for the connection fails alone.
+* ``Execution.timeout`` (else ``NetworkOptions.timeout``) covers connecting and the
+  reply.  A job whose reply is late poisons the pipeline (every later reply would be
+  matched to the wrong job), so the connection is dropped: the jobs whose time is up
+  fail ``timed_out``, the others on it fail as the connection was dropped, and the next
+  job reconnects.  A job still waiting for the connection fails alone.
+* Cancelling the Deferred of :meth:`RedisRunner.run` fires ``cancelled_outcome`` at
+  once.  A job not sent yet (waiting for the connection) is dropped; one sent already
+  cannot be taken back: its place in the pipeline is kept and its reply ignored.
+* The outcome's ``output`` is the reply as RESP shows it: ``b":1"``, ``b"+OK"``,
+  ``b"-ERR ..."``.
 * A connection that cannot be set up (refused, connect timeout, ``AUTH``/``SELECT``
   refused, not speaking RESP) fails the jobs waiting for it and starts a back-off window
   (0.5 s, doubling up to 30 s, reset by the next connection that comes up): during it,
@@ -37,6 +43,8 @@ The RESP2 client here (:class:`RespParser`, :func:`encode_command`,
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +68,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ztick_tw.model import RedisSpec
-from ztick_tw.runners.base import Execution, IRunner, Outcome
+from ztick_tw.runners.base import (
+    Execution,
+    IRunner,
+    Outcome,
+    cancelled_outcome,
+    effective_timeout,
+    timeout_reason,
+)
 from ztick_tw.runners.message import NetworkOptions, queue_message, redact_url
 
 __all__ = [
@@ -91,7 +106,6 @@ BACKOFF_MAX = 30.0
 #: Why a job was ended when the runner was stopped (the daemon is shutting down).
 SHUTDOWN_CAUSE = "stopped at shutdown"
 
-_SUCCESS = Outcome(True)
 _EPSILON = 1e-9  # float slack when comparing a deadline with the reactor's clock
 
 
@@ -368,20 +382,68 @@ def parse_redis_url(url: str) -> RedisEndpoint:
 # ---------------------------------------------------------------------------- runner
 
 
-class _Job:
-    """One execution on its way to a redis server."""
+def render_reply(value: Reply) -> bytes:
+    """A reply as an outcome's output, in RESP's notation: ``:1``, ``+OK``, ``-ERR x``.
 
-    __slots__ = ("command", "deadline", "deferred", "execution", "key", "payload")
+    A bulk string is its bytes; a null ``(nil)``; an array ``*N`` and its items, one a line.
+    """
+    if isinstance(value, int):
+        return b":%d" % value
+    if isinstance(value, str):
+        return b"+" + value.encode("utf-8")
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, RedisError):
+        return b"-" + value.message.encode("utf-8")
+    if value is None:
+        return b"(nil)"
+    return b"\n".join([b"*%d" % len(value), *(render_reply(item) for item in value)])
+
+
+class _Job:
+    """One execution on its way to a redis server.
+
+    ``done`` once its Deferred fired: a job sent and then cancelled stays in its target's
+    pipeline (the reply still comes) but is done; ``timeout`` is 0 for no limit.
+    """
+
+    __slots__ = (
+        "command",
+        "deadline",
+        "deferred",
+        "done",
+        "execution",
+        "key",
+        "payload",
+        "target",
+        "timeout",
+    )
 
     def __init__(
-        self, execution: Execution, command: str, key: str, payload: bytes, deadline: float
+        self,
+        target: _Target,
+        execution: Execution,
+        command: str,
+        key: str,
+        payload: bytes,
+        timeout: float,
+        now: float,
     ) -> None:
+        self.target = target
         self.execution = execution
         self.command = command
         self.key = key
         self.payload = payload
-        self.deadline = deadline
-        self.deferred: Deferred[Outcome] = Deferred()
+        self.timeout = timeout
+        self.deadline = now + timeout if timeout > 0 else _NEVER
+        self.done = False
+        self.deferred: Deferred[Outcome] = Deferred(self._cancel)
+
+    def _cancel(self, deferred: Deferred[Outcome]) -> None:
+        self.target.cancel(self)
+
+
+_NEVER = float("inf")
 
 
 class _TargetProtocol(Protocol):
@@ -449,6 +511,10 @@ class _TargetFactory(ClientFactory):
         self.target.connect_failed(self, value if value is not None else Exception("failed"))
 
 
+#: Tie-breaker of equal deadlines in the heaps (jobs do not compare).
+_order = itertools.count()
+
+
 def _describe_connect_error(e: BaseException) -> str:
     if isinstance(e, neterror.ConnectionRefusedError):
         return "connection refused"
@@ -471,8 +537,10 @@ class _Target:
 
     ``jobs`` holds the target's jobs in the order they started: until the connection is
     set up (``writer`` is set) none is sent; after that all of them are, and the head is
-    the one the next reply answers.  One timer, armed for the head's deadline, watches
-    the whole queue.
+    the one the next reply answers.  Jobs ended meanwhile (timed out while connecting,
+    cancelled) stay in it, done, until it is sent (unsent ones are left out then) or their
+    reply comes.  One timer, armed for the earliest deadline (a heap: runs may have their
+    own timeouts), watches them all.
     """
 
     def __init__(self, runner: RedisRunner, url: str, endpoint: RedisEndpoint) -> None:
@@ -487,6 +555,8 @@ class _Target:
         self.connector: IConnector | None = None
         self.setup: deque[str] = deque()  # handshake replies still expected
         self.timer: IDelayedCall | None = None
+        self.timer_at = _NEVER  # when the timer fires
+        self.deadlines: list[tuple[float, int, _Job]] = []  # heap of the jobs' deadlines
         self.backoff = 0.0  # the current window; 0 = the last connection came up
         self.retry_at = 0.0  # until this reactor time new jobs fail at once
         self.last_error = ""
@@ -504,14 +574,26 @@ class _Target:
                 return f"redis {self.label}: unavailable (last connect attempt: {self.last_error})"
             runner._inflight += 1
             self.jobs.append(job)
-            self._arm()
+            self._watch(job)
             self._connect()
             return None
         runner._inflight += 1
         self.jobs.append(job)
-        if self.timer is None:
-            self._arm()
+        self._watch(job)
         return None
+
+    def cancel(self, job: _Job) -> None:
+        """``job``'s Deferred was cancelled: it ends now, cancelled.
+
+        Not sent yet, it is left out when the queue is sent; sent, its reply is ignored.
+        """
+        self.runner.log.debug(
+            "redis {endpoint}: job {job_id} cancelled ({state})",
+            endpoint=self.label,
+            job_id=job.execution.job_id,
+            state="reply ignored" if self.writer is not None else "not sent",
+        )
+        self.runner._finish(job, cancelled_outcome())
 
     def reply(self, value: Reply) -> None:
         """The next reply on the connection: a handshake step's or the head job's."""
@@ -528,60 +610,95 @@ class _Target:
             self._drop(f"redis {self.label}: {why}", backoff=why)
             return
         job = self.jobs.popleft()
+        if job.done:
+            return  # cancelled after it was sent: the reply is dropped
         if isinstance(value, RedisError):
             outcome = Outcome(
-                False, f"redis {self.label}: {job.command} {job.key}: {value.message}"
+                False,
+                f"redis {self.label}: {job.command} {job.key}: {value.message}",
+                output=render_reply(value),
             )
         else:
-            outcome = _SUCCESS
+            outcome = Outcome(True, output=render_reply(value))
         self.runner._finish(job, outcome)
 
-    def _arm(self) -> None:
-        timeout = self.runner._timeout
-        if self.timer is None and self.jobs and timeout is not None:
-            clock = self.runner._clock
-            delay = max(0.0, self.jobs[0].deadline - clock.seconds())
-            self.timer = clock.callLater(delay, self._expire)
-
-    def _expire(self) -> None:
-        self.timer = None
-        jobs = self.jobs
-        if not jobs:
+    def _watch(self, job: _Job) -> None:
+        """Watch ``job``'s deadline (the timer is moved up if it is the earliest)."""
+        deadline = job.deadline
+        if deadline == _NEVER:
             return
-        now = self.runner._clock.seconds() + _EPSILON
-        if jobs[0].deadline > now:
+        heapq.heappush(self.deadlines, (deadline, next(_order), job))
+        if deadline < self.timer_at:
             self._arm()
-            return
-        after = f"timed out after {self.runner._timeout:g}s"
-        if self.protocol is not None:
-            # Replies are matched in order: a late one would answer the wrong job.
-            self.runner.log.warn(
-                "redis {endpoint}: no reply within {timeout:g}s; dropping the connection"
-                " and failing its {count} job(s)",
-                endpoint=self.label,
-                timeout=self.runner._timeout,
-                count=len(jobs),
-            )
-            self._drop(f"redis {self.label}: {after} waiting for a reply")
-            return
-        expired: list[_Job] = []
-        while jobs and jobs[0].deadline <= now:
-            expired.append(jobs.popleft())
-        self._arm()
-        outcome = Outcome(False, f"redis {self.label}: {after} connecting")
-        for job in expired:
-            self.runner._finish(job, outcome)
 
-    def fail_all(self, outcome: Outcome) -> None:
-        """End every job of this target with ``outcome``."""
-        jobs, self.jobs = self.jobs, deque()
+    def _arm(self) -> None:
+        """Arm the timer for the earliest deadline of a job not done (or none)."""
         if self.timer is not None:
             if self.timer.active():
                 self.timer.cancel()
             self.timer = None
+        self.timer_at = _NEVER
+        heap = self.deadlines
+        while heap and heap[0][2].done:
+            heapq.heappop(heap)
+        if heap:
+            clock = self.runner._clock
+            self.timer_at = heap[0][0]
+            self.timer = clock.callLater(max(0.0, self.timer_at - clock.seconds()), self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        self.timer_at = _NEVER
+        now = self.runner._clock.seconds() + _EPSILON
+        heap = self.deadlines
+        expired: list[_Job] = []
+        while heap and (heap[0][2].done or heap[0][0] <= now):
+            job = heapq.heappop(heap)[2]
+            if not job.done:
+                expired.append(job)
+        if not expired:
+            self._arm()
+            return
+        finish = self.runner._finish
+        label = self.label
+        if self.protocol is not None:
+            # Replies are matched in order: a late one would answer the wrong job.
+            timeout = max(job.timeout for job in expired)
+            self.runner.log.warn(
+                "redis {endpoint}: no reply within {timeout:g}s; dropping the connection"
+                " and failing its {count} job(s)",
+                endpoint=label,
+                timeout=timeout,
+                count=sum(not job.done for job in self.jobs),
+            )
+            reason = f"redis {label}: connection dropped: no reply within {timeout:g}s"
+            self._drop(reason, expired_at=now)
+            return
+        for job in expired:  # they stay in self.jobs, done: left out when it is sent
+            after = timeout_reason(job.timeout)
+            finish(job, Outcome(False, f"redis {label}: {after} connecting", timed_out=True))
+        self._arm()
+
+    def fail_all(self, outcome: Outcome, expired_at: float | None = None) -> None:
+        """End every job of this target with ``outcome``.
+
+        With ``expired_at``, those whose deadline is at or before it time out instead.
+        """
+        jobs, self.jobs = self.jobs, deque()
+        self.deadlines = []
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+        self.timer_at = _NEVER
         finish = self.runner._finish
         for job in jobs:
-            finish(job, outcome)
+            if expired_at is not None and job.deadline <= expired_at and not job.done:
+                after = timeout_reason(job.timeout)
+                reason = f"redis {self.label}: {after} waiting for a reply"
+                finish(job, Outcome(False, reason, timed_out=True))
+            else:
+                finish(job, outcome)
 
     # -- connection ------------------------------------------------------------------------
 
@@ -621,6 +738,7 @@ class _Target:
         protocol = self.writer = self.protocol
         assert protocol is not None
         if self.jobs:
+            self.jobs = deque(job for job in self.jobs if not job.done)
             protocol.write(b"".join(job.payload for job in self.jobs))
         level = self.runner.log.info if self.backoff else self.runner.log.debug
         level(
@@ -649,7 +767,7 @@ class _Target:
         in_setup = bool(self.setup)
         self.protocol = self.writer = None
         self.setup.clear()
-        count = len(self.jobs)
+        count = sum(not job.done for job in self.jobs)
         if in_setup:
             self._start_backoff("connection lost during setup")
         if count:
@@ -669,8 +787,10 @@ class _Target:
         else:
             protocol.abort()
 
-    def _drop(self, reason: str, backoff: str | None = None) -> None:
-        """Close the connection and fail every job on it with ``reason``."""
+    def _drop(
+        self, reason: str, backoff: str | None = None, expired_at: float | None = None
+    ) -> None:
+        """Close the connection and fail every job on it with ``reason`` (see fail_all)."""
         protocol = self.protocol
         self.protocol = self.writer = None
         self.setup.clear()
@@ -678,7 +798,7 @@ class _Target:
             protocol.abort()
         if backoff is not None:
             self._start_backoff(backoff)
-        self.fail_all(Outcome(False, reason))
+        self.fail_all(Outcome(False, reason), expired_at)
 
     def _start_backoff(self, why: str) -> None:
         self.backoff = BACKOFF_START if self.backoff == 0 else min(self.backoff * 2, BACKOFF_MAX)
@@ -698,6 +818,7 @@ class _Target:
             if self.timer.active():
                 self.timer.cancel()
             self.timer = None
+        self.timer_at = _NEVER
         self.factory = None
         connector, self.connector = self.connector, None
         if connector is not None:
@@ -721,7 +842,6 @@ class RedisRunner:
         self._reactor = reactor
         self._clock = IReactorTime(reactor)
         self.options = options
-        self._timeout: float | None = options.timeout if options.timeout > 0 else None
         self._connect_timeout = options.timeout if options.timeout > 0 else 30.0
         self._format = options.message_format
         self._targets: dict[str, _Target] = {}
@@ -769,8 +889,8 @@ class RedisRunner:
             )
         except UnicodeError as e:  # e.g. a lone surrogate in an id read from an old log
             return succeed(Outcome(False, f"redis {target.label}: cannot encode the command: {e}"))
-        deadline = self._clock.seconds() + (self._timeout or 0.0)
-        job = _Job(execution, command, spec.key, payload, deadline)
+        timeout = effective_timeout(execution, self.options.timeout)
+        job = _Job(target, execution, command, spec.key, payload, timeout, self._clock.seconds())
         refused = target.submit(job)
         if refused is not None:
             return succeed(Outcome(False, refused))
@@ -796,6 +916,9 @@ class RedisRunner:
     # -- internals ------------------------------------------------------------------------
 
     def _finish(self, job: _Job, outcome: Outcome) -> None:
+        if job.done:
+            return
+        job.done = True
         self._inflight -= 1
         job.deferred.callback(outcome)
         if self._stopping and self._inflight == 0 and not self._closing:

@@ -400,7 +400,9 @@ class Scheduler(Operating):
         """
         jobs, seq_ids = self.jobs.snapshot()
         cutoff = now_ns(self._reactor) - retention_ns if retention_ns > 0 else None
-        return Snapshot(jobs, seq_ids, list(self.rules), cutoff)
+        return Snapshot(
+            jobs, seq_ids, list(self.rules), cutoff, extensions=self.extension_entries()
+        )
 
     def drop_expired(self, snapshot: Snapshot) -> int:
         """Forget the jobs a compaction left out for retention (unless changed since)."""

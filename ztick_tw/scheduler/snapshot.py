@@ -6,7 +6,9 @@ turns the copies into frames in a worker thread while the reactor goes on servin
 
 Frames come out in an order that replays to the same state: planned jobs in their
 sequence order (so jobs due at the same instant still fire in the order they were set),
-then every other job, then the rules in the order they were first set.  Executed and
+then every other job, then the rules in the order they were first set, then the
+extension entries of SPEC §8-9 (schedules, run states, pauses, rule policies: frame
+types 16-20) as the scheduler lists them, after every job and rule they refer to.  Executed and
 failed jobs due before ``cutoff_ns`` (the retention limit) are left out and listed in
 ``expired``, for the scheduler to forget once the compacted log is in place.
 
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ztick_tw.model import Rule
+from ztick_tw.model import Entry, Rule
 from ztick_tw.scheduler.jobs import EXECUTED, FAILED, JobTable
 from ztick_tw.store.base import CompactionAborted
 from ztick_tw.store.codec import encode, encode_job_fields
@@ -58,6 +60,8 @@ class Snapshot:
     cutoff_ns: int | None = None  # executed/failed jobs due before this are dropped
     throttle: Callable[[], None] = field(default_factory=Throttle)
     expired: list[tuple[str, int]] = field(default_factory=list)
+    #: Extension entries (types 16-20), written after the rules, in this order.
+    extensions: list[Entry] = field(default_factory=list)
     #: How many frames to write between throttle checks.
     batch: int = 256
 
@@ -88,6 +92,13 @@ class Snapshot:
         for rule in self.rules:
             chunk.append(encode(rule))
             frames += 1
+            if len(chunk) >= batch:
+                emit()
+        for entry in self.extensions:
+            chunk.append(encode(entry))
+            frames += 1
+            if len(chunk) >= batch:
+                emit()
         if chunk:
             emit()
         return frames

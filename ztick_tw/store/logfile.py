@@ -290,6 +290,17 @@ class LogfileStore:
                     )
                 os.ftruncate(fd, size)
                 os.fsync(fd)
+            if result.skipped_types:
+                log.warn(
+                    "logfile {path}: skipped {skipped} frames of entry types this version does "
+                    "not know ({types}), written by a newer ztick-tw; the rest is loaded, and "
+                    "the next compaction leaves them out",
+                    path=self.path,
+                    skipped=result.skipped,
+                    types=", ".join(
+                        f"type {t}: {c}" for t, c in sorted(result.skipped_types.items())
+                    ),
+                )
             ok = True
         finally:
             if not ok:
@@ -297,7 +308,7 @@ class LogfileStore:
         self._fd = fd
         self._loaded = True
         self._written_size = self._synced_size = size
-        self.frames_in_log = result.count
+        self.frames_in_log = result.count + result.skipped
 
     def _remove_stale_compaction(self) -> None:
         """Delete the temporary file of a compaction that a crash interrupted.
