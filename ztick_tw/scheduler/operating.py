@@ -33,6 +33,9 @@ from ztick_tw.scheduler.timers import now_ns
 from ztick_tw.schedules import Schedule
 from ztick_tw.store.base import Commit
 
+#: A start at most this long ago counts as "now" (see ``set_schedule``).
+JUST_NOW_NS = 1_000_000_000
+
 
 class Operating(Runs):
     """The SPEC §8-9 requests of ``Scheduler``."""
@@ -48,8 +51,10 @@ class Operating(Runs):
         if first is None:
             raise ValueError("the schedule has no occurrence (until is at or before its start)")
         now = now_ns(self._reactor)
-        # A start in the past fires at once, then follows the schedule (SPEC §8).
-        occurrence = max(first, now)
+        # A start in the past fires at once, then follows the schedule (SPEC §8).  A
+        # start within the last second (no ``starting``: "now", read a moment ago by the
+        # caller) is the first occurrence itself, so the grid is exactly start + k x N.
+        occurrence = first if first > now - JUST_NOW_NS else now
         entry = ScheduleSet(
             job_id, schedule.text, " ".join(schedule.options.render()), schedule.start_ns
         )
