@@ -38,6 +38,7 @@ from ztick_tw.model import (
     RunState,
     ScheduleSet,
     ShellSpec,
+    ShownStatus,
 )
 from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.scheduler.snapshot import Snapshot, Throttle
@@ -85,7 +86,7 @@ def replay(path: Path) -> Scheduler:
     return scheduler
 
 
-def state(scheduler: Scheduler) -> tuple[dict[str, tuple[JobStatus, int]], dict[str, Rule]]:
+def state(scheduler: Scheduler) -> tuple[dict[str, tuple[ShownStatus, int]], dict[str, Rule]]:
     """Every job and rule of a scheduler, for comparisons."""
     jobs = {job_id: (status, ns) for job_id, status, ns in scheduler.query()}
     return jobs, {rule.id: rule for rule in scheduler.list_rules()}

@@ -8,7 +8,7 @@ commits unresolved) stands under ``Operations``; no protocol, no bytes.
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 import ztick_tw.protocol.server as server
 from tests.helpers import EPOCH_NS, SECOND_NS, STAT_KEYS, Harness, make_harness
 from ztick_tw.auth import Token
-from ztick_tw.model import I64_MAX, HttpSpec, Job, JobStatus, ShellSpec
+from ztick_tw.model import I64_MAX, HttpSpec, Job, JobStatus, ShellSpec, ShownStatus
 from ztick_tw.operations import (
     ANONYMOUS,
     Caller,
@@ -280,7 +280,7 @@ def test_store_refusing_a_change_is_unavailable() -> None:
 # -- query ------------------------------------------------------------------------------
 
 
-Page = list[tuple[str, JobStatus, int]]
+Page = Sequence[tuple[str, ShownStatus, int]]
 
 
 def _ids(pages: list[Page]) -> list[str]:

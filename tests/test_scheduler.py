@@ -33,6 +33,7 @@ from ztick_tw.model import (
     RuleRemoval,
     RunnerKind,
     ShellSpec,
+    ShownStatus,
 )
 from ztick_tw.runners.base import Execution, IRunner, Outcome
 from ztick_tw.scheduler.core import (
@@ -76,7 +77,7 @@ class World:
         if start:
             self.scheduler.start()
 
-    def status(self, job_id: str) -> JobStatus | None:
+    def status(self, job_id: str) -> ShownStatus | None:
         found = self.scheduler.get_job(job_id)
         return None if found is None else found[0]
 

@@ -356,7 +356,7 @@ def stat(conn: Conn, request_id: str = "s") -> dict[str, str]:
 
 
 def test_stat_keys_order_and_values() -> None:
-    """STAT gives exactly SPEC's keys in order, then the lag keys, then ``ID OK``."""
+    """STAT gives exactly SPEC's keys in order, the lag keys, SPEC §9's, then ``ID OK``."""
     h = make_harness(max_concurrent=1)
     conn = h.connect()
     other = h.connect()
@@ -389,6 +389,11 @@ def test_stat_keys_order_and_values() -> None:
         "trigger_lag_p50_us": values["trigger_lag_p50_us"],
         "trigger_lag_p99_us": values["trigger_lag_p99_us"],
         "trigger_lag_max_us": values["trigger_lag_max_us"],
+        "jobs_paused": "0",
+        "schedules_total": "0",
+        "occurrences_missed": "0",
+        "runs_retried": "0",
+        "runs_timed_out": "0",
     }
     assert int(values["trigger_lag_p50_us"]) <= 1
     assert abs(int(values["trigger_lag_max_us"]) - 2_000_000) <= 2

@@ -24,21 +24,34 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from ztick_tw.auth import Token
-from ztick_tw.model import I64_MAX, I64_MIN, JobStatus, Rule
+from ztick_tw.model import I64_MAX, I64_MIN, JobStatus, Policy, Rule, ShownStatus
 from ztick_tw.protocol.commands import (
     CommandError,
     check_identifier,
     parse_execution,
     parse_rule,
 )
-from ztick_tw.scheduler.core import Scheduler, UnknownJob, UnknownRule
+from ztick_tw.scheduler.core import (
+    NoRule,
+    NotScheduled,
+    Scheduler,
+    UnknownJob,
+    UnknownRule,
+)
 from ztick_tw.scheduler.timers import now_ns
+from ztick_tw.schedules import (
+    ScheduleError,
+    compile_schedule,
+    parse_options,
+    parse_policy,
+    render_policy,
+)
 from ztick_tw.store.base import StoreError
 
 # -- errors ------------------------------------------------------------------------------
@@ -153,11 +166,33 @@ def _settled(handle: Durable) -> Deferred[None]:
 
 # -- results -----------------------------------------------------------------------------
 
-#: ``(status, execution_ns)`` of one job.
-JobState = tuple[JobStatus, int]
+#: ``(status, execution_ns)`` of one job (``paused`` is shown, never stored).
+JobState = tuple[ShownStatus, int]
 
 #: ``scan(prefix, after, limit)``: up to ``limit`` jobs after ``after``, in id order.
-Scan = Callable[[str, str | None, int], list[tuple[str, JobStatus, int]]]
+Scan = Callable[[str, str | None, int], Sequence[tuple[str, ShownStatus, int]]]
+
+#: PREVIEW lists at most this many instants.
+PREVIEW_MAX = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleView:
+    """One scheduled job as ``SCHEDULE GET`` and ``LISTSCHEDULES`` show it."""
+
+    job_id: str
+    text: str
+    options: list[str]  # every option, ``key=value``, effective values
+    next_ns: int | None  # ``None``: the schedule has ended
+    runs: int
+    paused: bool
+
+
+class HistoryReader(Protocol):
+    """Where ``HISTORY`` reads from (``ztick_tw.history.History``)."""
+
+    def read(self, job_id: str, n: int) -> Deferred[list[Any]]:
+        """The job's last ``n`` runs, newest first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +208,7 @@ class JobQuery:
     prefix: str
     scan: Scan | None
 
-    def page(self, after: str | None, limit: int) -> list[tuple[str, JobStatus, int]]:
+    def page(self, after: str | None, limit: int) -> Sequence[tuple[str, ShownStatus, int]]:
         """Up to ``limit`` matching jobs whose id sorts after ``after``, in id order."""
         if self.scan is None:
             return []
@@ -202,6 +237,8 @@ class Operations:
         compression: Callable[[], str] = lambda: "idle",
         auth_enabled: Callable[[], bool] = lambda: False,
         tls_enabled: bool = False,
+        history: HistoryReader | None = None,
+        history_runs: int = 20,
     ) -> None:
         self.scheduler = scheduler
         self.reactor = reactor
@@ -210,6 +247,8 @@ class Operations:
         self.compression = compression
         self.auth_enabled = auth_enabled
         self.tls_enabled = tls_enabled
+        self.history = history
+        self.history_runs = history_runs
         self.started_ns = now_ns(reactor)
         self._connection_counts: list[Callable[[], int]] = []
 
@@ -339,6 +378,173 @@ class Operations:
         if existing is not None:
             caller.check(existing.pattern)
 
+    # -- schedules (SPEC §8) -----------------------------------------------------------
+
+    def set_schedule(
+        self, caller: Caller, job_id: str, text: str, options: Sequence[str] = ()
+    ) -> tuple[int, Durable | None]:
+        """Make the job recur on ``text`` with ``options`` (``key=value`` words).
+
+        Returns when it will first fire and the change's durability handle.  Raises
+        ``Invalid`` (the reason says what and where), ``Denied``, ``Unavailable``.
+        """
+        try:
+            check_identifier("job identifier", job_id)
+        except CommandError as e:
+            raise Invalid(str(e)) from None
+        if caller.token is not None:
+            caller.check(job_id)
+        schedule = self._compile(text, options)
+        try:
+            return self.scheduler.set_schedule(job_id, schedule)
+        except ValueError as e:
+            raise Invalid(str(e)) from None
+        except StoreError as e:
+            raise Unavailable(str(e)) from None
+
+    def _compile(self, text: str, options: Sequence[str]) -> Any:
+        try:
+            return compile_schedule(text, parse_options(options), now_ns(self.reactor))
+        except ScheduleError as e:
+            raise Invalid(str(e)) from None
+
+    def get_schedule(self, caller: Caller, job_id: str) -> ScheduleView:
+        """The job's schedule.  Raises ``Denied``, ``NotFound`` (no job, or no schedule)."""
+        if caller.token is not None:
+            caller.check(job_id)
+        if self.scheduler.get_job(job_id) is None:
+            raise NotFound(f"no job {job_id!r}")
+        try:
+            return self._view(job_id)
+        except NotScheduled:
+            raise NotFound(f"job {job_id!r} has no schedule") from None
+
+    def _view(self, job_id: str) -> ScheduleView:
+        s = self.scheduler
+        rec, schedule = s.get_schedule(job_id)
+        return ScheduleView(
+            job_id,
+            rec.entry.text,
+            schedule.options.render(),
+            s.next_ns(job_id, rec),
+            rec.runs,
+            job_id in s.paused,
+        )
+
+    def list_schedules(self, caller: Caller, prefix: str = "") -> list[ScheduleView]:
+        """The scheduled jobs whose id starts with ``prefix``, filtered like ``QUERY``."""
+        token = caller.token
+        if token is not None and not token.allows(prefix):
+            if not token.namespace.startswith(prefix):
+                return []
+            prefix = token.namespace
+        return [self._view(job_id) for job_id in self.scheduler.recurrences.ids(prefix)]
+
+    def remove_schedule(self, caller: Caller, job_id: str) -> Durable | None:
+        """Stop the job recurring (it stays, a one-shot).  Raises ``Denied``, ``NotFound``."""
+        if caller.token is not None:
+            caller.check(job_id)
+        try:
+            return self.scheduler.remove_schedule(job_id)
+        except NotScheduled:
+            raise NotFound(f"job {job_id!r} has no schedule") from None
+        except StoreError as e:
+            raise Unavailable(str(e)) from None
+
+    def preview(
+        self, caller: Caller, text: str, count: int = 5, options: Sequence[str] = ()
+    ) -> list[tuple[int, str]]:
+        """The schedule's first ``count`` instants: ``(ns, ISO 8601 with offset)``.
+
+        Allowed to every caller (it touches no job).  Raises ``Invalid``.
+        """
+        if not 1 <= count <= PREVIEW_MAX:
+            raise Invalid(f"count {count} is outside 1-{PREVIEW_MAX}")
+        schedule = self._compile(text, options)
+        return [(ns, schedule.iso(ns)) for ns in schedule.preview(count)]
+
+    # -- operating jobs (SPEC §9) --------------------------------------------------------
+
+    def pause(self, caller: Caller, job_id: str) -> Durable | None:
+        """The job never fires until resumed.  Raises ``Denied``, ``NotFound``."""
+        if caller.token is not None:
+            caller.check(job_id)
+        try:
+            return self.scheduler.pause(job_id)
+        except UnknownJob:
+            raise NotFound(f"no job {job_id!r}") from None
+        except StoreError as e:
+            raise Unavailable(str(e)) from None
+
+    def resume(self, caller: Caller, job_id: str) -> Durable | None:
+        """The job fires again; missed time follows its misfire policy."""
+        if caller.token is not None:
+            caller.check(job_id)
+        try:
+            return self.scheduler.resume(job_id)
+        except UnknownJob:
+            raise NotFound(f"no job {job_id!r}") from None
+        except StoreError as e:
+            raise Unavailable(str(e)) from None
+
+    def run_now(self, caller: Caller, job_id: str) -> Deferred[None]:
+        """One extra run now; the Deferred fires once it has started.
+
+        Raises ``Denied``, ``NotFound``, ``Invalid`` (no rule matches the job).
+        """
+        if caller.token is not None:
+            caller.check(job_id)
+        try:
+            return self.scheduler.run_now(job_id)
+        except UnknownJob:
+            raise NotFound(f"no job {job_id!r}") from None
+        except NoRule as e:
+            raise Invalid(str(e)) from None
+
+    def history_of(self, caller: Caller, job_id: str, count: int = 10) -> Deferred[list[Any]]:
+        """The job's last ``count`` runs, newest first (``RunRecord``s).
+
+        Raises ``Denied``, ``NotFound``, ``Invalid`` (count outside 1-``[history] runs``),
+        ``Unavailable`` (no history kept).
+        """
+        if caller.token is not None:
+            caller.check(job_id)
+        if not 1 <= count <= max(self.history_runs, 1):
+            raise Invalid(f"count {count} is outside 1-{self.history_runs} ([history] runs)")
+        if self.scheduler.get_job(job_id) is None:
+            raise NotFound(f"no job {job_id!r}")
+        if self.history is None:
+            raise Unavailable("no run history is kept")
+        return self.history.read(job_id, count)
+
+    def rule_policy(
+        self, caller: Caller, rule_id: str, words: Sequence[str] = ()
+    ) -> tuple[list[str], Durable | None]:
+        """Set the keys given of the rule's policy (none: just show it).
+
+        Returns the effective policy as ``key=value`` words.  Raises ``Invalid``,
+        ``Denied``, ``NotFound``, ``Unavailable``.
+        """
+        if caller.token is not None:
+            caller.check(rule_id)
+            self._check_owned_rule(caller, rule_id)
+        s = self.scheduler
+        if s.rules.get(rule_id) is None:
+            raise NotFound(f"no rule {rule_id!r}")
+        commit = None
+        if words:
+            try:
+                policy = parse_policy(words, s.policies.get(rule_id) or Policy())
+            except ScheduleError as e:
+                raise Invalid(str(e)) from None
+            try:
+                commit = s.set_policy(rule_id, policy)
+            except UnknownRule:
+                raise NotFound(f"no rule {rule_id!r}") from None
+            except StoreError as e:
+                raise Unavailable(str(e)) from None
+        return render_policy(s.policy_for(rule_id), s.policy_defaults), commit
+
     # -- STAT ------------------------------------------------------------------------
 
     def stat(self, caller: Caller = ANONYMOUS) -> list[tuple[str, str | int]]:
@@ -368,4 +574,9 @@ class Operations:
             ("trigger_lag_p50_us", p50),
             ("trigger_lag_p99_us", p99),
             ("trigger_lag_max_us", s.lag.maximum()),
+            ("jobs_paused", s.jobs_paused),
+            ("schedules_total", len(s.recurrences)),
+            ("occurrences_missed", s.counters.occurrences_missed),
+            ("runs_retried", s.counters.runs_retried),
+            ("runs_timed_out", s.counters.runs_timed_out),
         ]

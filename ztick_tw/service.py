@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,7 +23,8 @@ from ztick_tw import __version__
 from ztick_tw.auth import AuthFileError, TokenStore, load_tokens
 from ztick_tw.compaction import CompactionService
 from ztick_tw.config import Config, ControllerConfig
-from ztick_tw.model import RunnerKind
+from ztick_tw.history import History, HistoryError
+from ztick_tw.model import Policy, RunnerKind
 from ztick_tw.operations import Operations
 from ztick_tw.protocol.server import ZtickFactory
 from ztick_tw.runners.amqp import AmqpRunner
@@ -109,11 +110,13 @@ class SchedulerService(Service):
         store: IStore,
         grace: float,
         steps: ShutdownSteps | None = None,
+        history: History | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.store = store
         self.grace = grace
         self.steps = steps if steps is not None else ShutdownSteps()
+        self.history = history
 
     def startService(self) -> None:
         """Start the timer (after the replay done when the service was built)."""
@@ -133,8 +136,14 @@ class SchedulerService(Service):
             "stop the scheduler and end running jobs", lambda: self.scheduler.stop(self.grace)
         )
 
-        def close(_: object) -> None:
+        def close(_: object) -> Deferred[None]:
             steps.run("close the logfile", self.store.close)
+            history = self.history
+            if history is None:
+                return succeed(None).addCallback(finished)
+            return steps.guard("close the run history", history.close).addCallback(finished)
+
+        def finished(_: object) -> None:
             if not steps.failed:
                 log.info("stopped; log flushed and closed")
 
@@ -351,14 +360,26 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     try:
         store = make_store(config, reactor)
         entries = store.load()
+        history = History(
+            config.history_path,
+            runs=config.history.runs,
+            output_bytes=config.history.output_bytes,
+            reactor=reactor,
+        )
+        r = config.runners
         scheduler = Scheduler(
             reactor,
             store,
             make_runners(config, reactor),
             max_concurrent=config.scheduler.max_concurrent_runs,
             interrupted=config.scheduler.interrupted_jobs,
+            history=history,
+            policy_defaults=Policy(None, r.retries, r.backoff_min_ns, r.backoff_max_ns),
         )
         summary = scheduler.replay(entries)
+        history.open()  # after the replay: a damaged logfile leaves no writer thread behind
+    except HistoryError as e:
+        raise StartupError(f"[history] {e}") from None
     except StoreError as e:
         raise StartupError(str(e)) from None
     except OSError as e:
@@ -395,6 +416,8 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
         framerate=config.database.framerate,
         auth_enabled=lambda: tokens is not None,
         tls_enabled=tls is not None,
+        history=history,
+        history_runs=config.history.runs,
     )
     factory = ZtickFactory(
         scheduler,
@@ -409,7 +432,7 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     served: IProtocolFactory = factory if tls is None else tls_factory(factory, tls)
     top = ZtickService(config.controller.listen_endpoint, reactor)
     SchedulerService(
-        scheduler, store, config.scheduler.shutdown_grace, top.steps
+        scheduler, store, config.scheduler.shutdown_grace, top.steps, history
     ).setServiceParent(top)
     if compaction is not None:
         compaction.setServiceParent(top)  # stopped before the store is closed

@@ -13,12 +13,12 @@ exactly once; one set or removed meanwhile may or may not be listed (as with Red
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from ztick_tw.model import JobStatus
+from ztick_tw.model import ShownStatus
 
 #: ``scan(prefix, after, limit)``: up to ``limit`` jobs after ``after``, in id order.
-Scan = Callable[[str, str | None, int], list[tuple[str, JobStatus, int]]]
+Scan = Callable[[str, str | None, int], Sequence[tuple[str, ShownStatus, int]]]
 
 #: At most this many jobs are read from the index per scan call.
 MAX_SCAN = 4096

@@ -39,6 +39,7 @@ from ztick_tw.operations import (
     Operations,
     Unavailable,
 )
+from ztick_tw.protocol import extension
 from ztick_tw.protocol.admission import Admission
 from ztick_tw.protocol.query import QueryStream
 from ztick_tw.protocol.tokenizer import TokenizeError, decode_line, tokenize
@@ -402,7 +403,17 @@ class ZtickProtocol(LineReceiver):
             return
         try:
             handler(self, tokens[0], tokens)
-        except Unavailable as e:
+        except OperationError as e:
+            self._refused(tokens, e)
+            reasoned = tokens[1] in extension.HANDLERS or tokens[1:3] == ["RULE", "POLICY"]
+            if reasoned:  # SPEC §8-9 instructions say why; ztick's answer a bare ERROR
+                self._reply(f"{tokens[0]} ERROR {extension.reason_text(str(e))}\n".encode())
+            else:
+                self._error(tokens[0])
+
+    def _refused(self, tokens: list[str], e: OperationError) -> None:
+        """Log why a request was refused: an error when the disk refused a change."""
+        if isinstance(e, Unavailable):
             self.log.error(
                 "request {request_id} {instruction} from {peer}: cannot persist: {error}",
                 request_id=_for_log(tokens[0]),
@@ -410,17 +421,15 @@ class ZtickProtocol(LineReceiver):
                 peer=self._peer,
                 error=str(e),
             )
-            self._error(tokens[0])
-        except OperationError as e:
-            emit = self.log.debug if isinstance(e, NotFound) else self.log.info
-            emit(
-                "request {request_id} {instruction} from {peer} refused: {reason}",
-                request_id=_for_log(tokens[0]),
-                instruction=_for_log(tokens[1]),
-                peer=self._peer,
-                reason=str(e),
-            )
-            self._error(tokens[0])
+            return
+        emit = self.log.debug if isinstance(e, NotFound) else self.log.info
+        emit(
+            "request {request_id} {instruction} from {peer} refused: {reason}",
+            request_id=_for_log(tokens[0]),
+            instruction=_for_log(tokens[1]),
+            peer=self._peer,
+            reason=str(e),
+        )
 
     def _authenticate(self, line: bytes) -> None:
         """The first line with auth on: ``AUTH <secret>`` gets ``OK``; anything else closes."""
@@ -476,6 +485,9 @@ class ZtickProtocol(LineReceiver):
         elif commit is not None and commit.error is not None:
             self._out.append(error)
             self._out_bytes += len(error)
+        elif isinstance(commit, extension.Later):
+            self._out.append(commit.answer)
+            self._out_bytes += len(commit.answer)
         else:
             self._out.append(data)
             self._out_bytes += len(data)
@@ -489,6 +501,18 @@ class ZtickProtocol(LineReceiver):
         """``ID OK`` once ``commit`` is on disk (``ID ERROR`` if it fails to get there)."""
         self._reply(f"{request_id} OK\n".encode(), commit, f"{request_id} ERROR\n".encode())
 
+    def answer_ok(self, request_id: str, commit: Durable | None, extra: str = "") -> None:
+        """``ID OK<extra>`` once ``commit`` is on disk, else ``ID ERROR <why>`` (SPEC §8-9)."""
+        self._reply(
+            f"{request_id} OK{extra}\n".encode(),
+            commit,
+            f"{request_id} ERROR cannot persist the change\n".encode(),
+        )
+
+    def answer_later(self, later: extension.Later) -> None:
+        """Queue an answer whose bytes come when ``later`` resolves, in request order."""
+        self._reply(later.answer, later)
+
     def _commitResolved(self, commit: Durable) -> None:
         waiting = self._waiting
         out = self._out
@@ -498,7 +522,10 @@ class ZtickProtocol(LineReceiver):
                 break
             waiting.popleft()
             self._waiting_bytes -= len(data)
-            answer = error if pending is not None and pending.error is not None else data
+            if isinstance(pending, extension.Later):
+                answer = pending.answer
+            else:
+                answer = error if pending is not None and pending.error is not None else data
             out.append(answer)
             self._out_bytes += len(answer)
         if self._subscribed is commit:
@@ -566,7 +593,10 @@ class ZtickProtocol(LineReceiver):
         self._ok(request_id, self._ops.remove_job(self._caller, tokens[2]))
 
     def do_RULE(self, request_id: str, tokens: list[str]) -> None:
-        """``ID RULE SET <rule> <pattern> <runner> <args...>``."""
+        """``ID RULE SET <rule> <pattern> <runner> <args...>`` (and ``RULE POLICY``)."""
+        if len(tokens) >= 3 and tokens[2] == "POLICY":
+            extension.rule_policy(self, request_id, tokens)
+            return
         if len(tokens) < 3 or tokens[2] != "SET":
             return  # "RULE" without "SET" is not an instruction: no answer, as ztick
         if len(tokens) < 6:
@@ -605,6 +635,7 @@ ZtickProtocol.handlers = {
     "REMOVERULE": ZtickProtocol.do_REMOVERULE,
     "LISTRULES": ZtickProtocol.do_LISTRULES,
     "STAT": ZtickProtocol.do_STAT,
+    **extension.HANDLERS,
 }
 
 

@@ -6,65 +6,68 @@ tested with a ``Clock``, a memory store and fake runners.
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from ztick_tw.model import (
+    I64_MIN,
     Entry,
     Job,
     JobRemoval,
     JobStatus,
+    Pause,
+    Policy,
     Rule,
+    RulePolicy,
     RuleRemoval,
     RunnerKind,
+    RunState,
+    ScheduleRemoval,
+    ScheduleSet,
+    Shown,
+    ShownStatus,
 )
-from ztick_tw.runners.base import Execution, IRunner, Outcome
-from ztick_tw.scheduler.jobs import TRIGGERED, JobTable, unpack_ns, unpack_status
+from ztick_tw.runners.base import IRunner
+from ztick_tw.scheduler.jobs import TRIGGERED, JobTable, unpack_status
+from ztick_tw.scheduler.operating import Operating
+from ztick_tw.scheduler.recurring import Recurrences
 from ztick_tw.scheduler.rules import RuleBook
 from ztick_tw.scheduler.snapshot import Snapshot
+from ztick_tw.scheduler.state import (
+    FIRE_BATCH,
+    INTERRUPTED_FAIL,
+    INTERRUPTED_RERUN,
+    Counters,
+    NoRule,
+    NotScheduled,
+    Queued,
+    RunLog,
+    UnknownJob,
+    UnknownRule,
+)
 from ztick_tw.scheduler.timers import TimerSet, now_ns
 from ztick_tw.stats import LagWindow
-from ztick_tw.store.base import Commit, IStore, StoreError
+from ztick_tw.store.base import Commit, IStore
 
-#: How many due jobs one timer wake-up takes before yielding to the reactor.
-FIRE_BATCH = 1000
-
-INTERRUPTED_RERUN = "rerun"
-INTERRUPTED_FAIL = "fail"
-
-
-class UnknownJob(KeyError):
-    """No job has that id."""
-
-
-class UnknownRule(KeyError):
-    """No rule has that id."""
-
-
-@dataclass(slots=True)
-class _Queued:
-    job_id: str
-    execution_ns: int
-    packed: int  # the job's table value when it was triggered
-    rule: Rule
-    lag_base_ns: int  # lag is measured from here (the due time, or later if set late)
-
-
-@dataclass(slots=True)
-class _Undo:
-    """The state before a batch of changes, and after it, by job and rule id."""
-
-    jobs_before: dict[str, int | None] = field(default_factory=dict)
-    jobs_after: dict[str, int | None] = field(default_factory=dict)
-    rules_before: dict[str, Rule | None] = field(default_factory=dict)
-    rules_after: dict[str, Rule | None] = field(default_factory=dict)
+__all__ = [
+    "FIRE_BATCH",
+    "INTERRUPTED_FAIL",
+    "INTERRUPTED_RERUN",
+    "NoRule",
+    "NotScheduled",
+    "ReplaySummary",
+    "RunLog",
+    "Scheduler",
+    "UnknownJob",
+    "UnknownRule",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,7 @@ class ReplaySummary:
     rules: int
 
 
-class Scheduler:
+class Scheduler(Operating):
     """Jobs, rules, the timer and the execution queue of one ztick-tw daemon."""
 
     log = Logger()
@@ -90,6 +93,9 @@ class Scheduler:
         max_concurrent: int = 64,
         interrupted: str = INTERRUPTED_RERUN,
         lag: LagWindow | None = None,
+        history: RunLog | None = None,
+        policy_defaults: Policy | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
@@ -104,11 +110,26 @@ class Scheduler:
         self.rules = RuleBook()
         self.lag = lag if lag is not None else LagWindow()
         self.timers = TimerSet(reactor, self.jobs, self._fire_due)
-        self._queue: deque[_Queued] = deque()
-        # job -> its live run (queued or running).  A re-SET or REMOVE forgets it, so an
-        # older run of the job is void even when the job is re-set to the same time
+        self._queue: deque[Queued] = deque()
+        # job -> its live runs (queued or running).  A re-SET or REMOVE forgets them, so
+        # an older run of the job is void even when the job is re-set to the same time
         # (its triggered table value would then be equal).
-        self._current: dict[str, _Queued] = {}
+        self._current: dict[str, list[Queued]] = {}
+        # -- SPEC §8-9 state (see ``ztick_tw.scheduler.recurring``) --
+        self.recurrences = Recurrences(lambda: now_ns(self._reactor))
+        self.policies: dict[str, Policy] = {}
+        self.policy_defaults = policy_defaults if policy_defaults is not None else Policy()
+        self.paused: dict[str, int] = {}  # job -> when it was paused
+        self._held: set[str] = set()  # paused jobs that fell due: out of the due order
+        self._due: dict[str, int] = {}  # job -> due time of the retry it is planned for
+        self._waiting: dict[str, int] = {}  # overlap=queue: job -> its waiting occurrence
+        # The next occurrence of scheduled jobs that are running, so an occurrence that
+        # falls due during a run meets the overlap policy (a second table, second timer).
+        self.upcoming = JobTable()
+        self._upcoming_timers = TimerSet(reactor, self.upcoming, self._fire_upcoming)
+        self.history = history
+        self.counters = Counters()
+        self._rng = rng if rng is not None else random.Random()
         self._running = 0
         self._pumping = False
         self._stopped = False
@@ -116,9 +137,7 @@ class Scheduler:
         self._late_set: dict[str, int] = {}  # job -> when it was set, for jobs set late
         self._started_ns = 0
         # Commit -> the state before the changes it carries, should it fail to reach disk.
-        self._undo: dict[Commit, _Undo] = {}
-
-    # -- startup and shutdown ----------------------------------------------------------
+        self._undo = {}
 
     def replay(self, entries: Iterable[Entry]) -> ReplaySummary:
         """Apply stored entries in order (last write wins, removals delete).
@@ -150,14 +169,65 @@ class Scheduler:
             if kind is Rule:
                 rules.set(cast(Rule, entry))
             elif kind is JobRemoval:
-                jobs.unload(entry.id)
-                attempts.pop(entry.id, None)
+                job_id = cast(JobRemoval, entry).id
+                jobs.unload(job_id)
+                attempts.pop(job_id, None)
+                self._forget_extension(job_id)
             elif kind is RuleRemoval:
-                rules.remove(entry.id)
+                rule_id = cast(RuleRemoval, entry).id
+                rules.remove(rule_id)
+                self.policies.pop(rule_id, None)
+            else:
+                self._replay_extension(entry)
         jobs.finish_load()
         for job_id in [j for j in attempts if jobs.get(j) is None]:
             del attempts[job_id]
+        for job_id in [j for j in self._due if jobs.get(j) is None or j not in attempts]:
+            del self._due[job_id]
+        for job_id, _rec in self.recurrences:
+            if jobs.get(job_id) is None:
+                self.recurrences.pop(job_id)
+        for job_id in [j for j in self.paused if jobs.get(j) is None]:
+            del self.paused[job_id]
         return ReplaySummary(frames, len(jobs), len(rules))
+
+    def _replay_extension(self, entry: Entry) -> None:
+        kind = type(entry)
+        if kind is ScheduleSet:
+            schedule_set = cast(ScheduleSet, entry)
+            self.recurrences.put(schedule_set.job_id, schedule_set)
+        elif kind is RunState:
+            state = cast(RunState, entry)
+            rec = self.recurrences.get(state.job_id)
+            if rec is not None:
+                rec.runs = state.runs
+                rec.occurrence_ns = None if state.occurrence_ns == I64_MIN else state.occurrence_ns
+            if state.attempt > 1:
+                self._attempts[state.job_id] = state.attempt
+                self._due[state.job_id] = state.due_ns
+            else:
+                self._attempts.pop(state.job_id, None)
+                self._due.pop(state.job_id, None)
+        elif kind is ScheduleRemoval:
+            self.recurrences.pop(cast(ScheduleRemoval, entry).job_id)
+        elif kind is Pause:
+            pause = cast(Pause, entry)
+            if pause.paused:
+                self.paused[pause.job_id] = pause.since_ns
+            else:
+                self.paused.pop(pause.job_id, None)
+        elif kind is RulePolicy:
+            rule_policy = cast(RulePolicy, entry)
+            self.policies[rule_policy.rule_id] = rule_policy.policy
+
+    def _forget_extension(self, job_id: str) -> None:
+        """A removed job loses its schedule, pause, retry state and history."""
+        self.recurrences.pop(job_id)
+        self.paused.pop(job_id, None)
+        self._held.discard(job_id)
+        self._due.pop(job_id, None)
+        self._waiting.pop(job_id, None)
+        self.upcoming.remove(job_id)
 
     def start(self) -> None:
         """Deal with runs interrupted by the last shutdown, then start the timer."""
@@ -171,7 +241,19 @@ class Scheduler:
             ]
             for job_id, ns in interrupted:
                 self._recover_interrupted(job_id, ns)
+        now = self._started_ns
+        for job_id, rec in self.recurrences:
+            found = self.jobs.get(job_id)
+            if (
+                found is not None
+                and found[0] == JobStatus.PLANNED
+                and found[1] <= now
+                and job_id not in self.paused
+                and job_id not in self._due
+            ):
+                self._misfire(job_id, rec, now)
         self.timers.start()
+        self._upcoming_timers.start()
 
     def _recover_interrupted(self, job_id: str, execution_ns: int) -> None:
         if self._interrupted == INTERRUPTED_RERUN:
@@ -198,16 +280,16 @@ class Scheduler:
         """Stop firing; let running executions finish for ``grace`` s, then end them."""
         self._stopped = True
         self.timers.stop()
+        self._upcoming_timers.stop()
         for item in self._queue:
-            if self._current.get(item.job_id) is item:
-                del self._current[item.job_id]
+            self._drop_live(item)
+            if item.started is not None:
+                item.started.errback(NoRule("the daemon is shutting down"))
         self._queue.clear()
         stops = [runner.stop(grace) for runner in set(self._runners.values())]
         if not stops:
             return succeed(None)
         return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
-
-    # -- requests ------------------------------------------------------------------
 
     def set_job(self, job_id: str, execution_ns: int) -> Commit | None:
         """Create or replace a job (status back to ``planned``); persisted.
@@ -215,6 +297,14 @@ class Scheduler:
         Should the write fail, the change is undone (see ``_remember_job``).
         """
         previous = self.jobs.raw(job_id)
+        if self.recurrences.pop(job_id) is not None:
+            # A SET makes it a one-shot job again (SPEC §8); the pause and history stay.
+            self._store.append(ScheduleRemoval(job_id))
+        if self._due or self._waiting or self._held:
+            self._due.pop(job_id, None)
+            self._waiting.pop(job_id, None)
+            self._held.discard(job_id)
+            self.upcoming.remove(job_id)
         self.jobs.set(job_id, execution_ns)
         self._attempts.pop(job_id, None)
         self._current.pop(job_id, None)
@@ -227,11 +317,22 @@ class Scheduler:
             self._remember_job(commit, job_id, previous)
         return commit
 
-    def get_job(self, job_id: str) -> tuple[JobStatus, int] | None:
-        """``(status, execution_ns)`` or ``None``."""
-        return self.jobs.get(job_id)
+    def get_job(self, job_id: str) -> tuple[ShownStatus, int] | None:
+        """``(status, execution_ns)`` or ``None``; ``paused``, and ``triggered`` during a run."""
+        found = self.jobs.get(job_id)
+        if found is not None and (self.paused or self._current):
+            return self._shown(job_id, found)
+        return found
 
-    def query(self, prefix: str = "") -> Iterator[tuple[str, JobStatus, int]]:
+    def _shown(self, job_id: str, found: tuple[JobStatus, int]) -> tuple[ShownStatus, int]:
+        if job_id in self.paused:
+            return (Shown.PAUSED, found[1])
+        live = self._current.get(job_id)
+        if live and found[0] != JobStatus.TRIGGERED:
+            return (JobStatus.TRIGGERED, live[-1].execution_ns)
+        return found
+
+    def query(self, prefix: str = "") -> Iterator[tuple[str, ShownStatus, int]]:
         """Jobs whose id starts with ``prefix``, in id order (read in slices)."""
         after: str | None = None
         while True:
@@ -241,12 +342,18 @@ class Scheduler:
                 return
             after = found[-1][0]
 
-    def scan(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, JobStatus, int]]:
+    def scan(
+        self, prefix: str, after: str | None, limit: int
+    ) -> list[tuple[str, ShownStatus, int]]:
         """Up to ``limit`` jobs whose id starts with ``prefix``, after ``after``, in id order.
 
         O(log n + limit), so a long answer can be produced in slices.
         """
-        return self.jobs.scan(prefix, after, limit)
+        found: list[tuple[str, ShownStatus, int]] = list(self.jobs.scan(prefix, after, limit))
+        if self.paused or self._current:
+            shown = self._shown
+            found = [(j, *shown(j, (st, ns))) for j, st, ns in found]  # type: ignore[arg-type]
+        return found
 
     def remove_job(self, job_id: str) -> Commit | None:
         """Delete a job (a queued run of it is dropped); raises ``UnknownJob``."""
@@ -256,6 +363,9 @@ class Scheduler:
         self._attempts.pop(job_id, None)
         self._late_set.pop(job_id, None)
         self._current.pop(job_id, None)
+        self._forget_extension(job_id)
+        if self.history is not None:
+            self.history.forget(job_id)
         commit = self._store.append(JobRemoval(job_id))
         if commit is not None:
             self._remember_job(commit, job_id, previous)
@@ -275,70 +385,11 @@ class Scheduler:
         previous = self.rules.get(rule_id)
         if not self.rules.remove(rule_id):
             raise UnknownRule(rule_id)
+        self.policies.pop(rule_id, None)
         commit = self._store.append(RuleRemoval(rule_id))
         if commit is not None:
             self._remember_rule(commit, rule_id, previous)
         return commit
-
-    # -- undoing changes whose write failed ------------------------------------------
-
-    def _undo_for(self, commit: Commit) -> _Undo:
-        undo = self._undo.get(commit)
-        if undo is None:
-            undo = self._undo[commit] = _Undo()
-            commit.subscribe(self._commit_resolved)
-        return undo
-
-    def _remember_job(self, commit: Commit, job_id: str, previous: int | None) -> None:
-        """Note a job's value before ``commit``'s batch and after this change.
-
-        Plain dicts of ints (which the garbage collector does not track): this runs for
-        every SET and REMOVE.
-        """
-        undo = self._undo_for(commit)
-        undo.jobs_before.setdefault(job_id, previous)
-        undo.jobs_after[job_id] = self.jobs.raw(job_id)
-
-    def _remember_rule(self, commit: Commit, rule_id: str, previous: Rule | None) -> None:
-        undo = self._undo_for(commit)
-        undo.rules_before.setdefault(rule_id, previous)
-        undo.rules_after[rule_id] = self.rules.get(rule_id)
-
-    def _commit_resolved(self, commit: Commit) -> None:
-        """A request answered ERROR must leave no trace: put back the state before its batch.
-
-        A job or rule changed again since (by a later batch) is left alone.
-        """
-        undo = self._undo.pop(commit, None)
-        if undo is None or commit.error is None:
-            return
-        try:
-            for job_id, before in undo.jobs_before.items():
-                if self.jobs.raw(job_id) != undo.jobs_after[job_id]:
-                    continue
-                self.jobs.restore(job_id, before)
-                restored = self.jobs.get(job_id)
-                if restored is not None and restored[0] == JobStatus.PLANNED:
-                    self.timers.note_due(restored[1])
-                self.log.warn(
-                    "job {job_id}: change undone, its logfile write failed (answered ERROR)",
-                    job_id=job_id,
-                )
-            for rule_id, rule_before in undo.rules_before.items():
-                if self.rules.get(rule_id) is not undo.rules_after[rule_id]:
-                    continue
-                if rule_before is None:
-                    self.rules.remove(rule_id)
-                else:
-                    self.rules.set(rule_before)
-                self.log.warn(
-                    "rule {rule_id}: change undone, its logfile write failed (answered ERROR)",
-                    rule_id=rule_id,
-                )
-        except Exception:
-            self.log.failure("undoing changes whose write failed raised")
-
-    # -- compaction ------------------------------------------------------------------
 
     def snapshot(self, retention_ns: int = 0) -> Snapshot:
         """A copy of every job and rule to write out (see ``ztick_tw.scheduler.snapshot``).
@@ -349,7 +400,9 @@ class Scheduler:
         """
         jobs, seq_ids = self.jobs.snapshot()
         cutoff = now_ns(self._reactor) - retention_ns if retention_ns > 0 else None
-        return Snapshot(jobs, seq_ids, list(self.rules), cutoff)
+        return Snapshot(
+            jobs, seq_ids, list(self.rules), cutoff, extensions=self.extension_entries()
+        )
 
     def drop_expired(self, snapshot: Snapshot) -> int:
         """Forget the jobs a compaction left out for retention (unless changed since)."""
@@ -359,6 +412,9 @@ class Scheduler:
                 self.jobs.remove(job_id)
                 self._attempts.pop(job_id, None)
                 self._late_set.pop(job_id, None)
+                self._forget_extension(job_id)
+                if self.history is not None:
+                    self.history.forget(job_id)
                 dropped += 1
         return dropped
 
@@ -375,144 +431,3 @@ class Scheduler:
     def executions_inflight(self) -> int:
         """Runner executions started and not yet finished."""
         return self._running
-
-    # -- firing --------------------------------------------------------------------
-
-    def _fire_due(self, now: int) -> None:
-        due = self.jobs.pop_due(now, FIRE_BATCH)
-        for job_id, execution_ns, packed in due:
-            try:
-                self._fire_one(job_id, execution_ns, packed)
-            except Exception:
-                self.log.failure("firing job {job_id} failed", job_id=job_id)
-        self._pump()
-
-    def _fire_one(self, job_id: str, execution_ns: int, packed: int) -> None:
-        lag_base = max(execution_ns, self._late_set.pop(job_id, execution_ns), self._started_ns)
-        rule = self.rules.match(job_id)
-        if rule is None:
-            self.jobs.set_status(job_id, JobStatus.FAILED)
-            self._attempts.pop(job_id, None)
-            self._persist(Job(job_id, execution_ns, JobStatus.FAILED))
-            self.log.warn("job {job_id} failed: no rule matches it", job_id=job_id)
-            return
-        queued = _Queued(job_id, execution_ns, packed, rule, lag_base)
-        self._current[job_id] = queued
-        self._queue.append(queued)
-
-    def _pump(self) -> None:
-        """Start queued executions while there are free slots (never re-entered).
-
-        Each started job's ``triggered`` frame is written (handed to the file, not yet
-        fsynced) before its runner starts, so a daemon that dies while the job runs
-        restarts knowing it had started; a job that only waited for a slot is still
-        ``planned`` in the log and simply runs at the next start.
-        """
-        if self._pumping:
-            return
-        self._pumping = True
-        try:
-            while True:
-                batch: list[_Queued] = []
-                while (
-                    self._queue
-                    and self._running + len(batch) < self._max_concurrent
-                    and not self._stopped
-                ):
-                    item = self._queue.popleft()
-                    if (
-                        self._current.get(item.job_id) is not item
-                        or self.jobs.raw(item.job_id) != item.packed
-                    ):
-                        continue  # re-set or removed while it waited: this run is void
-                    batch.append(item)
-                if not batch:
-                    return
-                for item in batch:
-                    self._persist(Job(item.job_id, item.execution_ns, JobStatus.TRIGGERED))
-                self._store.write_through()
-                for item in batch:
-                    try:
-                        self._start(item)
-                    except Exception:
-                        self.log.failure("starting job {job_id} failed", job_id=item.job_id)
-        finally:
-            self._pumping = False
-
-    def _persist(self, job: Job) -> None:
-        """Record a status change; a store that refuses it is logged, the run goes on."""
-        try:
-            self._store.append(job)
-        except StoreError as e:
-            self.log.error(
-                "job {job_id}: cannot record status {status}: {error}",
-                job_id=job.id,
-                status=job.status.wire,
-                error=str(e),
-            )
-
-    def _start(self, item: _Queued) -> None:
-        runner = self._runners.get(item.rule.runner.kind)
-        start = now_ns(self._reactor)
-        self.lag.record((start - item.lag_base_ns) // 1000)
-        attempt = self._attempts.get(item.job_id, 1)
-        execution = Execution(
-            item.job_id, item.execution_ns, item.rule.id, attempt, item.rule.runner, start
-        )
-        self._running += 1
-        if runner is None:
-            outcome = Outcome(False, f"no {item.rule.runner.kind.wire} runner is configured")
-            d: Deferred[Outcome] = succeed(outcome)
-        else:
-            try:
-                d = runner.run(execution)
-            except Exception as e:  # a runner must not raise, but one bad job cannot stop us
-                d = succeed(Outcome(False, f"runner raised {e!r}"))
-        d.addErrback(self._runner_errback, item)
-        d.addCallback(self._finished, item)
-        d.addErrback(self._log_failure, item)
-
-    def _runner_errback(self, failure: Failure, item: _Queued) -> Outcome:
-        self.log.failure("runner for job {job_id} errbacked", failure, job_id=item.job_id)
-        return Outcome(False, f"runner error: {failure.getErrorMessage()}")
-
-    def _log_failure(self, failure: Failure, item: _Queued) -> None:
-        self.log.failure(
-            "recording the outcome of job {job_id} failed", failure, job_id=item.job_id
-        )
-
-    def _finished(self, outcome: Outcome, item: _Queued) -> None:
-        self._running -= 1
-        job_id = item.job_id
-        try:
-            current = self._current.get(job_id)
-            if current is item:
-                del self._current[job_id]
-            if current is not item or self.jobs.raw(job_id) != item.packed:
-                self.log.info(
-                    "job {job_id} finished ({result}) but was re-set or removed meanwhile;"
-                    " result not recorded",
-                    job_id=job_id,
-                    result="success" if outcome.success else "failure",
-                )
-                return
-            if outcome.interrupted:
-                self.log.info(
-                    "job {job_id} was stopped by the shutdown; it stays triggered and runs"
-                    " again at the next start",
-                    job_id=job_id,
-                )
-                return
-            status = JobStatus.EXECUTED if outcome.success else JobStatus.FAILED
-            self.jobs.set_status(job_id, status)
-            self._attempts.pop(job_id, None)
-            self._persist(Job(job_id, unpack_ns(item.packed), status))
-            if not outcome.success:
-                self.log.warn(
-                    "job {job_id} failed (rule {rule_id}): {reason}",
-                    job_id=job_id,
-                    rule_id=item.rule.id,
-                    reason=outcome.reason,
-                )
-        finally:
-            self._pump()
