@@ -257,8 +257,37 @@ def _cstrings(items: Sequence[bytes]) -> Any:
     return array
 
 
+#: Spawn attributes made once per (flags, signals given their default) and never destroyed:
+#: ``posix_spawn`` only reads them, so concurrent calls share one (a few per daemon).
+_attrs: dict[tuple[int, tuple[int, ...]], Any] = {}
+
+
+def _spawn_attr(libc: _Libc, flags: int, sigdef: Sequence[int]) -> Any:
+    """The ``posix_spawnattr_t`` for ``flags`` and ``sigdef`` (an empty signal mask)."""
+    key = (flags, tuple(sigdef))
+    attr = _attrs.get(key)
+    if attr is None:
+        attr = ctypes.create_string_buffer(_OPAQUE_BYTES)
+        sigset = ctypes.create_string_buffer(_OPAQUE_BYTES)
+        mask = ctypes.create_string_buffer(_OPAQUE_BYTES)
+        libc.attr_init(attr)
+        libc.sigemptyset(sigset)
+        for signum in sigdef:
+            libc.sigaddset(sigset, signum)
+        libc.sigemptyset(mask)
+        libc.attr_sigdef(attr, sigset)  # (copied into attr: the sets need not outlive it)
+        libc.attr_sigmask(attr, mask)
+        libc.attr_flags(attr, flags)
+        _attrs[key] = attr
+    return attr
+
+
 class _Request:
-    """One prepared ``posix_spawn`` call: every C argument, built on the reactor thread."""
+    """One prepared ``posix_spawn`` call: every C argument, built on the reactor thread.
+
+    Per call only the file actions (this child's pipes) and the argv/envp arrays are
+    made; the attributes are shared (:func:`_spawn_attr`).
+    """
 
     def __init__(
         self,
@@ -275,21 +304,11 @@ class _Request:
         self.argv = _cstrings(argv)
         self.envp = _cstrings(envp)
         self.actions = ctypes.create_string_buffer(_OPAQUE_BYTES)
-        self.attr = ctypes.create_string_buffer(_OPAQUE_BYTES)
-        self.sigdef = ctypes.create_string_buffer(_OPAQUE_BYTES)
-        self.sigmask = ctypes.create_string_buffer(_OPAQUE_BYTES)
+        self.attr = _spawn_attr(libc, flags, sigdef)
         self.pid = ctypes.c_int(0)
         libc.fa_init(self.actions)
         for parent_fd, child_fd in dups:
             libc.fa_dup2(self.actions, parent_fd, child_fd)
-        libc.attr_init(self.attr)
-        libc.sigemptyset(self.sigdef)
-        for signum in sigdef:
-            libc.sigaddset(self.sigdef, signum)
-        libc.sigemptyset(self.sigmask)
-        libc.attr_sigdef(self.attr, self.sigdef)
-        libc.attr_sigmask(self.attr, self.sigmask)
-        libc.attr_flags(self.attr, flags)
 
     def run(self) -> tuple[int, int]:
         """Spawn (any thread; the GIL is released meanwhile): (errno or 0, pid)."""
@@ -300,7 +319,6 @@ class _Request:
             )
         finally:
             libc.fa_destroy(self.actions)
-            libc.attr_destroy(self.attr)
         return error, self.pid.value
 
 
