@@ -214,7 +214,7 @@ def history_memory(ctx: Context) -> list[Metric]:
             detail=f"p50 {got['paced_read_p50_ms']:.1f} ms; idle: {got['read_ms']:.1f} ms "
             "(reads wait their turn on the writer thread)",
         ),
-        Metric(name, "open_s", "open() of the full file after close", got["open_s"], "s"),
+        Metric(name, "open_ms", "open() of the full file after close", got["open_s"] * 1000, "ms"),
     ]
 
 
