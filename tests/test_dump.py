@@ -293,6 +293,13 @@ def test_frames_of_a_newer_version_are_skipped_with_a_warning(tmp_path: Path) ->
         f"dump: {path}: warning: skipped 3 frames of entry types this version does not "
         "know (type 21: 2, type 48: 1), written by a newer ztick-tw\n"
     )
+    path.write_bytes(newer)
+    assert run([str(path)]) == (
+        0,
+        "",
+        f"dump: {path}: warning: skipped 1 frame of entry types this version does not know "
+        "(type 21: 1), written by a newer ztick-tw\n",
+    )
 
 
 DOCS_LOGFILE = Path(__file__).resolve().parent.parent / "docs" / "logfile.md"

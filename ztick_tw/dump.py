@@ -414,8 +414,9 @@ def _warn_skipped(stderr: TextIO, path: str, result: Scan) -> None:
     """Say how many frames of unknown types (a newer version's) were not shown."""
     if result.skipped_types:
         types = ", ".join(f"type {t}: {c}" for t, c in sorted(result.skipped_types.items()))
+        frames = f"{result.skipped} frame{'' if result.skipped == 1 else 's'}"
         stderr.write(
-            f"dump: {path}: warning: skipped {result.skipped} frames of entry types this "
+            f"dump: {path}: warning: skipped {frames} of entry types this "
             f"version does not know ({types}), written by a newer ztick-tw\n"
         )
 

@@ -292,10 +292,11 @@ class LogfileStore:
                 os.fsync(fd)
             if result.skipped_types:
                 log.warn(
-                    "logfile {path}: skipped {skipped} frames of entry types this version does "
+                    "logfile {path}: skipped {frames} of entry types this version does "
                     "not know ({types}), written by a newer ztick-tw; the rest is loaded, and "
                     "the next compaction leaves them out",
                     path=self.path,
+                    frames=f"{result.skipped} frame{'' if result.skipped == 1 else 's'}",
                     skipped=result.skipped,
                     types=", ".join(
                         f"type {t}: {c}" for t, c in sorted(result.skipped_types.items())
