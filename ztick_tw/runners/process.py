@@ -333,9 +333,10 @@ class _Run(ProcessProtocol):
         self._grace_call = _cancelled(self._grace_call)
         if self._kill_call is not None and not self._group_alive():
             self._kill_call = _cancelled(self._kill_call)
-        if self._kill_call is None:
-            # Normally the pipes are closed already and processEnded follows at once;
-            # this only fires if something the child started still holds them.
+        if self._kill_call is None and getattr(self.transport, "pipes", True):
+            # Normally the pipes are closed already (no pipes left) and processEnded
+            # follows at once; this only fires if something the child started still
+            # holds them.
             self._drain_call = self.runner._clock.callLater(
                 self.runner.options.exit_drain, self._close_pipes
             )
