@@ -1034,4 +1034,14 @@ SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
         "scenario_shell_drain",
         "Issue 9: 3,000 `shell true` due at once: jobs/s (>= 1,000), another GET p99 (<= 10 ms).",
     ),
+    "next_occurrence": _elsewhere(
+        "bench.schedules",
+        "next_occurrence",
+        "Issue 10: median µs of Schedule.after(prev), every/cron/combined (≤ 20 µs).",
+    ),
+    "history_memory": _elsewhere(
+        "bench.history",
+        "history_memory",
+        "Issue 10: 100,000 jobs x 20 runs x 1 KB of history: RSS <= 400 MB.",
+    ),
 }
