@@ -112,6 +112,34 @@ class SpawnChildTests(unittest.TestCase):
         assert isinstance(reason.value, ProcessDone)
         assert child.calls == ["connectionMade", "processExited", "processEnded"]
 
+    async def test_environment_given_encoded(self) -> None:
+        """An environment of ``b"NAME=value"`` entries reaches the child as it is."""
+        child = _Child()
+        env = [b"PATH=" + os.fsencode(os.environ.get("PATH", os.defpath)), b"ZT_A=1 2"]
+        spawn_child(
+            reactor,
+            child,
+            SH,
+            [SH, "-c", 'printf %s "$ZT_A"'],
+            env,
+            on_failure=child.failed.callback,
+        )
+        out, _, reason = await child.ended
+        assert out == b"1 2"
+        assert isinstance(reason.value, ProcessDone)
+
+    async def test_spawn_attributes_are_shared(self) -> None:
+        """Children with the same flags and default signals share one set of attributes."""
+        await _sh("true").ended
+        count = len(spawn._attrs)
+        for _ in range(3):
+            await _sh("true").ended
+        assert len(spawn._attrs) == count
+        child = _Child()
+        _spawn(child, [SH, "-c", "true"], new_session=False)
+        await child.ended
+        assert any(not flags & spawn._SETSID for flags, _ in spawn._attrs)  # its own
+
     async def test_exit_status(self) -> None:
         """A non-zero exit is a ProcessTerminated carrying the exit code."""
         _, _, reason = await _sh("exit 3").ended
@@ -402,6 +430,18 @@ class SpawnQueueTests(unittest.TestCase):
         self.queue.add(42)
         assert self.queue.clear() == [42]
         assert self.clock.getDelayedCalls() == []
+
+    def test_remove_takes_an_item_out(self) -> None:
+        """remove() drops a queued item (a cancelled run); the others start in order."""
+        for i in range(3):
+            self.queue.add(i)
+        assert self.queue.remove(1)
+        assert not self.queue.remove(1)
+        self.clock.turn()
+        assert self.started == [0, 2]
+        self.queue.add(3)
+        assert self.queue.remove(3)
+        assert self.clock.getDelayedCalls() == []  # nothing left: no pump armed
 
     def test_retry_puts_back_first_in_order_and_waits(self) -> None:
         """Starts that fail later (on the spawner thread) go back first, in their order.
