@@ -161,15 +161,31 @@ def test_every_fires_at_once_then_each_interval() -> None:
     assert w.runner.executions[1].execution_ns == first + 10 * SECOND_NS
 
 
-def test_schedule_set_logs_schedule_job_and_progress() -> None:
-    """SCHEDULE SET writes the schedule, a planned type-0 frame, then its progress."""
+def test_schedule_set_logs_schedule_then_job() -> None:
+    """SCHEDULE SET writes the schedule, then a planned type-0 frame, and no more.
+
+    No run-state frame: a replayed schedule starts at its start.
+    """
     w = World()
     first = w.schedule("beat", "every 1 minute")
-    tail = w.store.entries[-3:]
+    tail = w.store.entries[-2:]
     assert isinstance(tail[0], ScheduleSet) and tail[0].text == "every 1 minute"
     assert tail[0].start_ns == w.now_ns
     assert tail[1] == Job("beat", first, P)
-    assert tail[2] == RunState("beat", 0, first, 1, first)
+    again = World(w.store.entries, start=False)
+    rec, _ = again.scheduler.get_schedule("beat")
+    assert (rec.runs, rec.occurrence_ns) == (0, first)
+
+
+def test_schedule_started_in_the_past_logs_its_progress() -> None:
+    """A start in the past fires now: the run-state frame says so, and replays it."""
+    w = World()
+    first = w.schedule("old", "every 1 hour starting 2020-01-01")
+    assert first == w.now_ns
+    assert w.store.entries[-1] == RunState("old", 0, first, 1, first)
+    again = World(w.store.entries, start=False)
+    rec, _ = again.scheduler.get_schedule("old")
+    assert rec.occurrence_ns == first
 
 
 def test_limit_ends_the_schedule_with_the_last_outcome() -> None:

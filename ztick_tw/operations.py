@@ -424,7 +424,7 @@ class Operations:
         rec, schedule = s.get_schedule(job_id)
         return ScheduleView(
             job_id,
-            rec.entry.text,
+            rec.definition.text,
             schedule.options.render(),
             s.next_ns(job_id, rec),
             rec.runs,

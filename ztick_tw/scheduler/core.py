@@ -152,6 +152,10 @@ class Scheduler(Operating):
         frames = 0
         load = jobs.load  # the loop below runs once per frame: keep it lean
         job_type = Job
+        run_state_type = RunState
+        schedule_type = ScheduleSet
+        progress = self.recurrences.progress
+        put = self.recurrences.put
         for entry in entries:
             frames += 1
             if type(entry) is job_type:
@@ -166,7 +170,20 @@ class Scheduler(Operating):
                 load(job.id, job.execution_ns, status)
                 continue
             kind = type(entry)
-            if kind is Rule:
+            if kind is run_state_type:  # one per scheduled job and run: kept lean too
+                state = cast(RunState, entry)
+                occurrence = state.occurrence_ns
+                progress(state.job_id, state.runs, None if occurrence == I64_MIN else occurrence)
+                if state.attempt > 1:
+                    attempts[state.job_id] = state.attempt
+                    self._due[state.job_id] = state.due_ns
+                elif attempts and state.job_id in attempts:
+                    del attempts[state.job_id]
+                    self._due.pop(state.job_id, None)
+            elif kind is schedule_type:
+                schedule_set = cast(ScheduleSet, entry)
+                put(schedule_set.job_id, schedule_set)
+            elif kind is Rule:
                 rules.set(cast(Rule, entry))
             elif kind is JobRemoval:
                 job_id = cast(JobRemoval, entry).id
@@ -184,31 +201,14 @@ class Scheduler(Operating):
             del attempts[job_id]
         for job_id in [j for j in self._due if jobs.get(j) is None or j not in attempts]:
             del self._due[job_id]
-        for job_id, _rec in self.recurrences:
-            if jobs.get(job_id) is None:
-                self.recurrences.pop(job_id)
+        self.recurrences.retain(jobs.__contains__)
         for job_id in [j for j in self.paused if jobs.get(j) is None]:
             del self.paused[job_id]
         return ReplaySummary(frames, len(jobs), len(rules))
 
     def _replay_extension(self, entry: Entry) -> None:
         kind = type(entry)
-        if kind is ScheduleSet:
-            schedule_set = cast(ScheduleSet, entry)
-            self.recurrences.put(schedule_set.job_id, schedule_set)
-        elif kind is RunState:
-            state = cast(RunState, entry)
-            rec = self.recurrences.get(state.job_id)
-            if rec is not None:
-                rec.runs = state.runs
-                rec.occurrence_ns = None if state.occurrence_ns == I64_MIN else state.occurrence_ns
-            if state.attempt > 1:
-                self._attempts[state.job_id] = state.attempt
-                self._due[state.job_id] = state.due_ns
-            else:
-                self._attempts.pop(state.job_id, None)
-                self._due.pop(state.job_id, None)
-        elif kind is ScheduleRemoval:
+        if kind is ScheduleRemoval:
             self.recurrences.pop(cast(ScheduleRemoval, entry).job_id)
         elif kind is Pause:
             pause = cast(Pause, entry)
@@ -297,7 +297,7 @@ class Scheduler(Operating):
         Should the write fail, the change is undone (see ``_remember_job``).
         """
         previous = self.jobs.raw(job_id)
-        if self.recurrences.pop(job_id) is not None:
+        if self.recurrences.pop(job_id):
             # A SET makes it a one-shot job again (SPEC §8); the pause and history stay.
             self._store.append(ScheduleRemoval(job_id))
         if self._due or self._waiting or self._held:

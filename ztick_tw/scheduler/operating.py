@@ -73,13 +73,17 @@ class Operating(Runs):
             self._late_set[job_id] = now
         self.timers.note_due(planned)
         self._store.append(entry)
-        self._store.append(Job(job_id, planned, JobStatus.PLANNED))
-        commit = self._store.append(rec.state(job_id))
+        commit = self._store.append(Job(job_id, planned, JobStatus.PLANNED))
+        if occurrence != schedule.start_ns:
+            # A replayed schedule starts at its start; say so only when it does not
+            # (a start in the past fires now): one frame less per job to replay.
+            commit = self._store.append(rec.state(job_id))
         if commit is not None:
             self._remember_job(commit, job_id, previous)
 
             def undone(c: Commit) -> None:
-                if c.error is not None and self.recurrences.get(job_id) is rec:
+                current = self.recurrences.get(job_id)
+                if c.error is not None and current is not None and current.entry == entry:
                     self.recurrences.pop(job_id)
 
             commit.subscribe(undone)
@@ -107,7 +111,7 @@ class Operating(Runs):
 
         A run in progress finishes; no other occurrence starts.  Raises ``NotScheduled``.
         """
-        if self.recurrences.pop(job_id) is None:
+        if not self.recurrences.pop(job_id):
             raise NotScheduled(job_id)
         self._waiting.pop(job_id, None)
         self.upcoming.remove(job_id)
@@ -200,7 +204,8 @@ class Operating(Runs):
         for job_id, rec in self.recurrences:
             out.append(rec.entry)
             attempt = self._attempts.get(job_id, 1)
-            out.append(rec.state(job_id, attempt, self._due.get(job_id)))
+            if attempt > 1 or rec.runs or rec.occurrence_ns != rec.start_ns:
+                out.append(rec.state(job_id, attempt, self._due.get(job_id)))
         for job_id, attempt in self._attempts.items():
             due = self._due.get(job_id)
             if due is not None and job_id not in self.recurrences:

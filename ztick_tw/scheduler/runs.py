@@ -54,7 +54,7 @@ class Runs(SchedulerState):
             due_ns = self._due[job_id]  # a retry: the attempt belongs to that due time
         elif rec is not None and rec.occurrence_ns is not None:
             occurrence = rec.occurrence_ns
-            grace = self.recurrences.compiled(rec).options.grace_ns
+            grace = self.recurrences.options(rec).grace_ns
             if grace is not None and now - occurrence > grace:
                 self._skip_late(job_id, rec, occurrence, now)
                 return
@@ -102,7 +102,7 @@ class Runs(SchedulerState):
         if rec is None or rec.occurrence_ns is None or not live or job_id in self._due:
             return
         occurrence = rec.occurrence_ns
-        options = self.recurrences.compiled(rec).options
+        options = self.recurrences.options(rec)
         policy = options.overlap
         if policy == "skip":
             if self.history is not None:

@@ -201,7 +201,7 @@ class SchedulerState:
             self._persist(Job(job_id, found[1], ended))
             self._persist(rec.state(job_id))
             return
-        planned = planned_ns(occurrence, self.recurrences.compiled(rec).options, self._rng)
+        planned = planned_ns(occurrence, self.recurrences.options(rec), self._rng)
         self.jobs.set(job_id, planned)
         self.timers.note_due(planned)
         self._persist(Job(job_id, planned, JobStatus.PLANNED))
@@ -216,12 +216,12 @@ class SchedulerState:
         occurrence = rec.occurrence_ns
         if occurrence is None or occurrence <= now_ns(self._reactor):
             return
-        planned = planned_ns(occurrence, self.recurrences.compiled(rec).options, self._rng)
+        planned = planned_ns(occurrence, self.recurrences.options(rec), self._rng)
         self.upcoming.set(job_id, planned)
         self._upcoming_timers.note_due(planned)
 
     def _grace_text(self, rec: Recurrence) -> str:
-        grace = self.recurrences.compiled(rec).options.grace_ns or 0
+        grace = self.recurrences.options(rec).grace_ns or 0
         return f"{grace / 1e9:g}s"
 
     # -- undoing changes whose write failed ------------------------------------------
