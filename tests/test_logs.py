@@ -334,9 +334,9 @@ def test_job_id_and_output_are_escaped_end_to_end(ztick: Daemon) -> None:
     ztick.stop()
     stderr = ztick.runs[-1].stderr()
     assert RAW_CONTROL.search(stderr) is None, stderr
-    output_lines = [line for line in stderr.splitlines() if " stdout: " in line]
+    output_lines = [line for line in stderr.splitlines() if " output: " in line]
     assert len(output_lines) == 1, stderr
-    assert output_lines[0].endswith("job esc.\\x1b[31mred stdout: one\\ntwo\\x1b[0m")
+    assert output_lines[0].endswith("job esc.\\x1b[31mred output: one\\ntwo\\x1b[0m")
 
 
 def test_tally_reports_at_once_then_counts_until_the_interval_passes() -> None:

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -496,3 +498,48 @@ def test_extension_entries_replay_to_the_same_state() -> None:
     assert s.get_job("p") == (Shown.PAUSED, w.get("p")[1])  # type: ignore[index]
     assert s._attempts.get("x") == 2
     assert s.policy_for("r").timeout_ns == 5 * SECOND_NS
+
+
+# -- PREVIEW agrees with firing -------------------------------------------------------------
+
+_SCHEDULES = [
+    "every 90 seconds",
+    "every 1 day",
+    "daily and mon-fri",
+    "30 2 * * *",
+    "0 */6 * * mon-fri",
+    "every 1 month",
+    "@weekly",
+    "hourly or 15 * * * *",
+]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    text=st.sampled_from(_SCHEDULES),
+    tz=st.sampled_from(["UTC", "Europe/Paris", "America/New_York"]),
+    days=st.integers(min_value=0, max_value=400),
+)
+def test_preview_agrees_with_firing(text: str, tz: str, days: int) -> None:
+    """The instants PREVIEW lists are the due times the scheduler really fires, in order.
+
+    Starting at a random day (DST changes included), on a ``Clock``: each run is
+    finished at once, and the clock is moved to the next planned time.
+    """
+    w = World()
+    w.advance(days * 86_400)
+    first = w.schedule("p", f"{text} starting tomorrow 00:00", f"tz={tz}", "limit=6")
+    rec, schedule = w.scheduler.get_schedule("p")
+    expected = schedule.preview(6)
+    assert expected[0] == first
+    fired = []
+    for _ in range(6):
+        found = w.get("p")
+        assert found is not None and found[0] == P
+        w.advance(max(0.0, (found[1] - w.now_ns) / SECOND_NS))
+        w.advance(0)
+        fired.append(w.runner.executions[-1].execution_ns)
+        w.finish("p")
+    assert fired == expected
+    assert w.get("p") is not None and w.get("p")[0] == E  # type: ignore[index]
+    assert rec.runs == 6
