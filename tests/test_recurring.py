@@ -543,3 +543,28 @@ def test_preview_agrees_with_firing(text: str, tz: str, days: int) -> None:
     assert fired == expected
     assert w.get("p") is not None and w.get("p")[0] == E  # type: ignore[index]
     assert rec.runs == 6
+
+
+def test_interrupted_occurrence_reruns_then_missed_ones_coalesce() -> None:
+    """A run the kill interrupted is re-run as it was (attempt 2), not replaced by misfire.
+
+    The occurrences missed meanwhile then follow ``misfire=once``: one run, the latest.
+    """
+    clock = make_clock()
+    start = int(clock.seconds() * SECOND_NS)
+    options = parse_options(["misfire=once"])
+    initial: list[Entry] = [
+        ScheduleSet("i", "every 10 seconds", " ".join(options.render()), start),
+        Job("i", start, P),
+        Job("i", start, T),
+    ]
+    w = World(initial, advance_s=35)
+    w.advance(0)
+    assert [(e.execution_ns, e.attempt) for e in w.runner.executions] == [(EPOCH_NS, 2)]
+    w.finish("i")
+    w.advance(0)
+    assert [(e.execution_ns, e.attempt) for e in w.runner.executions][1:] == [
+        (EPOCH_NS + 30 * SECOND_NS, 1)
+    ]
+    w.finish("i")
+    assert w.get("i") == (P, EPOCH_NS + 40 * SECOND_NS)

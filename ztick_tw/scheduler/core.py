@@ -233,6 +233,7 @@ class Scheduler(Operating):
         """Deal with runs interrupted by the last shutdown, then start the timer."""
         self._stopped = False
         self._started_ns = now_ns(self._reactor)
+        interrupted: list[tuple[str, int]] = []
         if self.jobs.count(JobStatus.TRIGGERED):
             interrupted = [
                 (job_id, ns)
@@ -241,16 +242,23 @@ class Scheduler(Operating):
             ]
             for job_id, ns in interrupted:
                 self._recover_interrupted(job_id, ns)
+        # Occurrences that fell due while the daemon was down follow the misfire policy
+        # (a run the shutdown interrupted is re-run as it was, above).
         now = self._started_ns
-        for job_id, rec in self.recurrences:
-            found = self.jobs.get(job_id)
+        rerun = {job_id for job_id, _ns in interrupted}
+        get = self.jobs.get
+        for job_id in self.recurrences.job_ids():
+            found = get(job_id)
             if (
                 found is not None
                 and found[0] == JobStatus.PLANNED
                 and found[1] <= now
                 and job_id not in self.paused
                 and job_id not in self._due
+                and job_id not in rerun
             ):
+                rec = self.recurrences.get(job_id)
+                assert rec is not None
                 self._misfire(job_id, rec, now)
         self.timers.start()
         self._upcoming_timers.start()

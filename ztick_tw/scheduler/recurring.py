@@ -157,6 +157,10 @@ class Recurrences:
     def __iter__(self) -> Iterator[tuple[str, Recurrence]]:
         return iter([(job_id, Recurrence(self, job_id)) for job_id in self._by_job])
 
+    def job_ids(self) -> list[str]:
+        """Every scheduled job id (a copy: safe to change the schedules meanwhile)."""
+        return list(self._by_job)
+
     def get(self, job_id: str) -> Recurrence | None:
         """The job's recurrence, or ``None`` for a one-shot job."""
         return Recurrence(self, job_id) if job_id in self._by_job else None

@@ -31,6 +31,7 @@ from ztick_tw.scheduler.recurring import (
     Recurrence,
     Recurrences,
     merged_policy,
+    misfire,
     planned_ns,
 )
 from ztick_tw.scheduler.rules import RuleBook
@@ -121,6 +122,10 @@ class _Undo:
     rules_after: dict[str, Rule | None] = field(default_factory=dict)
 
 
+#: An occurrence more than this late when planned is coalesced (see ``_coalesce``).
+LATE_NS = 1_000_000
+
+
 class SchedulerState:
     """The attributes every layer of ``Scheduler`` uses (set in ``Scheduler.__init__``)."""
 
@@ -190,6 +195,8 @@ class SchedulerState:
         """Plan a scheduled job at its next occurrence, or end it with status ``ended``."""
         self.upcoming.remove(job_id)
         occurrence = rec.occurrence_ns
+        if occurrence is not None and occurrence < now_ns(self._reactor) - LATE_NS:
+            occurrence = rec.occurrence_ns = self._coalesce(rec, occurrence)
         if occurrence is None:
             found = self.jobs.get(job_id)
             if found is None:
@@ -206,6 +213,19 @@ class SchedulerState:
         self.timers.note_due(planned)
         self._persist(Job(job_id, planned, JobStatus.PLANNED))
         self._persist(rec.state(job_id))
+
+    def _coalesce(self, rec: Recurrence, occurrence: int) -> int | None:
+        """The occurrence to plan when the next one is already past.
+
+        That happens after a run that ended after it (an interrupted run re-run at
+        startup): ``misfire`` decides, as for downtime (``all``: each in turn; ``once``:
+        the latest; ``skip``: the next one).  Not counted as missed: the daemon was up.
+        """
+        schedule = self.recurrences.compiled(rec)
+        if schedule.options.misfire == "all":
+            return occurrence
+        result = misfire(schedule, occurrence, now_ns(self._reactor), rec.runs)
+        return result.run[-1] if result.run else result.next_ns
 
     def _watch_next(self, job_id: str, rec: Recurrence) -> None:
         """While a scheduled job runs, keep its next occurrence in ``upcoming``.
