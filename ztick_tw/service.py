@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from ztick_tw import __version__
 from ztick_tw.auth import AuthFileError, TokenStore, load_tokens
 from ztick_tw.compaction import CompactionService
-from ztick_tw.config import Config, ControllerConfig
+from ztick_tw.config import HISTORY_SUFFIX, Config, ControllerConfig
 from ztick_tw.history import History, HistoryError
 from ztick_tw.model import Policy, RunnerKind
 from ztick_tw.operations import Operations
@@ -360,8 +360,12 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     try:
         store = make_store(config, reactor)
         entries = store.load()
+        history_path = config.history_path
+        if config.history.path is None and history_path is not None:
+            # beside the logfile's real file, as the compaction's files are
+            history_path = os.path.realpath(config.database.logfile_path) + HISTORY_SUFFIX
         history = History(
-            config.history_path,
+            history_path,
             runs=config.history.runs,
             output_bytes=config.history.output_bytes,
             reactor=reactor,

@@ -37,7 +37,7 @@ from ztick_tw.model import (
 from ztick_tw.runners.base import IRunner
 from ztick_tw.scheduler.jobs import TRIGGERED, JobTable, unpack_status
 from ztick_tw.scheduler.operating import Operating
-from ztick_tw.scheduler.recurring import Recurrences
+from ztick_tw.scheduler.recurring import Recurrences, misfire
 from ztick_tw.scheduler.rules import RuleBook
 from ztick_tw.scheduler.snapshot import Snapshot
 from ztick_tw.scheduler.state import (
@@ -246,6 +246,8 @@ class Scheduler(Operating):
         # (a run the shutdown interrupted is re-run as it was, above).
         now = self._started_ns
         rerun = {job_id for job_id, _ns in interrupted}
+        for job_id in rerun:
+            self._count_missed_after(job_id, now)
         get = self.jobs.get
         for job_id in self.recurrences.job_ids():
             found = get(job_id)
@@ -262,6 +264,16 @@ class Scheduler(Operating):
                 self._misfire(job_id, rec, now)
         self.timers.start()
         self._upcoming_timers.start()
+
+    def _count_missed_after(self, job_id: str, now: int) -> None:
+        """Count the occurrences after an interrupted one that fell due while down."""
+        rec = self.recurrences.get(job_id) if self.recurrences else None
+        if rec is None or rec.occurrence_ns is None:
+            return
+        schedule = self.recurrences.compiled(rec)
+        following = schedule.after(rec.occurrence_ns)
+        if following is not None and following <= now:
+            self.counters.occurrences_missed += misfire(schedule, following, now, 0).missed
 
     def _recover_interrupted(self, job_id: str, execution_ns: int) -> None:
         if self._interrupted == INTERRUPTED_RERUN:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+
 from twisted.internet.defer import Deferred
 
 from ztick_tw.model import (
@@ -18,6 +21,7 @@ from ztick_tw.model import (
 )
 from ztick_tw.scheduler.recurring import (
     Recurrence,
+    entries,
     misfire,
     planned_ns,
 )
@@ -194,24 +198,37 @@ class Operating(Runs):
         """How many jobs are paused."""
         return len(self.paused)
 
-    def extension_entries(self) -> list[Entry]:
-        """What compaction must keep of SPEC §8-9 state, as log entries (after the jobs)."""
-        out: list[Entry] = []
+    def extension_entries(self) -> Iterable[Entry]:
+        """What compaction must keep of SPEC §8-9 state, as log entries (after the jobs).
+
+        Built from copies taken now; the million-schedule part is produced lazily (in
+        the compaction's worker thread).  A scheduled job with a run in progress is
+        recorded as it stands in the log: at the occurrence that runs (its next one is
+        only advanced in memory), so a restart re-runs that occurrence.
+        """
+        head: list[Entry] = []
         for job_id in self._held:
             found = self.jobs.get(job_id)
             if found is not None:
-                out.append(Job(job_id, found[1], JobStatus.PLANNED))
-        for job_id, rec in self.recurrences:
-            out.append(rec.entry)
-            attempt = self._attempts.get(job_id, 1)
-            if attempt > 1 or rec.runs or rec.occurrence_ns != rec.start_ns:
-                out.append(rec.state(job_id, attempt, self._due.get(job_id)))
+                head.append(Job(job_id, found[1], JobStatus.PLANNED))
+        overrides: dict[str, RunState] = {}
         for job_id, attempt in self._attempts.items():
             due = self._due.get(job_id)
-            if due is not None and job_id not in self.recurrences:
-                out.append(RunState(job_id, 0, I64_MIN, attempt, due))
-        for job_id, since in self.paused.items():
-            out.append(Pause(job_id, True, since))
-        for rule_id, policy in self.policies.items():
-            out.append(RulePolicy(rule_id, policy))
-        return out
+            rec = self.recurrences.get(job_id)
+            if due is not None and rec is not None:
+                overrides[job_id] = rec.state(job_id, attempt, due)
+            elif due is not None:
+                head.append(RunState(job_id, 0, I64_MIN, attempt, due))
+        for job_id, live in self._current.items():
+            runs = [item for item in live if not item.manual]
+            rec = self.recurrences.get(job_id) if runs else None
+            if rec is None or job_id in self._due:
+                continue
+            oldest = runs[0].execution_ns
+            attempt = self._attempts.get(job_id, 1)
+            overrides[job_id] = RunState(
+                job_id, max(rec.runs - len(runs), 0), oldest, attempt, oldest
+            )
+        tail: list[Entry] = [Pause(j, True, since) for j, since in self.paused.items()]
+        tail += [RulePolicy(r, policy) for r, policy in self.policies.items()]
+        return itertools.chain(head, entries(self.recurrences.frozen(), overrides), tail)

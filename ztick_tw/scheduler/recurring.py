@@ -215,6 +215,10 @@ class Recurrences:
             del by_job[job_id]
             self._compiled.pop(job_id, None)
 
+    def frozen(self) -> tuple[dict[str, int], list[Definition]]:
+        """A copy of the packed state, for ``entries`` to read in another thread."""
+        return dict(self._by_job), list(self._definitions)
+
     def ids(self, prefix: str = "") -> list[str]:
         """The scheduled job ids starting with ``prefix``, sorted."""
         return sorted(j for j in self._by_job if j.startswith(prefix))
@@ -262,6 +266,30 @@ class Recurrences:
         current = rec.occurrence_ns
         rec.occurrence_ns = None if current is None else self.compiled(rec).after(current)
         return rec.occurrence_ns
+
+
+def entries(
+    state: tuple[dict[str, int], list[Definition]], overrides: dict[str, RunState]
+) -> Iterator[ScheduleSet | RunState]:
+    """The ``ScheduleSet`` and ``RunState`` entries of a ``frozen`` copy (compaction).
+
+    A job's ``RunState`` is left out when it would say what replaying its schedule says
+    anyway (no run yet, at its start, first attempt); ``overrides`` replaces it.
+    """
+    by_job, definitions = state
+    for job_id, packed in by_job.items():
+        d = definitions[packed & _DEF_MASK]
+        start = ((packed >> _START_SHIFT) & _START_MASK) - _OFFSET
+        yield ScheduleSet(job_id, d.text, d.options, start)
+        override = overrides.get(job_id)
+        if override is not None:
+            yield override
+            continue
+        runs = (packed >> _RUNS_SHIFT) & _RUNS_MASK
+        occurrence = packed >> _OCC_SHIFT
+        occurrence_ns = I64_MIN if occurrence == 0 else occurrence - _OFFSET - 1
+        if runs or occurrence_ns != start:
+            yield RunState(job_id, runs, occurrence_ns, 1, occurrence_ns)
 
 
 def planned_ns(occurrence_ns: int, options: Options, rng: random.Random) -> int:

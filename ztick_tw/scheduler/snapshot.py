@@ -19,7 +19,7 @@ seconds, so a compaction takes a bounded share of the reactor's interpreter time
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ztick_tw.model import Entry, Rule
@@ -61,7 +61,9 @@ class Snapshot:
     throttle: Callable[[], None] = field(default_factory=Throttle)
     expired: list[tuple[str, int]] = field(default_factory=list)
     #: Extension entries (types 16-20), written after the rules, in this order.
-    extensions: list[Entry] = field(default_factory=list)
+    #: SPEC §8-9 entries, written after the rules; an iterable built from copies, so
+    #: that turning a million schedules into entries happens here, in the worker thread.
+    extensions: Iterable[Entry] = field(default_factory=list)
     #: How many frames to write between throttle checks.
     batch: int = 256
 
