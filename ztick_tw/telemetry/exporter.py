@@ -1,0 +1,199 @@
+"""The telemetry worker thread: events become OpenTelemetry spans and instruments.
+
+Everything here runs off the reactor thread.  The worker drains the ``EventQueue``
+every ``DRAIN_SECONDS``, creates each span with the event's own start and end times and
+records the run instruments; the SDK's ``BatchSpanProcessor`` and
+``PeriodicExportingMetricReader`` threads send them over OTLP/HTTP.  Their queues are
+bounded too (spans past ``MAX_SPANS_QUEUED`` are dropped by the SDK), so a collector
+that is down or hangs costs dropped telemetry, never memory or the reactor's time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ztick_tw.telemetry.events import EventQueue, RequestEvent, RunEvent
+
+#: How often the worker turns queued events into spans, and how many at a time.
+DRAIN_SECONDS = 0.1
+DRAIN_BATCH = 1024
+#: The SDK's span queue (spans beyond it are dropped) and its export batch.
+MAX_SPANS_QUEUED = 8192
+MAX_EXPORT_BATCH = 512
+#: ``endpoint`` when the config names none (the OTLP/HTTP default).
+DEFAULT_ENDPOINT = "http://localhost:4318"
+#: The job statuses reported as ``ztick_jobs{status}``, with their STAT keys.
+JOB_STATUSES = ("planned", "triggered", "executed", "failed")
+
+#: What the gauges report: STAT's keys and values, as sampled on the reactor thread.
+Snapshot = Mapping[str, "str | int"]
+
+
+def signal_url(endpoint: str | None, signal: str) -> str:
+    """``http://host:4318`` + ``/v1/traces`` (an endpoint already ending so is kept)."""
+    base = (endpoint or DEFAULT_ENDPOINT).rstrip("/")
+    for known in ("/v1/traces", "/v1/metrics"):
+        if base.endswith(known):
+            base = base[: -len(known)]
+    return f"{base}/v1/{signal}"
+
+
+class Exporter:
+    """The SDK pipelines and the worker thread that feeds them from an ``EventQueue``."""
+
+    def __init__(
+        self,
+        events: EventQueue,
+        snapshot: Callable[[], Snapshot],
+        *,
+        endpoint: str | None,
+        service_name: str,
+        flush_interval_ms: int,
+    ) -> None:
+        self.events = events
+        self._snapshot = snapshot
+        interval = max(100, flush_interval_ms)
+        # One export may take at most this long (the collector that hangs).
+        timeout = min(10.0, max(1.0, interval / 1000))
+        resource = Resource.create({"service.name": service_name})
+        self.spans = BatchSpanProcessor(
+            OTLPSpanExporter(endpoint=signal_url(endpoint, "traces"), timeout=timeout),
+            max_queue_size=MAX_SPANS_QUEUED,
+            max_export_batch_size=MAX_EXPORT_BATCH,
+            schedule_delay_millis=interval,
+            export_timeout_millis=timeout * 1000,
+        )
+        self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        self.tracer_provider.add_span_processor(self.spans)
+        self.reader = PeriodicExportingMetricReader(
+            OTLPMetricExporter(endpoint=signal_url(endpoint, "metrics"), timeout=timeout),
+            export_interval_millis=interval,
+            export_timeout_millis=timeout * 1000,
+        )
+        self.meter_provider = MeterProvider(
+            resource=resource, metric_readers=[self.reader], shutdown_on_exit=False
+        )
+        self.timeout = timeout
+        self.tracer = self.tracer_provider.get_tracer("ztick_tw")
+        meter = self.meter_provider.get_meter("ztick_tw")
+        self.runs = meter.create_counter(
+            "ztick_runs", unit="1", description="Runner executions by runner and outcome"
+        )
+        self.run_duration = meter.create_histogram(
+            "ztick_run_duration_seconds", unit="s", description="How long runs took"
+        )
+        self.trigger_lag = meter.create_histogram(
+            "ztick_trigger_lag_seconds", unit="s", description="Due time to run start"
+        )
+        meter.create_observable_gauge("ztick_jobs", [self._jobs], description="Jobs by status")
+        meter.create_observable_gauge("ztick_rules", [self._stat("rules_total")])
+        meter.create_observable_gauge("ztick_schedules", [self._stat("schedules_total")])
+        meter.create_observable_gauge("ztick_connections", [self._stat("connections")])
+        meter.create_observable_counter(
+            "ztick_telemetry_dropped", [self._dropped], description="Events dropped (full)"
+        )
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="ztick-telemetry", daemon=True)
+
+    # -- gauges (called on the metric reader's thread) -----------------------------------
+
+    def _jobs(self, options: CallbackOptions) -> Iterable[Observation]:
+        snap = self._snapshot()
+        return [
+            Observation(int(snap.get(f"jobs_{status}", 0)), {"status": status})
+            for status in JOB_STATUSES
+        ]
+
+    def _stat(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(int(self._snapshot().get(key, 0)))]
+
+        return observe
+
+    def _dropped(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self.events.dropped)]
+
+    # -- the worker ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def stop(self, done: Callable[[], None]) -> None:
+        """Ask the worker to drain, flush within ``timeout`` and shut down, then ``done()``.
+
+        ``done`` is called on the worker thread; returns at once.
+        """
+        self._done = done
+        self._stopping.set()
+
+    def _work(self) -> None:
+        while not self._stopping.wait(DRAIN_SECONDS):
+            self.drain()
+        self.drain()
+        millis = int(self.timeout * 1000)
+        try:
+            self.tracer_provider.force_flush(millis)
+            self.tracer_provider.shutdown()
+            self.meter_provider.shutdown(timeout_millis=millis)
+        finally:
+            self._done()
+
+    def drain(self) -> int:
+        """Turn every queued event into a span (and instruments); how many there were."""
+        count = 0
+        while batch := self.events.drain(DRAIN_BATCH):
+            for event in batch:
+                if isinstance(event, RunEvent):
+                    self._run(event)
+                else:
+                    self._request(event)
+            count += len(batch)
+        return count
+
+    def _request(self, e: RequestEvent) -> None:
+        attributes = {"ztick.operation": e.operation}
+        if e.token:
+            attributes["ztick.token"] = e.token
+        if e.identifier:
+            attributes["ztick.id"] = e.identifier
+        if e.error:
+            attributes["error.type"] = e.error
+        span = self.tracer.start_span(
+            e.operation, kind=SpanKind.SERVER, start_time=e.start_ns, attributes=attributes
+        )
+        if e.error:
+            span.set_status(Status(StatusCode.ERROR, e.error))
+        span.end(end_time=e.end_ns)
+
+    def _run(self, e: RunEvent) -> None:
+        span = self.tracer.start_span(
+            f"run {e.runner}",
+            kind=SpanKind.INTERNAL,
+            start_time=e.start_ns,
+            attributes={
+                "ztick.job_id": e.job_id,
+                "ztick.rule_id": e.rule_id,
+                "ztick.runner": e.runner,
+                "ztick.attempt": e.attempt,
+                "ztick.outcome": e.outcome,
+            },
+        )
+        if e.outcome != "success":
+            span.set_status(Status(StatusCode.ERROR, e.outcome))
+        span.end(end_time=e.end_ns)
+        self.runs.add(1, {"runner": e.runner, "outcome": e.outcome})
+        self.run_duration.record((e.end_ns - e.start_ns) / 1e9, {"runner": e.runner})
+        if e.lag_ns >= 0:
+            self.trigger_lag.record(e.lag_ns / 1e9)
