@@ -300,23 +300,43 @@ class Operations:
         A prefix wider than the caller's namespace is narrowed to it; one outside it
         matches nothing.  Never raises.
         """
-        token = caller.token
-        if token is not None and not token.allows(prefix):
-            if not token.namespace.startswith(prefix):
-                return JobQuery(prefix, None)
-            prefix = token.namespace
-        return JobQuery(prefix, self.scheduler.scan)
+        narrowed = self._narrow(caller, prefix)
+        if narrowed is None:
+            return JobQuery(prefix, None)
+        return JobQuery(narrowed, self.scheduler.scan)
 
     def remove_job(self, caller: Caller, job_id: str) -> Durable | None:
         """Delete a job.  Raises ``Denied``, ``NotFound``, ``Unavailable``."""
+        return self._change_job(caller, job_id, self.scheduler.remove_job)
+
+    def _change_job(
+        self, caller: Caller, job_id: str, change: Callable[[str], Durable | None]
+    ) -> Durable | None:
+        """Apply ``change`` to an existing job the caller may touch; errors mapped.
+
+        ``Denied`` outside the namespace; ``NotFound`` for no such job (or no schedule);
+        ``Unavailable`` when the store refuses the change.
+        """
         if caller.token is not None:
             caller.check(job_id)
         try:
-            return self.scheduler.remove_job(job_id)
+            return change(job_id)
         except UnknownJob:
             raise NotFound(f"no job {job_id!r}") from None
+        except NotScheduled:
+            raise NotFound(f"job {job_id!r} has no schedule") from None
         except StoreError as e:
             raise Unavailable(str(e)) from None
+
+    @staticmethod
+    def _narrow(caller: Caller, prefix: str) -> str | None:
+        """A listing's prefix narrowed to the caller's namespace (``None``: matches nothing)."""
+        token = caller.token
+        if token is not None and not token.allows(prefix):
+            if not token.namespace.startswith(prefix):
+                return None
+            return token.namespace
+        return prefix
 
     # -- rules -----------------------------------------------------------------------
 
@@ -433,23 +453,14 @@ class Operations:
 
     def list_schedules(self, caller: Caller, prefix: str = "") -> list[ScheduleView]:
         """The scheduled jobs whose id starts with ``prefix``, filtered like ``QUERY``."""
-        token = caller.token
-        if token is not None and not token.allows(prefix):
-            if not token.namespace.startswith(prefix):
-                return []
-            prefix = token.namespace
-        return [self._view(job_id) for job_id in self.scheduler.recurrences.ids(prefix)]
+        narrowed = self._narrow(caller, prefix)
+        if narrowed is None:
+            return []
+        return [self._view(job_id) for job_id in self.scheduler.recurrences.ids(narrowed)]
 
     def remove_schedule(self, caller: Caller, job_id: str) -> Durable | None:
         """Stop the job recurring (it stays, a one-shot).  Raises ``Denied``, ``NotFound``."""
-        if caller.token is not None:
-            caller.check(job_id)
-        try:
-            return self.scheduler.remove_schedule(job_id)
-        except NotScheduled:
-            raise NotFound(f"job {job_id!r} has no schedule") from None
-        except StoreError as e:
-            raise Unavailable(str(e)) from None
+        return self._change_job(caller, job_id, self.scheduler.remove_schedule)
 
     def preview(
         self, caller: Caller, text: str, count: int = 5, options: Sequence[str] = ()
@@ -467,25 +478,11 @@ class Operations:
 
     def pause(self, caller: Caller, job_id: str) -> Durable | None:
         """The job never fires until resumed.  Raises ``Denied``, ``NotFound``."""
-        if caller.token is not None:
-            caller.check(job_id)
-        try:
-            return self.scheduler.pause(job_id)
-        except UnknownJob:
-            raise NotFound(f"no job {job_id!r}") from None
-        except StoreError as e:
-            raise Unavailable(str(e)) from None
+        return self._change_job(caller, job_id, self.scheduler.pause)
 
     def resume(self, caller: Caller, job_id: str) -> Durable | None:
         """The job fires again; missed time follows its misfire policy."""
-        if caller.token is not None:
-            caller.check(job_id)
-        try:
-            return self.scheduler.resume(job_id)
-        except UnknownJob:
-            raise NotFound(f"no job {job_id!r}") from None
-        except StoreError as e:
-            raise Unavailable(str(e)) from None
+        return self._change_job(caller, job_id, self.scheduler.resume)
 
     def run_now(self, caller: Caller, job_id: str) -> Deferred[None]:
         """One extra run now; the Deferred fires once it has started.
