@@ -69,7 +69,10 @@ class Conn:
         return raw[:-1].decode()
 
     def read_answer(self, request_id: str) -> list[str]:
-        """The lines answering ``request_id`` up to its ``OK``/``ERROR``, ids stripped."""
+        """The lines answering ``request_id`` up to its ``OK``/``ERROR``, ids stripped.
+
+        The §8-9 instructions answer ``ERROR <reason>``: that ends the answer too.
+        """
         lines: list[str] = []
         prefix = request_id + " "
         while True:
@@ -78,7 +81,7 @@ class Conn:
                 raise AssertionError(f"expected an answer to {request_id}, got {line!r}")
             rest = line[len(prefix) :]
             lines.append(rest)
-            if rest == "OK" or rest == "ERROR" or rest.startswith("OK "):
+            if rest in ("OK", "ERROR") or rest.startswith(("OK ", "ERROR ")):
                 return lines
 
     def call(self, request: str) -> list[str]:
