@@ -411,7 +411,7 @@ def test_retries_replan_then_fail_after_the_last_attempt() -> None:
     assert [e.attempt for e in w.runner.executions] == [1, 2, 3]
     assert {e.execution_ns for e in w.runner.executions} == {due}
     w.finish("x", success=False)
-    assert w.get("x") == (F, due + 2 * SECOND_NS)
+    assert w.get("x") == (F, due)  # the time it was set for, as before the retries
     assert w.scheduler.counters.runs_retried == 2
 
 

@@ -298,8 +298,13 @@ class Runs(SchedulerState):
         if rec is not None:
             self._replan(job_id, rec, status)
             return
+        execution_ns = unpack_ns(item.packed)
+        if item.attempt > 1 and execution_ns != item.execution_ns:
+            # After retries the job shows the time it was set for, not its last attempt's.
+            execution_ns = item.execution_ns
+            self.jobs.set(job_id, execution_ns)
         self.jobs.set_status(job_id, status)
-        self._persist(Job(job_id, unpack_ns(item.packed), status))
+        self._persist(Job(job_id, execution_ns, status))
 
     def _retry(self, item: Queued, policy: Policy) -> None:
         """Plan the next attempt after the backoff; the job shows ``planned <retry_ns>``."""
