@@ -623,7 +623,7 @@ def test_interrupted_jobs_fail_keeps_a_schedule_recurring(tmp_path: Path) -> Non
     is planned at its next occurrence and runs there (SPEC §8: re-planned after each
     occurrence); the interrupted one is not run again.
     """
-    config = {
+    config: dict[str, dict[str, str | bool | int | float | list[str]]] = {
         "database": {"compression_interval": 0},
         "scheduler": {"interrupted_jobs": "fail"},
     }
