@@ -23,11 +23,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from tests.helpers import ImmediateRunner
+from tests.helpers import EventLog, ImmediateRunner
 from ztick_tw.auth import Token
 from ztick_tw.config import TelemetryConfig
 from ztick_tw.model import Policy, RunnerKind
@@ -266,8 +267,18 @@ class CollectorTroubleTests(_Base):
         assert open_, "the exporter never connected"
 
     async def test_collector_that_is_down(self) -> None:
-        """A collector nobody listens for neither blocks SETs nor runs."""
+        """A collector nobody listens for neither blocks SETs nor runs.
+
+        The SDK's complaint reaches our logger (not stderr), rate-limited to one.
+        """
+        events = EventLog()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
         await self.burst(f"http://127.0.0.1:{closed_port()}")
+        namespace = "ztick_tw.telemetry.logbridge"
+        seen = [e for e in events.events if e.get("log_namespace") == namespace]
+        assert len(seen) == 1, [formatEvent(e) for e in seen]
+        assert formatEvent(seen[0]).startswith("telemetry: ")
 
     def test_stalled_worker_drops_instead_of_growing(self) -> None:
         """With nothing draining the queue, events past its capacity are dropped, counted."""

@@ -28,6 +28,7 @@ from ztick_tw.model import RunnerKind
 from ztick_tw.operations import Operations
 from ztick_tw.runners.base import IRunner
 from ztick_tw.telemetry.events import DEFAULT_CAPACITY, EventQueue
+from ztick_tw.telemetry.logbridge import SdkLogBridge
 from ztick_tw.telemetry.wrap import TracedOperations, TracingRunner
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class TelemetryService(Service):
         self._snapshot: Snapshot = {}
         self._sampler: LoopingCall | None = None
         self.exporter: Exporter | None = None
+        self.sdk_log = SdkLogBridge(reactor)
 
     # -- wiring --------------------------------------------------------------------------
 
@@ -109,6 +111,7 @@ class TelemetryService(Service):
             flush_interval_ms=c.flush_interval_ms,
         )
         self.sample()
+        self.sdk_log.install()
         self.exporter.start()
         self._sampler = LoopingCall(self.sample)
         self._sampler.clock = self.reactor
@@ -149,6 +152,7 @@ class TelemetryService(Service):
                 )
             if not timer.called:
                 timer.cancel()
+            self.sdk_log.uninstall()
             d.callback(None)
 
         timer = self.reactor.callLater(self.stop_timeout, finish, True)
