@@ -19,6 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ztick_tw.metrics import NO_METRICS, Metrics
 from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.store.base import CompactionAborted
 from ztick_tw.store.logfile import CompactionResult, LogfileStore
@@ -30,6 +31,9 @@ log = Logger(namespace="ztick_tw.compaction")
 
 class CompactionService(Service):
     """Runs compactions of a ``LogfileStore`` on a schedule and on SIGUSR1."""
+
+    #: Where compactions are reported (``ztick_tw.metrics.install``); off by default.
+    metrics: Metrics = NO_METRICS
 
     def __init__(
         self,
@@ -102,6 +106,7 @@ class CompactionService(Service):
             dropped = self.scheduler.drop_expired(snapshot)
             self.status = "success"
             self.last = result
+            self.metrics.compaction("success", self._clock.seconds() - started)
             log.info(
                 "compaction done in {seconds:.3f}s: {frames_before} frames ({bytes_before} bytes)"
                 " -> {frames_after} frames ({bytes_after} bytes); {dropped} finished jobs past"
@@ -119,6 +124,7 @@ class CompactionService(Service):
             if isinstance(failure.value, CompactionAborted) and not self.running:
                 log.info("compaction stopped by the shutdown; the logfile is unchanged")
                 return
+            self.metrics.compaction("failure", self._clock.seconds() - started)
             error = failure.getErrorMessage()
             log.error(
                 "compaction failed: {error}{unchanged}; next try {next}",

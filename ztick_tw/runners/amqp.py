@@ -845,6 +845,16 @@ class AmqpRunner:
         """Broker connections open now (one per DSN in use)."""
         return sum(1 for endpoint in self._endpoints.values() if endpoint.state == "open")
 
+    def connection_states(self) -> dict[str, int]:
+        """Broker connections by state, for ``ztick_runner_connections``.
+
+        ``open``, ``connecting``, ``closing``, ``idle`` (none now: down, or not needed yet).
+        """
+        states = {"open": 0, "connecting": 0, "closing": 0, "idle": 0}
+        for endpoint in self._endpoints.values():
+            states[endpoint.state] += 1
+        return states
+
     # -- IRunner ---------------------------------------------------------------------
 
     def run(self, execution: Execution) -> Deferred[Outcome]:

@@ -725,6 +725,15 @@ class HttpRunner:
         """Deliveries in flight (waiting for a connection included)."""
         return len(self._live)
 
+    def connection_states(self) -> dict[str, int]:
+        """Connections by state, for ``ztick_runner_connections``.
+
+        ``busy``: a delivery holds a slot of its host; ``idle``: kept open in the pool.
+        """
+        busy = sum(self.max_connections_per_host - slots.free for slots in self._hosts.values())
+        cached: dict[Any, list[Any]] = getattr(self.pool, "_connections", {})
+        return {"busy": busy, "idle": sum(len(c) for c in cached.values())}
+
     def run(self, execution: Execution) -> Deferred[Outcome]:
         """Deliver the webhook of ``execution``; fires with its Outcome, never errbacks."""
         if self._stopping:

@@ -864,6 +864,23 @@ class RedisRunner:
         """How many connections are open (one per URL in use at most)."""
         return len(self._live)
 
+    def connection_states(self) -> dict[str, int]:
+        """Targets by connection state, for ``ztick_runner_connections``.
+
+        ``open`` (set up), ``connecting`` (dialling or in the handshake), ``backoff``
+        (down, waiting to retry).
+        """
+        states = {"open": 0, "connecting": 0, "backoff": 0}
+        now = self._clock.seconds()
+        for target in self._targets.values():
+            if target.writer is not None:
+                states["open"] += 1
+            elif target.protocol is not None or target.factory is not None:
+                states["connecting"] += 1
+            elif target.retry_at > now:
+                states["backoff"] += 1
+        return states
+
     def run(self, execution: Execution) -> Deferred[Outcome]:
         """Send the job's command; fires with its outcome, never errbacks."""
         if self._stopping:

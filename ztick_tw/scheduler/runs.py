@@ -9,6 +9,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
+from ztick_tw.metrics import NO_METRICS, Metrics
 from ztick_tw.model import (
     I64_MIN,
     Job,
@@ -32,6 +33,9 @@ from ztick_tw.scheduler.timers import now_ns
 
 class Runs(SchedulerState):
     """The firing half of ``Scheduler``."""
+
+    #: Where runs and trigger lag are reported (``ztick_tw.metrics.install``); off by default.
+    metrics: Metrics = NO_METRICS
 
     def _fire_due(self, now: int) -> None:
         due = self.jobs.pop_due(now, FIRE_BATCH)
@@ -173,6 +177,8 @@ class Runs(SchedulerState):
         start = now_ns(self._reactor)
         if not item.manual:
             self.lag.record((start - item.lag_base_ns) // 1000)
+            if self.metrics.on:
+                self.metrics.trigger_lag(start - item.lag_base_ns)
         policy = self.policy_for(item.rule.id) if self.policies else self.policy_defaults
         timeout = policy.timeout_ns / 1e9 if policy.timeout_ns else None
         execution = Execution(
@@ -204,7 +210,7 @@ class Runs(SchedulerState):
             started, item.started = item.started, None
             started.callback(None)
         d.addErrback(self._runner_errback, item)
-        d.addCallback(self._finished, item)
+        d.addCallback(self._finished, item, start)
         d.addErrback(self._log_failure, item)
 
     def _runner_errback(self, failure: Failure, item: Queued) -> Outcome:
@@ -227,7 +233,7 @@ class Runs(SchedulerState):
                 outcome.output,
             )
 
-    def _finished(self, outcome: Outcome, item: Queued) -> None:
+    def _finished(self, outcome: Outcome, item: Queued, start_ns: int = 0) -> None:
         self._running -= 1
         item.running = None
         job_id = item.job_id
@@ -238,6 +244,12 @@ class Runs(SchedulerState):
             self.counters.runs_timed_out += 1
         else:
             word = "executed" if outcome.success else "failed"
+        if self.metrics.on:
+            self.metrics.run_ended(
+                item.rule.runner.kind.wire,
+                "interrupted" if outcome.interrupted else word,
+                now_ns(self._reactor) - start_ns,
+            )
         try:
             if outcome.interrupted:
                 self._drop_live(item)

@@ -31,6 +31,7 @@ import errno
 import fcntl
 import gc
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ztick_tw.metrics import NO_METRICS, Metrics
 from ztick_tw.model import Entry
 from ztick_tw.store.base import Commit, CompactionAborted, CorruptLogError, IStore, StoreError
 from ztick_tw.store.codec import encode, scan
@@ -164,6 +166,8 @@ class LogfileStore:
     """
 
     name = "logfile"
+    #: Where fsync latencies are reported (``ztick_tw.metrics.install``); off by default.
+    metrics: Metrics = NO_METRICS
 
     def __init__(
         self,
@@ -505,8 +509,15 @@ class LogfileStore:
         self._syncing = commits
         generation = self._generation
 
+        metrics = self.metrics
+
         def blocking_fsync() -> None:
-            os.fsync(fd)
+            if metrics.on:
+                started = time.perf_counter()  # a latency, measured where it happens
+                os.fsync(fd)
+                metrics.fsync(time.perf_counter() - started)
+            else:
+                os.fsync(fd)
 
         try:
             d = self._runner()(blocking_fsync)
