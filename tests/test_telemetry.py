@@ -247,14 +247,15 @@ class CollectorTroubleTests(_Base):
         peak = 0
         for i in range(2000):
             ops.set_job(anyone, f"job.{i}", later)
-            peak = max(peak, len(svc.events))
+            peak = max(peak, len(svc.requests))
         ops.set_job(anyone, "ok.1", now_ns(reactor))
         await self.settled(scheduler, "ok.1")
         assert dict(ops.stat())["jobs_planned"] == 2000
         assert peak <= 500
         stopped: Deferred[None] = svc.stopService()
         await stopped  # fires within stop_timeout even though the collector never answers
-        assert svc.events.accepted + svc.events.dropped == 2000 + 4
+        assert svc.requests.accepted + svc.requests.dropped == 2000 + 3  # + rule, ok.1, stat
+        assert (svc.runs.accepted, svc.runs.dropped) == (1, 0)
 
     async def test_collector_that_hangs(self) -> None:
         """A collector that accepts and never answers neither blocks SETs nor runs."""
@@ -293,5 +294,32 @@ class CollectorTroubleTests(_Base):
         )
         for i in range(1000):
             clock_ops.set_job(Caller(), f"j.{i}", 1_800_000_000_000_000_000)
-        assert (len(svc.events), svc.events.accepted, svc.events.dropped) == (100, 100, 900)
+        assert (len(svc.requests), svc.requests.accepted, svc.requests.dropped) == (100, 100, 900)
         assert dict(clock_ops.stat())["jobs_total"] == 1000
+
+
+class BudgetTests(unittest.TestCase):
+    def test_requests_wait_for_budget_runs_do_not(self) -> None:
+        """A drain makes every queued run a span but at most ``budget`` request spans."""
+        from ztick_tw.telemetry.events import EventQueue, RequestEvent, RunEvent
+        from ztick_tw.telemetry.exporter import Exporter
+
+        requests, runs = EventQueue(), EventQueue()
+        exporter = Exporter(
+            requests,
+            runs,
+            dict,
+            endpoint=f"http://127.0.0.1:{closed_port()}",
+            service_name="t",
+            flush_interval_ms=1000,
+        )
+        try:
+            for i in range(10):
+                requests.put(RequestEvent("get_job", "", f"j.{i}", "", 1, 2))
+            for i in range(3):
+                runs.put(RunEvent(f"j.{i}", "r", "shell", 1, "success", 1, 2, 0))
+            assert exporter.drain(4) == 3 + 4
+            assert (len(requests), len(runs)) == (6, 0)
+        finally:
+            exporter.tracer_provider.shutdown()
+            exporter.meter_provider.shutdown(timeout_millis=1000)

@@ -54,7 +54,7 @@ class TracedOperationsTests(unittest.TestCase):
         assert ops.get_job(alice, "app.j")[1] == 1_800_000_000_000_000_000
         with pytest.raises(NotFound):
             ops.get_job(alice, "app.missing")
-        events = [e for e in svc.events.drain(100) if isinstance(e, RequestEvent)]
+        events = [e for e in svc.requests.drain(100) if isinstance(e, RequestEvent)]
         assert [(e.operation, e.token, e.identifier, e.error) for e in events] == [
             ("set_rule", "alice", "app.r", ""),
             ("set_job", "alice", "app.j", ""),

@@ -25,9 +25,13 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ztick_tw.telemetry.events import EventQueue, RequestEvent, RunEvent
 
-#: How often the worker turns queued events into spans, and how many at a time.
+#: How often the worker turns queued events into spans.
 DRAIN_SECONDS = 0.1
-DRAIN_BATCH = 1024
+#: Request spans made per second at most.  Making a span costs the worker ~20-50 µs of
+#: CPU under the GIL that the reactor shares: unbounded, 100,000 SET/s would cost the
+#: reactor most of its time.  Past this rate request events wait in their queue, and
+#: once it is full the reactor drops them (counted).  Runs are not limited.
+REQUEST_SPANS_PER_SECOND = 2000
 #: The SDK's span queue (spans beyond it are dropped) and its export batch.
 MAX_SPANS_QUEUED = 8192
 MAX_EXPORT_BATCH = 512
@@ -54,14 +58,18 @@ class Exporter:
 
     def __init__(
         self,
-        events: EventQueue,
+        requests: EventQueue,
+        runs: EventQueue,
         snapshot: Callable[[], Snapshot],
         *,
         endpoint: str | None,
         service_name: str,
         flush_interval_ms: int,
+        request_spans_per_second: int = REQUEST_SPANS_PER_SECOND,
     ) -> None:
-        self.events = events
+        self.requests = requests
+        self.runs_queue = runs
+        self.request_budget = max(1, int(request_spans_per_second * DRAIN_SECONDS))
         self._snapshot = snapshot
         interval = max(100, flush_interval_ms)
         # One export may take at most this long (the collector that hangs).
@@ -122,7 +130,10 @@ class Exporter:
         return observe
 
     def _dropped(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self.events.dropped)]
+        return [
+            Observation(self.requests.dropped, {"kind": "request"}),
+            Observation(self.runs_queue.dropped, {"kind": "run"}),
+        ]
 
     # -- the worker ----------------------------------------------------------------------
 
@@ -140,8 +151,8 @@ class Exporter:
 
     def _work(self) -> None:
         while not self._stopping.wait(DRAIN_SECONDS):
-            self.drain()
-        self.drain()
+            self.drain(self.request_budget)
+        self.drain(self.requests.capacity)  # what is left (bounded by the queue)
         millis = int(self.timeout * 1000)
         try:
             self.tracer_provider.force_flush(millis)
@@ -150,16 +161,17 @@ class Exporter:
         finally:
             self._done()
 
-    def drain(self) -> int:
-        """Turn every queued event into a span (and instruments); how many there were."""
+    def drain(self, request_budget: int) -> int:
+        """Every queued run and up to ``request_budget`` requests become spans; how many."""
         count = 0
-        while batch := self.events.drain(DRAIN_BATCH):
-            for event in batch:
-                if isinstance(event, RunEvent):
-                    self._run(event)
-                else:
-                    self._request(event)
-            count += len(batch)
+        for event in self.runs_queue.drain(self.runs_queue.capacity):
+            if isinstance(event, RunEvent):
+                self._run(event)
+                count += 1
+        for event in self.requests.drain(request_budget):
+            if isinstance(event, RequestEvent):
+                self._request(event)
+                count += 1
         return count
 
     def _request(self, e: RequestEvent) -> None:

@@ -59,7 +59,8 @@ class TelemetryService(Service):
         self.config = config
         self.enabled = config.enabled
         self.reactor = reactor
-        self.events = EventQueue(capacity)
+        self.requests = EventQueue(capacity)  # from TracedOperations
+        self.runs = EventQueue(capacity)  # from TracingRunner
         self.stop_timeout = stop_timeout
         self.operations: Operations | None = None
         self._snapshot: Snapshot = {}
@@ -74,13 +75,13 @@ class TelemetryService(Service):
         if not self.enabled:
             return operations
         self.operations = operations
-        return TracedOperations(operations, self.events, self.reactor)
+        return TracedOperations(operations, self.requests, self.reactor)
 
     def wrap_runner(self, runner: IRunner) -> IRunner:
         """``runner`` recording a span per run (itself when telemetry is off)."""
         if not self.enabled:
             return runner
-        return TracingRunner(runner, self.events, self.reactor)
+        return TracingRunner(runner, self.runs, self.reactor)
 
     def wrap_runners(self, runners: dict[RunnerKind, IRunner]) -> dict[RunnerKind, IRunner]:
         """Every runner of ``make_runners`` wrapped by ``wrap_runner``."""
@@ -104,7 +105,8 @@ class TelemetryService(Service):
         super().startService()  # type: ignore[no-untyped-call]
         c = self.config
         self.exporter = Exporter(
-            self.events,
+            self.requests,
+            self.runs,
             self.snapshot,
             endpoint=c.endpoint,
             service_name=c.service_name,
@@ -144,11 +146,13 @@ class TelemetryService(Service):
                     " leaving it",
                     s=self.stop_timeout,
                 )
-            if self.events.dropped:
+            if self.requests.dropped or self.runs.dropped:
                 log.warn(
-                    "telemetry: {dropped} events dropped (queue of {capacity} full)",
-                    dropped=self.events.dropped,
-                    capacity=self.events.capacity,
+                    "telemetry: {requests} request and {runs} run events dropped"
+                    " (queues of {capacity} full)",
+                    requests=self.requests.dropped,
+                    runs=self.runs.dropped,
+                    capacity=self.requests.capacity,
                 )
             if not timer.called:
                 timer.cancel()
