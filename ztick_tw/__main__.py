@@ -1,4 +1,8 @@
-"""``ztick-tw`` and ``python -m ztick_tw``: run the daemon in the foreground, or ``dump``."""
+"""``ztick-tw`` and ``python -m ztick_tw``: the daemon in the foreground, ``dump``, the clients.
+
+``ztick-tw cli`` is the interactive client; ``ztick-tw get|set|query|... WORDS`` run one
+instruction (see :mod:`ztick_tw.client.cli`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from ztick_tw import __version__
 USAGE = """\
 usage: ztick-tw [serve] [-c FILE] [--recover-corrupt-log]
        ztick-tw dump [--format text|json] [--compact] [--follow] [--iso] LOGFILE
+       ztick-tw cli [--host H] [--port P] [--tls] [--token T]
+       ztick-tw INSTRUCTION [WORDS...] [--json] [--host H] [--port P] [--tls] [--token T]
        ztick-tw --version | --help
 
 commands:
@@ -29,6 +35,18 @@ commands:
     --follow               keep printing frames as they are appended, until SIGINT
                            or SIGTERM (exit 0)
     --iso                  job times as ISO 8601 UTC (the default is nanoseconds)
+  cli                  an interactive client, like redis-cli: line editing, history,
+                       Tab completion, human times (SET backup.daily in 5m)
+  get, set, query, remove, rule, removerule, listrules, stat, schedule,
+  listschedules, preview, pause, resume, run, history
+                       run one instruction and print its answer (--json for JSON):
+                       ztick-tw set backup.daily tomorrow 02:00
+                       ztick-tw get backup.daily --json
+                       ztick-tw schedule set report.daily "every day at 06:00"
+                       exit status 1 on ERROR or no connection, 2 on a usage problem
+    --host HOST, --port PORT   the daemon (default 127.0.0.1:5678)
+    --tls [--cafile FILE] [--insecure]   speak TLS
+    --token SECRET, --token-file FILE    send AUTH first ($ZTICK_TW_TOKEN)
 
 options:
   --version            print ztick-tw's version and exit
@@ -37,10 +55,16 @@ options:
 'ztick-tw serve --help' and 'ztick-tw dump --help' describe each command; under
 twistd: 'twistd -n ztick -c FILE' ('twistd ztick --help').  Documentation, in the
 source tree: docs/operations.md (running, logs, signals) and docs/configuration.md
-(every key of the config file).
+(every key of the config file), docs/clients.md (the clients and the CLI).
 """
 
-COMMANDS = ("serve", "dump")
+COMMANDS = ("serve", "dump", "cli")
+#: One-shot client subcommands (``ztick_tw.client.cli.ONE_SHOT``, kept here so the
+#: daemon's start does not import the client).
+ONE_SHOT = (
+    *("set", "get", "query", "remove", "rule", "removerule", "listrules", "stat"),
+    *("schedule", "listschedules", "preview", "pause", "resume", "run", "history"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         from ztick_tw import dump
 
         return dump.main(args[1:], sys.stdout, sys.stderr)
+    if args and args[0] == "cli":
+        from ztick_tw.client import cli
+
+        return cli.interactive(args[1:], sys.stdout, sys.stderr)
+    if args and args[0].lower() in ONE_SHOT:
+        from ztick_tw.client import cli
+
+        return cli.one_shot(args, sys.stdout, sys.stderr)
     if args and args[0] in ("--version", "-V", "version"):
         print(f"ztick-tw {__version__}")
         return 0
