@@ -25,12 +25,13 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.application import strports
 from twisted.application.service import IService
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from ztick_tw.model import JobStatus
@@ -49,8 +50,9 @@ __all__ = [
     "render",
 ]
 
-#: The ``Content-Type`` of a scrape's answer.
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: The ``Content-Type`` of a scrape's answer: the text format every Prometheus reads (our
+#: names need none of the 1.0.0 format's escaping, so the bytes are the same).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 #: ``ztick_jobs{status}``: the statuses a job can have, and ``paused`` (SPEC §9).
 JOB_STATUSES = (
@@ -280,7 +282,7 @@ class MetricsResource(Resource):
         self.metrics = metrics
 
     def render_GET(self, request: Request) -> bytes:
-        """The exposition, as ``text/plain; version=0.0.4``."""
+        """The exposition, as ``text/plain; version=0.0.4; charset=utf-8``."""
         request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))  # type: ignore[no-untyped-call]
         return render(self.metrics)
 
@@ -291,6 +293,10 @@ class MetricsResource(Resource):
 
 class _Root(Resource):
     """``/metrics`` and nothing else (404 elsewhere)."""
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        """Any path but ``/metrics``: 404."""
+        return notFound()
 
 
 def metrics_site(metrics: Metrics) -> Site:
