@@ -147,6 +147,7 @@ class _RedisRun:
     daemon_cpu: float = 0.0
     redis_cpu: float = 0.0
     drained_s: float = 0.0  # last due time -> every message in the list
+    timed_out: bool = False  # not every message arrived within DRAIN_SECONDS
 
 
 def _llen(client: BlockingRedisClient) -> int:
@@ -225,11 +226,9 @@ def _redis_run(ctx: Context, seconds: int) -> _RedisRun:
                     k += 1
                     if delivered >= expected:
                         break
-                    if sample.at > end:
-                        raise BenchError(
-                            f"only {delivered:,} of {expected:,} messages {DRAIN_SECONDS:.0f} s"
-                            f" after the last due time; see {d.workdir}/daemon.log"
-                        )
+                    if sample.at > end:  # counted as missed below
+                        run.timed_out = True
+                        break
                 run.drained_s = run.samples[-1].at - (run.t0_perf + seconds - 1)
                 time.sleep(1.0)  # anything extra (a duplicate, a late run) shows up
                 run.final = conn.stat()
@@ -287,6 +286,12 @@ def scenario_recurring_redis(ctx: Context) -> list[Metric]:
     stat_missed = int(run.final["occurrences_missed"])
     failed = int(run.final["jobs_failed"])
     p99_ms = _pct(lags, 0.99) / 1000
+    drain = (
+        f" NOT every message arrived: the benchmark stopped waiting {DRAIN_SECONDS:.0f} s after"
+        " the last due second."
+        if run.timed_out
+        else ""
+    )
     ctx.say(
         f"recurring_redis: slowest window {min(windows):,.0f}/s, median"
         f" {statistics.median(windows):,.0f}/s; lag p50 {_pct(lags, 0.5) / 1000:.2f} ms"
@@ -319,8 +324,8 @@ def scenario_recurring_redis(ctx: Context) -> list[Metric]:
             f"{setup} `LLEN` polled once a second (half a second into each second); the"
             f" figure is the slowest of the {len(windows)} windows between consecutive polls"
             f" from T0 + 1 s to the last due second (median {statistics.median(windows):,.0f},"
-            f" all {run.received:,} messages in the list {run.drained_s:.2f} s after the last"
-            f" second began). Largest STAT `executions_pending` seen: {pending:,}.",
+            f" {run.received:,} messages in the list {run.drained_s:.2f} s after the last"
+            f" second began). Largest STAT `executions_pending` seen: {pending:,}.{drain}",
         ),
         Metric(
             "recurring_redis",
