@@ -82,7 +82,9 @@ def parse_when(words: Sequence[str], now: datetime) -> int:
     text = " ".join(words).strip()
     if _INT.fullmatch(text):
         return int(text.replace("_", ""))
-    parts = text.replace("T", " ", 1).split() if _DATE.match(text) else text.split()
+    if _DATE.match(text) and text[10:11] == "T":
+        text = text[:10] + " " + text[11:]
+    parts = text.split()
     head = parts[0].lower()
     if head == "now" and len(parts) == 1:
         return datetime_to_ns(now)
