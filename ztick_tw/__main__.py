@@ -42,7 +42,7 @@ commands:
                        run one instruction and print its answer (--json for JSON):
                        ztick-tw set backup.daily tomorrow 02:00
                        ztick-tw get backup.daily --json
-                       ztick-tw schedule set report.daily "every day at 06:00"
+                       ztick-tw schedule set report.daily "0 6 * * *"
                        exit status 1 on ERROR or no connection, 2 on a usage problem
     --host HOST, --port PORT   the daemon (default 127.0.0.1:5678)
     --tls [--cafile FILE] [--insecure]   speak TLS
