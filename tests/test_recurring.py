@@ -568,3 +568,29 @@ def test_interrupted_occurrence_reruns_then_missed_ones_coalesce() -> None:
     ]
     w.finish("i")
     assert w.get("i") == (P, EPOCH_NS + 40 * SECOND_NS)
+
+
+def test_interrupted_fail_marks_the_occurrence_failed_and_the_schedule_goes_on() -> None:
+    """``interrupted_jobs = fail``: an interrupted scheduled run is marked failed, not re-run.
+
+    The job keeps recurring from its next occurrence.
+    """
+    clock = make_clock()
+    start = int(clock.seconds() * SECOND_NS)
+    options = parse_options(["misfire=skip"])
+    initial: list[Entry] = [
+        ScheduleSet("f", "every 10 seconds", " ".join(options.render()), start),
+        Job("f", start, P),
+        Job("f", start, T),
+    ]
+    clock.advance(5)
+    store = FakeStore(initial)
+    runner = FakeRunner()
+    scheduler = Scheduler(clock, store, all_kinds(runner), interrupted="fail")
+    scheduler.replay(store.load())
+    scheduler.set_rule(Rule("r", "", ShellSpec("true")))
+    scheduler.start()
+    assert Job("f", start, F) in store.entries
+    assert scheduler.get_job("f") == (P, start + 10 * SECOND_NS)
+    clock.advance(5)
+    assert [e.execution_ns for e in runner.executions] == [start + 10 * SECOND_NS]

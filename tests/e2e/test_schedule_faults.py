@@ -1,7 +1,7 @@
 """Fault injection for schedules (SPEC §8-9, issue 10 item 3): SIGKILL while jobs recur.
 
 One daemon (logfile backend, ``fsync_on_persist = true``, ``interrupted_jobs = "rerun"``,
-no scheduled compaction: see the xfail test below) is killed with SIGKILL and restarted
+a compaction every second) is killed with SIGKILL and restarted
 on the same logfile, round after round, while client threads send ``PAUSE``/``RESUME`` of
 their stable jobs (``s.<t>.<i>``, each scheduled once at setup on ``every 1 second`` or
 ``every 2 seconds``, ``misfire=once`` or ``misfire=skip``), ``SCHEDULE SET``/``SCHEDULE
@@ -30,9 +30,10 @@ At the end every stable job is paused, its runs finish, and ``SCHEDULE GET`` say
 ``runs=`` = the occurrences it ran (less those a kill interrupted and the restart did not
 re-run) and ``next=`` is on its grid, after every due time it ran.
 
-Two more tests pin daemon bugs this campaign found (``xfail``, strict): a compaction
-during a scheduled run makes its re-run after a kill take the next occurrence's due
-time, and the missed occurrences of an interrupted job are not counted.
+Three more tests pin what this campaign found (bugs, since fixed): a compaction during a
+scheduled run must keep the occurrence that runs for its re-run after a kill; the missed
+occurrences of an interrupted job are counted; with ``interrupted_jobs = "fail"`` a
+schedule goes on recurring.
 
 The seed (``ZTICK_SCHEDULE_FAULT_SEED``, fixed by default) drives every random choice but thread
 timing; it is named in every failure.
@@ -77,10 +78,13 @@ SECOND = 1_000_000_000
 PERIODS = {"every 1 second": SECOND, "every 2 seconds": 2 * SECOND}
 EPOCH_VARIABLE = "ZTICK_FAULT_EPOCH"
 CONFIG: dict[str, dict[str, str | bool | int | float | list[str]]] = {
-    "database": {"persistence": "logfile", "fsync_on_persist": True, "compression_interval": 0},
+    "database": {"persistence": "logfile", "fsync_on_persist": True, "compression_interval": 1},
     "scheduler": {"interrupted_jobs": "rerun", "shutdown_grace": 2.0},
 }
 MISFIRE_LOG = re.compile(r"job (\S+): (\d+) occurrence\(s\) missed; running (\d+) now")
+INTERRUPTED_MISSED_LOG = re.compile(
+    r"job (\S+): (\d+) occurrence\(s\) missed after its interrupted run"
+)
 RERUN_LOG = re.compile(r"job (\S+) was running when ztick-tw last stopped; running it again")
 
 
@@ -393,6 +397,7 @@ class Campaign:
         rerun = set(RERUN_LOG.findall(output))
         problems: list[str] = []
         missed_total = sum(missed for missed, _ in logged.values())
+        missed_total += sum(int(m[2]) for m in INTERRUPTED_MISSED_LOG.finditer(output))
         if int(stat["occurrences_missed"]) != missed_total:
             problems.append(
                 f"STAT occurrences_missed {stat['occurrences_missed']}, the log says"
@@ -487,7 +492,11 @@ class Campaign:
                         f"job {job}: runs={count}, but {len(dues)} occurrences ran"
                         f" ({not_rerun[job]} of them interrupted by a kill and not re-run)"
                     )
-                if off_grid or (nxt - first) % period or (dues and nxt <= max(dues)):
+                # A paused job whose last run a kill interrupted re-runs it when resumed:
+                # its next= may then be that run's due time, never earlier.
+                pending = not_rerun[job] > 0
+                too_early = dues and (nxt < max(dues) if pending else nxt <= max(dues))
+                if off_grid or (nxt - first) % period or too_early:
                     problems.append(
                         f"job {job}: next={nxt}, first {first}, period {period}; ran"
                         f" off the grid: {off_grid}; last due run {max(dues, default=None)}"
@@ -541,13 +550,6 @@ def run_marker_rule(c: LineClient, marker: Path, seconds: float) -> None:
     c.ok(f"RULE SET r k. shell {quote(f'echo S {line}; sleep {seconds}')}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: a compaction while a scheduled run runs writes the recurrence's"
-    " next occurrence (advanced in memory when it fired) as its RUNSTATE; after kill -9 the"
-    " interrupted run is re-run with ZTICK_EXECUTION_NS = that next occurrence (an hour"
-    " early for 'every 1 hour') and the interrupted occurrence never runs",
-)
 def test_compaction_during_a_run_keeps_the_interrupted_occurrence(tmp_path: Path) -> None:
     """Compaction, then kill -9, while a scheduled run runs: the re-run is that occurrence.
 
@@ -574,12 +576,6 @@ def test_compaction_during_a_run_keeps_the_interrupted_occurrence(tmp_path: Path
         assert lines == [f"S k.a {first} 2"], f"first occurrence {first}; runs {lines}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: the occurrences of a job whose run a kill interrupted that fell"
-    " due while the daemon was down are not counted in STAT occurrences_missed (the"
-    " restart re-runs the interrupted occurrence, then coalesces them without counting)",
-)
 def test_missed_occurrences_of_an_interrupted_job_are_counted(tmp_path: Path) -> None:
     """Down 3.5 s after a kill during a run of ``every 1 second``: the missed are counted.
 
@@ -610,12 +606,6 @@ def test_missed_occurrences_of_an_interrupted_job_are_counted(tmp_path: Path) ->
         assert missed >= grid(first, SECOND, dead, spawned) >= 3, f"missed {missed}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: with interrupted_jobs = 'fail' a scheduled job whose run a kill"
-    " interrupted is marked failed at startup and never re-planned: it stays 'failed',"
-    " SCHEDULE GET shows next=<the interrupted occurrence> runs=0, and it never fires again",
-)
 def test_interrupted_jobs_fail_keeps_a_schedule_recurring(tmp_path: Path) -> None:
     """``interrupted_jobs = "fail"``: the interrupted occurrence fails, the next ones run.
 

@@ -273,7 +273,14 @@ class Scheduler(Operating):
         schedule = self.recurrences.compiled(rec)
         following = schedule.after(rec.occurrence_ns)
         if following is not None and following <= now:
-            self.counters.occurrences_missed += misfire(schedule, following, now, 0).missed
+            missed = misfire(schedule, following, now, 0).missed
+            self.counters.occurrences_missed += missed
+            self.log.info(
+                "job {job_id}: {missed} occurrence(s) missed after its interrupted run;"
+                " the misfire policy applies once that run is done",
+                job_id=job_id,
+                missed=missed,
+            )
 
     def _recover_interrupted(self, job_id: str, execution_ns: int) -> None:
         if self._interrupted == INTERRUPTED_RERUN:
@@ -288,6 +295,7 @@ class Scheduler(Operating):
             )
         else:
             self._attempts.pop(job_id, None)
+            self._due.pop(job_id, None)
             self.jobs.set_status(job_id, JobStatus.FAILED)
             self._persist(Job(job_id, execution_ns, JobStatus.FAILED))
             self.log.warn(
@@ -295,6 +303,17 @@ class Scheduler(Operating):
                 " (interrupted_jobs = fail)",
                 job_id=job_id,
             )
+            rec = self.recurrences.get(job_id) if self.recurrences else None
+            if rec is not None:
+                # That occurrence failed; the schedule goes on from the next one.
+                if self.history is not None and rec.occurrence_ns is not None:
+                    self.history.skipped(
+                        job_id,
+                        rec.occurrence_ns,
+                        "interrupted by a restart (interrupted_jobs = fail)",
+                    )
+                self.recurrences.advance(rec)
+                self._replan(job_id, rec, JobStatus.FAILED)
 
     def stop(self, grace: float) -> Deferred[None]:
         """Stop firing; let running executions finish for ``grace`` s, then end them."""
