@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -178,6 +178,10 @@ class PrometheusMetrics(Metrics):
     on = True
 
     def __init__(self, operations: Operations | None = None) -> None:
+        # No ``*_created`` series: they double the exposition and say only when the
+        # daemon started.  (A process-wide switch of prometheus_client; nothing else in
+        # the daemon uses that library.)
+        disable_created_metrics()
         self.operations = operations
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
