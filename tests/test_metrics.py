@@ -20,6 +20,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from ztick_tw.compaction import CompactionService
 from ztick_tw.metrics import (
@@ -33,9 +35,13 @@ from ztick_tw.metrics import (
     metrics_site,
     render,
 )
-from ztick_tw.model import JobStatus, Rule, RunnerKind, ShellSpec
+from ztick_tw.model import HttpSpec, JobStatus, RedisSpec, Rule, RunnerKind, ShellSpec
 from ztick_tw.operations import ANONYMOUS, Operations
+from ztick_tw.runners.base import Execution
+from ztick_tw.runners.http import HttpRunner
+from ztick_tw.runners.message import NetworkOptions
 from ztick_tw.runners.process import ProcessOptions, ShellRunner
+from ztick_tw.runners.redis import RedisRunner
 from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.scheduler.jobs import JobTable
 from ztick_tw.scheduler.timers import now_ns
@@ -322,3 +328,40 @@ class MetricsTests(unittest.TestCase):
         assert value(found, "ztick_runner_connections", runner="redis", state="open") == 2
         assert value(found, "ztick_runner_connections", runner="redis", state="backoff") == 1
         assert not [k for k in found if dict(k[1]).get("runner") == "shell"]
+
+
+class _Hook(Resource):
+    """A webhook target that answers 200 at once."""
+
+    isLeaf = True
+
+    def render_POST(self, request: Any) -> bytes:
+        return b"ok"
+
+
+class RunnerConnectionTests(unittest.TestCase):
+    async def test_http_pool_busy_then_idle(self) -> None:
+        """After a real webhook the HTTP runner reports its pooled connection ``idle``."""
+        site = Site(_Hook())  # type: ignore[no-untyped-call]
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        runner = HttpRunner(reactor, NetworkOptions(timeout=5))
+        self.addCleanup(runner.stop, 0)
+        assert runner.connection_states() == {"busy": 0, "idle": 0}
+        url = f"http://127.0.0.1:{port.getHost().port}/hook"
+        d = runner.run(Execution("job.1", 1, "rule.1", 1, HttpSpec("POST", url)))
+        assert runner.connection_states()["busy"] == 1
+        outcome = await d
+        assert outcome.success, outcome.reason
+        assert runner.connection_states() == {"busy": 0, "idle": 1}
+
+    async def test_redis_target_down_is_in_backoff(self) -> None:
+        """A redis URL nobody listens on shows ``connecting``, then ``backoff``."""
+        url = f"redis://127.0.0.1:{free_port()}/0"
+        runner = RedisRunner(reactor, NetworkOptions(timeout=5))
+        self.addCleanup(runner.stop, 0)
+        d = runner.run(Execution("job.1", 1, "rule.1", 1, RedisSpec(url, "RPUSH", "q")))
+        assert runner.connection_states() == {"open": 0, "connecting": 1, "backoff": 0}
+        outcome = await d
+        assert not outcome.success
+        assert runner.connection_states() == {"open": 0, "connecting": 0, "backoff": 1}

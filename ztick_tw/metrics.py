@@ -181,7 +181,7 @@ class PrometheusMetrics(Metrics):
         # No ``*_created`` series: they double the exposition and say only when the
         # daemon started.  (A process-wide switch of prometheus_client; nothing else in
         # the daemon uses that library.)
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.operations = operations
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
