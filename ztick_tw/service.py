@@ -24,9 +24,11 @@ from ztick_tw.auth import AuthFileError, TokenStore, load_tokens
 from ztick_tw.compaction import CompactionService
 from ztick_tw.config import HISTORY_SUFFIX, Config, ControllerConfig
 from ztick_tw.history import History, HistoryError
+from ztick_tw.metrics import MetricsResource, PrometheusMetrics, install
 from ztick_tw.model import Policy, RunnerKind
 from ztick_tw.operations import Operations
 from ztick_tw.protocol.server import ZtickFactory
+from ztick_tw.rest import rest_site
 from ztick_tw.runners.amqp import AmqpRunner
 from ztick_tw.runners.base import IRunner
 from ztick_tw.runners.http import HttpRunner, load_trust_root
@@ -345,11 +347,6 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     )
     for warning in config.warnings:
         log.warn("{problem}", problem=warning)
-    if config.http.listen is not None:
-        log.warn(
-            "{source}: [http] listen is set, but ztick-tw has no REST API yet; ignoring it",
-            source=config.source,
-        )
     if config.telemetry.enabled:
         log.warn(
             "{source}: [telemetry] enabled, but ztick-tw does not export telemetry yet;"
@@ -449,7 +446,40 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     listener._raiseSynchronously = True  # a failed bind stops startup
     listener.setName("controller")
     listener.setServiceParent(top)
+    if config.http.listen_endpoint is not None:
+        metrics = PrometheusMetrics(operations)  # fed only when something serves it
+        install(metrics, scheduler, store, compaction)
+        rest_service(config, operations, tokens, tls, metrics, reactor).setServiceParent(top)
     return top
+
+
+def rest_service(
+    config: Config,
+    operations: Operations,
+    tokens: TokenStore | None,
+    tls: ReloadableServerTLS | None,
+    metrics: PrometheusMetrics,
+    reactor: Any,
+) -> Service:
+    """``[http] listen``: the REST API (SPEC §7) and ``/metrics``, TLS like the controller.
+
+    A failed bind stops startup, as the controller's does.
+    """
+    endpoint = config.http.listen_endpoint
+    assert endpoint is not None
+    site = rest_site(
+        operations,
+        reactor,
+        tokens=tokens,
+        timeout=config.controller.idle_timeout,
+        metrics=MetricsResource(metrics),
+    )
+    served: IProtocolFactory = site if tls is None else tls_factory(site, tls)
+    service = strports.service(with_backlog(endpoint), served, reactor=reactor)
+    service._raiseSynchronously = True
+    service.setName("rest")
+    log.info("REST API on {endpoint}", endpoint=endpoint)
+    return service
 
 
 #: Pending connections the kernel queues for us; Twisted's default of 50 overflows when

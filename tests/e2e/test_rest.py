@@ -1,0 +1,209 @@
+"""The REST API of SPEC §7 over real sockets: a daemon process, ``http.client`` clients."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.certs import make_pki
+from tests.e2e.daemon import Daemon, daemon, free_port
+
+Answer = tuple[int, Any, http.client.HTTPResponse]
+
+
+class Rest:
+    """One keep-alive HTTP connection to the daemon's REST listener."""
+
+    def __init__(self, conn: http.client.HTTPConnection, token: str | None = None) -> None:
+        self.conn = conn
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Answer:
+        headers = {"content-type": "application/json"}
+        if self.token is not None:
+            headers["authorization"] = f"Bearer {self.token}"
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        self.conn.request(method, path, body=data, headers=headers)
+        response = self.conn.getresponse()
+        payload = response.read()
+        value = json.loads(payload) if payload and path != "/metrics" else payload
+        return response.status, value, response
+
+
+@pytest.fixture
+def rest_daemon(tmp_path: Path) -> Iterator[tuple[Daemon, int]]:
+    """A daemon with its REST API on a second port, auth off, plain TCP."""
+    port = free_port()
+    with daemon(tmp_path, {"http": {"listen": f"tcp:{port}:interface=127.0.0.1"}}) as d:
+        d.start()
+        yield d, port
+
+
+def _client(port: int, token: str | None = None) -> Rest:
+    return Rest(http.client.HTTPConnection("127.0.0.1", port, timeout=10), token)
+
+
+def test_jobs_round_trip_and_errors(rest_daemon: tuple[Daemon, int]) -> None:
+    """PUT/GET/DELETE /jobs/{id} answer ztick's bodies and codes; bad times are 400."""
+    _, port = rest_daemon
+    c = _client(port)
+    assert c.call("GET", "/health")[:2] == (200, {"status": "ok"})
+    status, job, _ = c.call("PUT", "/jobs/a.1", {"execution": "2030-01-02T03:04:05.123456789Z"})
+    assert status == 200
+    assert job == {"id": "a.1", "status": "planned", "execution": 1893553445123456789}
+    assert c.call("GET", "/jobs/a.1")[:2] == (200, job)
+    status, _, _ = c.call("PUT", "/jobs/a.2", {"execution": "2030-01-02T05:04:05+02:00"})
+    assert c.call("GET", "/jobs/a.2")[1]["execution"] == 1893553445000000000
+    assert c.call("GET", "/jobs?prefix=a.")[1] == [job, c.call("GET", "/jobs/a.2")[1]]
+    for bad in (
+        {"execution": "2030-01-02T03:04:05"},
+        {"execution": "9999-01-01T00:00:00Z"},
+        {"execution": 5},
+        {},
+        [1],
+    ):
+        status, error, _ = c.call("PUT", "/jobs/a.3", bad)
+        assert status == 400 and "error" in error, bad
+    assert c.call("PUT", "/jobs/a.3", raw=b"{not json")[0] == 400
+    assert c.call("DELETE", "/jobs/a.1")[0] == 204
+    assert c.call("GET", "/jobs/a.1")[0] == 404
+    assert c.call("DELETE", "/jobs/a.1")[0] == 404
+    assert c.call("GET", "/nowhere")[0] == 404
+    assert c.call("POST", "/jobs/a.2")[0] == 405
+
+
+def test_both_transports_see_the_same_state(rest_daemon: tuple[Daemon, int]) -> None:
+    """A SET on the line protocol is a REST GET, a REST PUT a line GET; rules likewise."""
+    d, port = rest_daemon
+    c = _client(port)
+    with d.client() as line:
+        assert line.call("SET x.1 2000000000000000000") == ["OK"]
+        assert c.call("GET", "/jobs/x.1")[1] == {
+            "id": "x.1",
+            "status": "planned",
+            "execution": 2000000000000000000,
+        }
+        c.call("PUT", "/jobs/x.2", {"execution": "2033-05-18T03:33:20.5Z"})
+        assert line.call("GET x.2") == ["OK planned 2000000000500000000"]
+        nested = {
+            "pattern": "x.",
+            "runner": {"type": "direct", "executable": "/bin/true", "args": ["a b", "c"]},
+        }
+        status, rule, _ = c.call("PUT", "/rules/r1", nested)
+        assert status == 200 and rule == {"id": "r1", **nested}
+        flat = {"pattern": "y.", "runner": "awf", "args": ["wf", "--input", "k=v"]}
+        status, rule2, _ = c.call("PUT", "/rules/r2", flat)
+        assert rule2["runner"] == {"type": "awf", "workflow": "wf", "inputs": ["k=v"]}
+        assert line.call("LISTRULES")[-1] == "OK"
+        assert "r2 y. awf wf --input k=v" in line.call("LISTRULES")
+        assert line.call("RULE SET r3 z. http POST http://127.0.0.1:1/x") == ["OK"]
+        rules = c.call("GET", "/rules")[1]
+        assert {
+            "id": "r3",
+            "pattern": "z.",
+            "runner": {"type": "http", "method": "POST", "url": "http://127.0.0.1:1/x"},
+        } in rules
+        bad = {"pattern": "x.", "runner": {"type": "http", "method": "GET", "url": "ftp://x"}}
+        assert c.call("PUT", "/rules/r4", bad)[0] == 400
+        assert line.call("RULE SET r4 x. http GET ftp://x")[0].startswith("ERROR")
+        assert c.call("DELETE", "/rules/r3")[0] == 204
+        assert c.call("DELETE", "/rules/r3")[0] == 404
+        stat = c.call("GET", "/stat")[1]
+        assert stat["jobs_total"] == 2 and stat["rules_total"] == 2
+        assert stat["connections"] >= 2
+
+
+def test_extensions(rest_daemon: tuple[Daemon, int]) -> None:
+    """Schedules, preview, pause/resume, history and rule policy through REST."""
+    d, port = rest_daemon
+    c = _client(port)
+    status, sched, _ = c.call(
+        "PUT", "/jobs/s.1/schedule", {"schedule": "every 1 hour", "tz": "UTC", "limit": 3}
+    )
+    assert status == 200 and sched["schedule"] == "every 1 hour" and sched["limit"] == "3"
+    assert c.call("GET", "/jobs/s.1/schedule")[1]["runs"] == sched["runs"]
+    assert [v["id"] for v in c.call("GET", "/schedules?prefix=s.")[1]] == ["s.1"]
+    with d.client() as line:
+        assert line.call("SCHEDULE GET s.1")[0].startswith('OK "every 1 hour"')
+    status, found, _ = c.call("GET", "/preview?schedule=daily&count=2&tz=UTC")
+    assert status == 200 and len(found) == 2
+    assert c.call("GET", "/preview?schedule=every%200%20seconds")[0] == 400
+    assert c.call("POST", "/jobs/s.1/pause")[1]["status"] == "paused"
+    assert c.call("POST", "/jobs/s.1/resume")[1]["status"] != "paused"
+    assert c.call("GET", "/jobs/s.1/history?limit=5")[:2] == (200, [])
+    assert c.call("POST", "/jobs/s.1/run")[0] == 400  # no rule matches
+    assert c.call("DELETE", "/jobs/s.1/schedule")[0] == 204
+    assert c.call("GET", "/jobs/s.1/schedule")[0] == 404
+    c.call("PUT", "/rules/p", {"pattern": "s.", "runner": {"type": "shell", "command": "true"}})
+    status, policy, _ = c.call("PUT", "/rules/p/policy", {"timeout": "30s", "retries": 2})
+    assert status == 200 and policy["timeout"] == "30s" and policy["retries"] == "2"
+    assert c.call("GET", "/rules/p/policy")[1] == policy
+    status, _, response = c.call("GET", "/metrics")
+    assert status == 200 and b"ztick_jobs" in c.call("GET", "/metrics")[1]
+
+
+def _raw_status(port: int, head: bytes, body_parts: list[bytes]) -> bytes:
+    """Send ``head`` and the parts on a raw socket; the first line answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        with contextlib.suppress(OSError):
+            for part in body_parts:
+                sock.sendall(part)
+        return sock.makefile("rb").readline()
+
+
+def test_body_over_one_megabyte_is_413(rest_daemon: tuple[Daemon, int]) -> None:
+    """A declared or chunked body over 1 MB is refused with 413; the daemon carries on."""
+    _, port = rest_daemon
+    declared = b"PUT /jobs/big HTTP/1.1\r\nhost: x\r\ncontent-length: 1100000\r\n\r\n"
+    assert _raw_status(port, declared, []).startswith(b"HTTP/1.1 413")
+    chunked = b"PUT /jobs/big HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n%s\r\n" % (100_000, b"x" * 100_000)
+    assert _raw_status(port, chunked, [chunk] * 11).startswith(b"HTTP/1.1 413")
+    assert _client(port).call("GET", "/health")[0] == 200
+
+
+def test_auth_and_namespaces_over_tls(tmp_path: Path) -> None:
+    """With auth and TLS on: 401 without or with a bad token, 403 outside the namespace."""
+    pki = make_pki(str(tmp_path / "pki"))
+    auth = tmp_path / "auth.toml"
+    auth.write_text(
+        '[token.a]\nsecret = "sa"\nnamespace = "a."\n[token.all]\nsecret = "sx"\nnamespace = "*"\n'
+    )
+    auth.chmod(0o600)
+    port = free_port()
+    config = {
+        "controller": {
+            "auth_file": str(auth),
+            "tls_cert": pki.server.cert_path,
+            "tls_key": pki.server.key_path,
+        },
+        "http": {"listen": f"tcp:{port}:interface=127.0.0.1"},
+    }
+    with daemon(tmp_path / "d", config) as d:
+        d.start()
+        context = ssl.create_default_context(cafile=pki.ca.cert_path)
+        conn = http.client.HTTPSConnection("localhost", port, timeout=10, context=context)
+        anon, bad, tenant = Rest(conn), Rest(conn, "nope"), Rest(conn, "sa")
+        assert anon.call("GET", "/health")[0] == 200
+        assert anon.call("GET", "/openapi.json")[1]["openapi"].startswith("3.1")
+        status, error, response = anon.call("GET", "/jobs/a.1")
+        assert status == 401 and "error" in error
+        assert response.getheader("www-authenticate") == "Bearer"
+        assert bad.call("GET", "/jobs")[0] == 401
+        assert tenant.call("PUT", "/jobs/a.1", {"execution": "2030-01-01T00:00:00Z"})[0] == 200
+        assert tenant.call("PUT", "/jobs/b.1", {"execution": "2030-01-01T00:00:00Z"})[0] == 403
+        assert (
+            Rest(conn, "sx").call("PUT", "/jobs/b.1", {"execution": "2030-01-01T00:00:00Z"})[0]
+            == 200
+        )
+        assert [j["id"] for j in tenant.call("GET", "/jobs")[1]] == ["a.1"]
+        assert tenant.call("GET", "/stat")[1]["auth_enabled"] == 1
