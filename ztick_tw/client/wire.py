@@ -210,6 +210,20 @@ def format_request(rid: str, call: Call[Any]) -> bytes:
     return data
 
 
+def format_batch(first: int, calls: Sequence[Call[Any]]) -> bytes:
+    """Requests ``c<first>``, ``c<first+1>``... for ``calls``, as one block of lines."""
+    q = quote
+    lines = [f"c{i} {' '.join(map(q, c.words))}\n" for i, c in enumerate(calls, first)]
+    text = "".join(lines)
+    if (
+        text.count("\n") == len(lines)
+        and "\r" not in text
+        and max(map(len, lines)) * 4 <= MAX_LINE
+    ):
+        return text.encode()
+    return b"".join([format_request(f"c{i}", c) for i, c in enumerate(calls, first)])
+
+
 class Answer(Generic[T]):
     """Collects the lines (request id removed) of one call's answer."""
 
@@ -249,8 +263,12 @@ class Answer(Generic[T]):
 # -- converters -------------------------------------------------------------------------
 
 
-def _none(body: list[str]) -> None:
+def none(body: list[str]) -> None:
+    """The result of an instruction that answers a bare ``OK``."""
     return None
+
+
+_none = none
 
 
 def _lines(body: list[str]) -> list[str]:
