@@ -109,6 +109,7 @@ SCHEMAS: dict[str, Any] = {
             "execution": {
                 "type": "string",
                 "description": "RFC 3339 with a zone (`Z` or `±hh:mm`), fractions to ns",
+                "pattern": r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$",
                 "examples": ["2030-01-02T03:04:05.123456789Z"],
             }
         },
