@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.client import check_all_ok, pipeline, set_lines
 from bench.daemon import BenchError, Daemon
 from bench.report import Metric, at_least
 from bench.scenarios import MEMORY, Context, future_times, job_ids, rates
@@ -26,7 +27,13 @@ def client_pipeline(ctx: Context) -> list[Metric]:
     ids = job_ids(1, n)
     times = future_times(n, seed=7)
     found: list[float] = []
+    floor: list[float] = []
+    blob = set_lines(ids, times)
     for run in range(ctx.repeats):
+        with Daemon(ctx.workdir("client-floor"), MEMORY) as d:
+            answers = pipeline(d.port, blob, n)
+            check_all_ok(answers, n, "client-floor")
+            floor.append(n / answers.seconds)
         with Daemon(ctx.workdir("client-pipeline"), MEMORY) as d, ZtickClient(port=d.port) as c:
             started = time.perf_counter()
             with c.pipeline() as p:
@@ -38,7 +45,10 @@ def client_pipeline(ctx: Context) -> list[Metric]:
             if c.get(ids[-1]).execution_ns != times[-1]:
                 raise BenchError("the last job is not stored as sent")
             found.append(n / seconds)
-            ctx.say(f"client-pipeline run {run + 1}: {found[-1]:,.0f} SET/s")
+            ctx.say(
+                f"client-pipeline run {run + 1}: {found[-1]:,.0f} SET/s"
+                f" (pre-built blob on the same machine just before: {floor[-1]:,.0f} SET/s)"
+            )
     return [
         Metric(
             "client_pipeline",
@@ -51,7 +61,18 @@ def client_pipeline(ctx: Context) -> list[Metric]:
             f"{n:,} SETs queued on ZtickClient.pipeline() (formatting and answer parsing in"
             f" the client, batches of 4,096 with one in flight); fresh daemon per run; best of"
             f" {len(found)} runs ({rates(found)}).",
-        )
+        ),
+        Metric(
+            "client_pipeline",
+            "client_pipeline_floor_set_per_s",
+            "SET/s, the same SETs as one pre-built blob (no client work), for comparison",
+            max(floor),
+            "SET/s",
+            None,
+            "",
+            f"bench.client.pipeline with the same {n:,} SETs on a fresh daemon before each"
+            f" client run; best of {len(floor)} ({rates(floor)}).",
+        ),
     ]
 
 

@@ -178,3 +178,15 @@ def test_tls_verified_against_the_ca(tmp_path: Path) -> None:
             ZtickClient(port=d.port, tls=tls_context(pki.other_ca.cert_path))
         with ZtickClient(port=d.port, tls=True, verify=False) as c:
             c.set("t.job", FAR)
+
+
+def test_pipeline_of_sets_with_one_error_inside(client: ZtickClient) -> None:
+    """A batch of bare-OK requests with one ERROR among them still maps every answer."""
+    with client.pipeline(raise_on_error=False) as p:
+        for i in range(100):
+            p.set(f"ce.{i:03d}", FAR)
+        p.call(wire.Call(("SET", "ce.bad", "tomorrow"), wire.none))
+        p.set("ce.last", FAR)
+    assert p.results[:100] == [None] * 100
+    assert isinstance(p.results[100], ZtickError)
+    assert p.results[101] is None and client.get("ce.last").execution_ns == FAR
