@@ -1044,4 +1044,9 @@ SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
         "history_memory",
         "Issue 10: 100,000 jobs x 20 runs x 1 KB of history: RSS <= 400 MB.",
     ),
+    "metrics_scrape": _elsewhere(
+        "bench.metrics",
+        "metrics_scrape",
+        "Issue 11: /metrics scrape with 1M jobs held (≤ 10 ms).",
+    ),
 }
