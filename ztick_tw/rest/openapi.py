@@ -73,6 +73,7 @@ _JOB = [_path_param("id", "The job identifier")]
 _RULE = [_path_param("id", "The rule identifier")]
 
 _STR = {"type": "string"}
+_TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
 _STR_LIST = {"type": "array", "items": _STR}
 _OPT_VALUE = {"type": ["string", "number"]}
 
@@ -109,7 +110,7 @@ SCHEMAS: dict[str, Any] = {
             "execution": {
                 "type": "string",
                 "description": "RFC 3339 with a zone (`Z` or `±hh:mm`), fractions to ns",
-                "pattern": r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$",
+                "pattern": _TIME_PATTERN,
                 "examples": ["2030-01-02T03:04:05.123456789Z"],
             }
         },
