@@ -83,8 +83,8 @@ def _site(hold: bool = False, timeout: float | None = None):  # type: ignore[no-
     h = make_harness(hold=hold)
     ops = Operations(h.scheduler, h.clock, persistence="memory")
     site = rest_site(ops, h.clock, timeout=timeout)
-    transport = StringTransport()
-    proto = site.buildProtocol(None)
+    transport = StringTransport()  # type: ignore[no-untyped-call]
+    proto = site.buildProtocol(None)  # type: ignore[no-untyped-call]
     proto.makeConnection(transport)
     return h, ops, proto, transport
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -42,7 +43,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     suppress_health_check=list(HealthCheck),
     derandomize=True,
 )
-def test_api_keeps_to_its_document(case: schemathesis.Case, base_url: str) -> None:
+def test_api_keeps_to_its_document(case: schemathesis.Case[Any], base_url: str) -> None:
     """Generated requests never get a 500 nor an answer the document does not describe."""
     # Schema-valid is not always valid (a schedule's grammar, a runner URL): a 400 for
     # such a body is right, so only "valid data must be accepted" is left out.
