@@ -304,7 +304,8 @@ class BudgetTests(unittest.TestCase):
         from ztick_tw.telemetry.events import EventQueue, RequestEvent, RunEvent
         from ztick_tw.telemetry.exporter import Exporter
 
-        requests, runs = EventQueue(), EventQueue()
+        requests: EventQueue[RequestEvent] = EventQueue()
+        runs: EventQueue[RunEvent] = EventQueue()
         exporter = Exporter(
             requests,
             runs,
@@ -315,7 +316,7 @@ class BudgetTests(unittest.TestCase):
         )
         try:
             for i in range(10):
-                requests.put(RequestEvent("get_job", "", f"j.{i}", "", 1, 2))
+                requests.put(("get_job", Caller(), f"j.{i}", "", 1.0, 2.0))
             for i in range(3):
                 runs.put(RunEvent(f"j.{i}", "r", "shell", 1, "success", 1, 2, 0))
             assert exporter.drain(4) == 3 + 4

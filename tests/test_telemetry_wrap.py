@@ -33,12 +33,11 @@ def _operations() -> Operations:
 class QueueTests(unittest.TestCase):
     def test_full_queue_drops_and_counts(self) -> None:
         """Past its capacity the queue refuses events and counts them; it never grows."""
-        q = EventQueue(capacity=3)
-        results = [q.put(RequestEvent("get_job", "", str(i), "", 0, 1)) for i in range(5)]
+        q: EventQueue[RequestEvent] = EventQueue(capacity=3)
+        results = [q.put(("get_job", Caller(), str(i), "", 0.0, 1.0)) for i in range(5)]
         assert results == [True, True, True, False, False]
         assert (len(q), q.accepted, q.dropped) == (3, 3, 2)
-        drained = [e for e in q.drain(10) if isinstance(e, RequestEvent)]
-        assert [e.identifier for e in drained] == ["0", "1", "2"]
+        assert [e[2] for e in q.drain(10)] == ["0", "1", "2"]
         assert len(q) == 0
 
 
@@ -54,13 +53,14 @@ class TracedOperationsTests(unittest.TestCase):
         assert ops.get_job(alice, "app.j")[1] == 1_800_000_000_000_000_000
         with pytest.raises(NotFound):
             ops.get_job(alice, "app.missing")
-        events = [e for e in svc.requests.drain(100) if isinstance(e, RequestEvent)]
-        assert [(e.operation, e.token, e.identifier, e.error) for e in events] == [
-            ("set_rule", "alice", "app.r", ""),
-            ("set_job", "alice", "app.j", ""),
-            ("get_job", "alice", "app.j", ""),
-            ("get_job", "alice", "app.missing", "NotFound"),
+        events = svc.requests.drain(100)
+        assert [(op, who, ident, error) for op, who, ident, error, _, _ in events] == [
+            ("set_rule", alice, "app.r", ""),
+            ("set_job", alice, "app.j", ""),
+            ("get_job", alice, "app.j", ""),
+            ("get_job", alice, "app.missing", "NotFound"),
         ]
+        assert all(start <= end for *_, start, end in events)
 
     def test_shares_the_wrapped_state(self) -> None:
         """The proxy reads and counts connections through the wrapped operations."""
@@ -83,7 +83,7 @@ class TracedOperationsTests(unittest.TestCase):
 class TracingRunnerTests(unittest.TestCase):
     def test_result_passes_through_and_event_recorded(self) -> None:
         """The inner Deferred is returned; its outcome is untouched; one run event is kept."""
-        events = EventQueue()
+        events: EventQueue[RunEvent] = EventQueue()
         inner = FakeRunner()
         runner = TracingRunner(inner, events, make_clock())
         execution = Execution("j", 100, "r", 2, ShellSpec("true"), fired_ns=130)
@@ -102,7 +102,7 @@ class TracingRunnerTests(unittest.TestCase):
 
     async def test_cancel_reaches_a_real_child(self) -> None:
         """Cancelling the wrapped run's Deferred ends a real ``sleep`` child: ``cancelled``."""
-        events = EventQueue()
+        events: EventQueue[RunEvent] = EventQueue()
         shell = ShellRunner(reactor, "/bin/sh", ["-c"], ProcessOptions(kill_grace=1.0))
         self.addCleanup(shell.stop, 0)
         runner: IRunner = TracingRunner(shell, events, reactor)

@@ -27,7 +27,7 @@ from ztick_tw.config import TelemetryConfig
 from ztick_tw.model import RunnerKind
 from ztick_tw.operations import Operations
 from ztick_tw.runners.base import IRunner
-from ztick_tw.telemetry.events import DEFAULT_CAPACITY, EventQueue
+from ztick_tw.telemetry.events import DEFAULT_CAPACITY, EventQueue, RequestEvent, RunEvent
 from ztick_tw.telemetry.logbridge import SdkLogBridge
 from ztick_tw.telemetry.wrap import TracedOperations, TracingRunner
 
@@ -59,14 +59,17 @@ class TelemetryService(Service):
         self.config = config
         self.enabled = config.enabled
         self.reactor = reactor
-        self.requests = EventQueue(capacity)  # from TracedOperations
-        self.runs = EventQueue(capacity)  # from TracingRunner
+        self.requests: EventQueue[RequestEvent] = EventQueue(capacity)  # TracedOperations
+        self.runs: EventQueue[RunEvent] = EventQueue(capacity)  # from TracingRunner
         self.stop_timeout = stop_timeout
         self.operations: Operations | None = None
         self._snapshot: Snapshot = {}
         self._sampler: LoopingCall | None = None
         self.exporter: Exporter | None = None
         self.sdk_log = SdkLogBridge(reactor)
+        if self.enabled:
+            # The SDK's import takes ~0.5 s: here, at startup, not once the port accepts.
+            import ztick_tw.telemetry.exporter  # noqa: F401
 
     # -- wiring --------------------------------------------------------------------------
 

@@ -52,44 +52,47 @@ class TracedOperations(Operations):
     covers the call, not the Deferred it returns.
     """
 
-    def __init__(self, inner: Operations, events: EventQueue, reactor: IReactorTime) -> None:
+    _inner: Operations
+    _events: EventQueue[RequestEvent]
+    _seconds: Callable[[], float]
+
+    def __init__(
+        self, inner: Operations, events: EventQueue[RequestEvent], reactor: IReactorTime
+    ) -> None:
         # Deliberately not Operations.__init__: the state is the wrapped instance's.
-        self.__dict__["_inner"] = inner
-        self.__dict__["_events"] = events
-        self.__dict__["_clock"] = reactor
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_events", events)
+        object.__setattr__(self, "_seconds", reactor.seconds)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_inner"], name)
+        return getattr(self._inner, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.__dict__["_inner"], name, value)
+        setattr(self._inner, name, value)
 
-    def _traced(self, operation: str, caller: Caller, ident: str, call: Callable[[], T]) -> T:
-        clock = self.__dict__["_clock"]
-        start = now_ns(clock)
-        error = ""
+    def _traced(
+        self, operation: str, caller: Caller, ident: str, call: Callable[..., T], *args: Any
+    ) -> T:
+        # On the reactor for every request: kept to a length check and one append.
+        events = self._events
+        items = events.items
+        if len(items) >= events.capacity:  # the worker is behind: count the drop only
+            events.dropped += 1
+            return call(*args)
+        seconds = self._seconds
+        start = seconds()
         try:
-            return call()
+            result = call(*args)
         except BaseException as e:
-            error = type(e).__name__
+            items.append((operation, caller, ident, type(e).__name__, start, seconds()))
             raise
-        finally:
-            token = caller.token
-            self.__dict__["_events"].put(
-                RequestEvent(
-                    operation,
-                    "" if token is None else token.name,
-                    ident,
-                    error,
-                    start,
-                    now_ns(clock),
-                )
-            )
+        items.append((operation, caller, ident, "", start, seconds()))
+        return result
 
     @property
     def inner(self) -> Operations:
         """The wrapped operations."""
-        inner: Operations = self.__dict__["_inner"]
+        inner: Operations = self._inner
         return inner
 
     def count_connections(self, count: Callable[[], int]) -> None:
@@ -101,22 +104,20 @@ class TracedOperations(Operations):
     ) -> Durable | None:
         """``Operations.set_job``, with a span."""
         return self._traced(
-            "set_job", caller, job_id, lambda: self.inner.set_job(caller, job_id, execution)
+            "set_job", caller, job_id, self._inner.set_job, caller, job_id, execution
         )
 
     def get_job(self, caller: Caller, job_id: str) -> JobState:
         """``Operations.get_job``, with a span."""
-        return self._traced("get_job", caller, job_id, lambda: self.inner.get_job(caller, job_id))
+        return self._traced("get_job", caller, job_id, self._inner.get_job, caller, job_id)
 
     def query(self, caller: Caller, prefix: str = "") -> JobQuery:
         """``Operations.query``, with a span."""
-        return self._traced("query", caller, prefix, lambda: self.inner.query(caller, prefix))
+        return self._traced("query", caller, prefix, self._inner.query, caller, prefix)
 
     def remove_job(self, caller: Caller, job_id: str) -> Durable | None:
         """``Operations.remove_job``, with a span."""
-        return self._traced(
-            "remove_job", caller, job_id, lambda: self.inner.remove_job(caller, job_id)
-        )
+        return self._traced("remove_job", caller, job_id, self._inner.remove_job, caller, job_id)
 
     def set_rule(
         self,
@@ -131,18 +132,23 @@ class TracedOperations(Operations):
             "set_rule",
             caller,
             rule_id,
-            lambda: self.inner.set_rule(caller, rule_id, pattern, runner, args),
+            self._inner.set_rule,
+            caller,
+            rule_id,
+            pattern,
+            runner,
+            args,
         )
 
     def remove_rule(self, caller: Caller, rule_id: str) -> Durable | None:
         """``Operations.remove_rule``, with a span."""
         return self._traced(
-            "remove_rule", caller, rule_id, lambda: self.inner.remove_rule(caller, rule_id)
+            "remove_rule", caller, rule_id, self._inner.remove_rule, caller, rule_id
         )
 
     def list_rules(self, caller: Caller) -> list[Rule]:
         """``Operations.list_rules``, with a span."""
-        return self._traced("list_rules", caller, "", lambda: self.inner.list_rules(caller))
+        return self._traced("list_rules", caller, "", self._inner.list_rules, caller)
 
     def set_schedule(
         self, caller: Caller, job_id: str, text: str, options: Sequence[str] = ()
@@ -152,25 +158,29 @@ class TracedOperations(Operations):
             "set_schedule",
             caller,
             job_id,
-            lambda: self.inner.set_schedule(caller, job_id, text, options),
+            self._inner.set_schedule,
+            caller,
+            job_id,
+            text,
+            options,
         )
 
     def get_schedule(self, caller: Caller, job_id: str) -> ScheduleView:
         """``Operations.get_schedule``, with a span."""
         return self._traced(
-            "get_schedule", caller, job_id, lambda: self.inner.get_schedule(caller, job_id)
+            "get_schedule", caller, job_id, self._inner.get_schedule, caller, job_id
         )
 
     def list_schedules(self, caller: Caller, prefix: str = "") -> list[ScheduleView]:
         """``Operations.list_schedules``, with a span."""
         return self._traced(
-            "list_schedules", caller, prefix, lambda: self.inner.list_schedules(caller, prefix)
+            "list_schedules", caller, prefix, self._inner.list_schedules, caller, prefix
         )
 
     def remove_schedule(self, caller: Caller, job_id: str) -> Durable | None:
         """``Operations.remove_schedule``, with a span."""
         return self._traced(
-            "remove_schedule", caller, job_id, lambda: self.inner.remove_schedule(caller, job_id)
+            "remove_schedule", caller, job_id, self._inner.remove_schedule, caller, job_id
         )
 
     def preview(
@@ -178,25 +188,25 @@ class TracedOperations(Operations):
     ) -> list[tuple[int, str]]:
         """``Operations.preview``, with a span."""
         return self._traced(
-            "preview", caller, "", lambda: self.inner.preview(caller, text, count, options)
+            "preview", caller, "", self._inner.preview, caller, text, count, options
         )
 
     def pause(self, caller: Caller, job_id: str) -> Durable | None:
         """``Operations.pause``, with a span."""
-        return self._traced("pause", caller, job_id, lambda: self.inner.pause(caller, job_id))
+        return self._traced("pause", caller, job_id, self._inner.pause, caller, job_id)
 
     def resume(self, caller: Caller, job_id: str) -> Durable | None:
         """``Operations.resume``, with a span."""
-        return self._traced("resume", caller, job_id, lambda: self.inner.resume(caller, job_id))
+        return self._traced("resume", caller, job_id, self._inner.resume, caller, job_id)
 
     def run_now(self, caller: Caller, job_id: str) -> Deferred[None]:
         """``Operations.run_now``, with a span."""
-        return self._traced("run_now", caller, job_id, lambda: self.inner.run_now(caller, job_id))
+        return self._traced("run_now", caller, job_id, self._inner.run_now, caller, job_id)
 
     def history_of(self, caller: Caller, job_id: str, count: int = 10) -> Deferred[list[Any]]:
         """``Operations.history_of``, with a span."""
         return self._traced(
-            "history_of", caller, job_id, lambda: self.inner.history_of(caller, job_id, count)
+            "history_of", caller, job_id, self._inner.history_of, caller, job_id, count
         )
 
     def rule_policy(
@@ -204,12 +214,12 @@ class TracedOperations(Operations):
     ) -> tuple[list[str], Durable | None]:
         """``Operations.rule_policy``, with a span."""
         return self._traced(
-            "rule_policy", caller, rule_id, lambda: self.inner.rule_policy(caller, rule_id, words)
+            "rule_policy", caller, rule_id, self._inner.rule_policy, caller, rule_id, words
         )
 
     def stat(self, caller: Caller = ANONYMOUS) -> list[tuple[str, str | int]]:
         """``Operations.stat``, with a span."""
-        return self._traced("stat", caller, "", lambda: self.inner.stat(caller))
+        return self._traced("stat", caller, "", self._inner.stat, caller)
 
 
 @implementer(IRunner)
@@ -220,7 +230,9 @@ class TracingRunner:
     the outcome through untouched, so ``.cancel()`` reaches the inner Deferred.
     """
 
-    def __init__(self, inner: IRunner, events: EventQueue, reactor: IReactorTime) -> None:
+    def __init__(
+        self, inner: IRunner, events: EventQueue[RunEvent], reactor: IReactorTime
+    ) -> None:
         self.inner = inner
         self._events = events
         self._clock = reactor
