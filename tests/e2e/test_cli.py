@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import select
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.daemon import BIN_DIR, Daemon, daemon, now_ns
+from tests.e2e.daemon import BIN_DIR, Daemon, daemon, now_ns, wait_until
 
 FAR = 1_893_898_800_000_000_000  # 2030-01-06 03:00:00 UTC
 DEADLINE = 15.0
@@ -188,3 +189,37 @@ def test_one_shot_without_a_daemon_is_status_1(tmp_path: Path) -> None:
     with daemon(tmp_path / "none") as d:  # its port, never started
         done = cli(d, tmp_path, "stat")
     assert done.returncode == 1 and "cannot talk to 127.0.0.1" in done.stderr
+
+
+def accepts(path: Path) -> bool:
+    """Whether a UNIX socket at ``path`` accepts a connection now."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+def test_one_shot_over_a_unix_socket(tmp_path: Path) -> None:
+    """``--unix PATH`` talks to a daemon listening on a UNIX socket."""
+    sock = tmp_path / "z.sock"
+    with daemon(tmp_path / "u", {"controller": {"listen": f"unix:{sock}:mode=600"}}) as d:
+        run = d.spawn(d.command("module"))
+        wait_until(lambda: accepts(sock) or not run.alive(), "the UNIX socket to accept")
+        words = ["set", "us.job", str(FAR), "--unix", str(sock)]
+        done = subprocess.run(
+            [str(BIN_DIR / "ztick-tw"), *words], env=env(tmp_path), capture_output=True,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert (done.returncode, done.stdout) == (0, "OK 2030-01-06T03:00:00.000000000+00:00\n")
+        got = cli(d, tmp_path, "get", "us.job", "--unix", str(sock), "--json")
+        assert json.loads(got.stdout)["execution_ns"] == FAR
+
+
+def test_help_lists_instructions_and_options(running: Daemon, tmp_path: Path) -> None:
+    """``--help`` on a subcommand or on ``cli`` prints the instructions and options, 0."""
+    for words in (["get", "--help"], ["cli", "-h"]):
+        done = cli(running, tmp_path, *words)
+        assert done.returncode == 0
+        assert "SCHEDULE SET <job>" in done.stdout and "--unix PATH" in done.stdout

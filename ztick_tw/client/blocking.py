@@ -59,9 +59,19 @@ class ZtickClient:
         cafile: str | None = None,
         verify: bool = True,
         timeout: float | None = 30.0,
+        unix: str | None = None,
     ) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if unix is not None:  # a UNIX socket (listen = "unix:PATH") instead of host:port
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(unix)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not False:
             context = tls if isinstance(tls, ssl.SSLContext) else tls_context(cafile, verify)
             sock = context.wrap_socket(sock, server_hostname=host)

@@ -29,6 +29,7 @@ OPTIONS_HELP = """\
 connection options (any subcommand):
   --host HOST        daemon address (default 127.0.0.1, or $ZTICK_TW_HOST)
   --port PORT        daemon port (default 5678, or $ZTICK_TW_PORT)
+  --unix PATH        a UNIX socket instead of host and port
   --tls              speak TLS; --cafile FILE trusts that CA, --insecure skips checks
   --token SECRET     send AUTH first (or $ZTICK_TW_TOKEN; --token-file FILE)
   --json             one-shot output as JSON
@@ -47,16 +48,21 @@ class Settings:
     token: str | None = None
     as_json: bool = False
     history_file: str | None = None
+    unix: str | None = None
 
     def connect(self) -> ZtickClient:
         """A connected (and authenticated) client."""
         tls: bool | ssl.SSLContext = False
         if self.tls:
             tls = tls_context(self.cafile, verify=not self.insecure)
-        return ZtickClient(self.host, self.port, token=self.token, tls=tls)
+        return ZtickClient(self.host, self.port, token=self.token, tls=tls, unix=self.unix)
+
+    def where(self) -> str:
+        """The daemon's address, for messages."""
+        return self.unix or f"{self.host}:{self.port}"
 
 
-_VALUED = {"--host", "--port", "--cafile", "--token", "--token-file", "--history-file"}
+_VALUED = {"--host", "--port", "--cafile", "--token", "--token-file", "--history-file", "--unix"}
 
 
 def parse_args(args: Sequence[str]) -> tuple[Settings, list[str]]:
@@ -91,6 +97,8 @@ def parse_args(args: Sequence[str]) -> tuple[Settings, list[str]]:
                 if not value.isdigit():
                     raise Usage(f"--port {value!r} is not a port number")
                 s.port = int(value)
+            elif name == "--unix":
+                s.unix = value
             elif name == "--cafile":
                 s.cafile, s.tls = value, True
             elif name == "--token":
@@ -120,8 +128,18 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def wants_help(args: Sequence[str], out: TextIO) -> bool:
+    """Print the instructions and options if ``-h``/``--help`` is among ``args``."""
+    if "-h" in args or "--help" in args:
+        print(f"{HELP}\n{OPTIONS_HELP}", file=out)
+        return True
+    return False
+
+
 def one_shot(args: Sequence[str], out: TextIO, err: TextIO) -> int:
     """``ztick-tw <instruction> ...``: run one instruction and print its answer."""
+    if wants_help(args, out):
+        return 0
     try:
         settings, words = parse_args(args)
         words = normalize(words)
@@ -140,7 +158,7 @@ def one_shot(args: Sequence[str], out: TextIO, err: TextIO) -> int:
         print(f"ERROR {e.reason}".rstrip(), file=err)
         return 1
     except (OSError, ProtocolError) as e:
-        print(f"ztick-tw: cannot talk to {settings.host}:{settings.port}: {e}", file=err)
+        print(f"ztick-tw: cannot talk to {settings.where()}: {e}", file=err)
         return 1
     text = result.render(settings.as_json)
     if text:
@@ -195,6 +213,8 @@ def _save_history(history_file: str) -> None:
 
 def interactive(args: Sequence[str], out: TextIO, err: TextIO) -> int:
     """``ztick-tw cli``: a prompt until ``QUIT`` or end of input."""
+    if wants_help(args, out):
+        return 0
     try:
         settings, words = parse_args(args)
         if words:
@@ -206,10 +226,10 @@ def interactive(args: Sequence[str], out: TextIO, err: TextIO) -> int:
     try:
         client = settings.connect()
     except (OSError, ProtocolError, ZtickError) as e:
-        print(f"ztick-tw: cannot talk to {settings.host}:{settings.port}: {e}", file=err)
+        print(f"ztick-tw: cannot talk to {settings.where()}: {e}", file=err)
         return 1
     _setup_readline(history)
-    prompt = f"{settings.host}:{settings.port}> "
+    prompt = f"{settings.where()}> "
     try:
         while True:
             try:
