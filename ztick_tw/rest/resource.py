@@ -9,6 +9,7 @@ split before they are unquoted).  A change is answered once it is durable
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -127,6 +128,9 @@ class RestResource(Resource):
         if isinstance(result, JobQuery):
             _JobStream(request, result).start()
             return NOT_DONE_YET
+        if isinstance(result, _Wait):
+            self._when_durable(request, result)
+            return NOT_DONE_YET
         if isinstance(result, Deferred):
             self._later(request, result)
             return NOT_DONE_YET
@@ -183,30 +187,43 @@ class RestResource(Resource):
         return self._json(request, status, {"error": why})
 
     def _later(self, request: Request, d: Deferred[Answer]) -> None:
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d.addCallbacks(
+            lambda answer: self._finish(request, self._json(request, *answer)),
+            lambda failure: self._finish(
+                request, self._error(request, failure.value or Exception())
+            ),
+        )
 
-        def finish(body: bytes) -> None:
-            # a length, not chunks: as cheap to parse as the answers rendered at once
-            request.setHeader(b"content-length", b"%d" % len(body))  # type: ignore[no-untyped-call]
-            request.write(body)  # type: ignore[no-untyped-call]
-            request.finish()  # type: ignore[no-untyped-call]
+    def _when_durable(self, request: Request, wait: _Wait) -> None:
+        """Answer ``wait.answer`` once its change is on disk, 503 if it cannot get there.
 
-        def send(answer: Answer) -> None:
-            if not gone:
-                finish(self._json(request, *answer))
+        The store's handle is subscribed to directly: no ``Deferred`` on the SET path.
+        """
 
-        def failed(failure: Failure) -> None:
-            if not gone:
-                finish(self._error(request, failure.value or Exception()))
+        def resolved(handle: Durable) -> None:
+            error = handle.error
+            if error is None:
+                self._finish(request, self._json(request, *wait.answer))
+            else:
+                failed = Unavailable(f"cannot persist: {error}")
+                self._finish(request, self._error(request, failed))
 
-        d.addCallbacks(send, failed)
+        wait.handle.subscribe(resolved)
+
+    @staticmethod
+    def _finish(request: Request, body: bytes) -> None:
+        """Send a late answer (with a length, not chunks) unless the client has gone."""
+        if request._disconnected or request.finished:
+            return
+        request.setHeader(b"content-length", b"%d" % len(body))  # type: ignore[no-untyped-call]
+        request.write(body)  # type: ignore[no-untyped-call]
+        request.finish()  # type: ignore[no-untyped-call]
 
     # -- routes ------------------------------------------------------------------------
 
     def _route(
         self, request: Request, method: str, path: list[str], caller: Caller
-    ) -> Answer | Deferred[Answer] | JobQuery:
+    ) -> Answer | _Wait | Deferred[Answer] | JobQuery:
         ops = self.ops
         n = len(path)
         head = path[0] if path else ""
@@ -241,7 +258,7 @@ class RestResource(Resource):
 
     def _job(
         self, request: Request, method: str, job_id: str, sub: str | None, caller: Caller
-    ) -> Answer | Deferred[Answer]:
+    ) -> Answer | _Wait | Deferred[Answer]:
         ops = self.ops
         if sub is None:
             self._allow(method, "GET", "PUT", "DELETE")
@@ -288,7 +305,7 @@ class RestResource(Resource):
 
     def _rule(
         self, request: Request, method: str, rule_id: str, caller: Caller
-    ) -> Answer | Deferred[Answer]:
+    ) -> Answer | _Wait | Deferred[Answer]:
         ops = self.ops
         self._allow(method, "GET", "PUT", "DELETE")
         if method == "DELETE":
@@ -321,13 +338,19 @@ class RestResource(Resource):
         return 200, [{"ns": ns, "time": iso} for ns, iso in found]
 
 
-def _durable(handle: Durable | None, answer: Answer) -> Answer | Deferred[Answer]:
+@dataclass(frozen=True, slots=True)
+class _Wait:
+    """An answer to send once ``handle`` is on disk."""
+
+    handle: Durable
+    answer: Answer
+
+
+def _durable(handle: Durable | None, answer: Answer) -> Answer | _Wait:
     """``answer`` now when there is nothing to wait for, else once ``handle`` is on disk."""
-    if handle is None:
+    if handle is None or (handle.done and handle.error is None):
         return answer
-    if handle.done and handle.error is None:
-        return answer
-    return when_durable(handle).addCallback(lambda _: answer)
+    return _Wait(handle, answer)
 
 
 def _raw_body(request: Request) -> bytes:

@@ -75,13 +75,31 @@ class BoundedRequest(Request):
 
 
 class RestChannel(HTTPChannel):
-    """An HTTP connection, counted in STAT's ``connections``."""
+    """An HTTP connection, counted in STAT's ``connections``.
+
+    Its addresses are read once, not by each request (two system calls a request).
+    """
+
+    _host: Any = None
+    _peer: Any = None
 
     def connectionMade(self) -> None:
         """Count the connection."""
         super().connectionMade()  # type: ignore[no-untyped-call]
         site: RestSite = self.factory
         site.connections += 1
+
+    def getHost(self) -> Any:
+        """The listening side's address, asked of the transport once."""
+        if self._host is None:
+            self._host = super().getHost()  # type: ignore[no-untyped-call]
+        return self._host
+
+    def getPeer(self) -> Any:
+        """The client's address, asked of the transport once."""
+        if self._peer is None:
+            self._peer = super().getPeer()  # type: ignore[no-untyped-call]
+        return self._peer
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Uncount the connection."""
