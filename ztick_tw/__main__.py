@@ -44,7 +44,7 @@ commands:
                        ztick-tw get backup.daily --json
                        ztick-tw schedule set report.daily "0 6 * * *"
                        exit status 1 on ERROR or no connection, 2 on a usage problem
-    --host HOST, --port PORT   the daemon (default 127.0.0.1:5678)
+    --host HOST, --port PORT   the daemon (default 127.0.0.1:5678); --unix PATH
     --tls [--cafile FILE] [--insecure]   speak TLS
     --token SECRET, --token-file FILE    send AUTH first ($ZTICK_TW_TOKEN)
 
