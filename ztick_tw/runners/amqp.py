@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import heapq
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, cast
@@ -83,6 +82,7 @@ from ztick_tw.runners.base import (
     effective_timeout,
     timeout_reason,
 )
+from ztick_tw.runners.deadlines import Deadlines
 from ztick_tw.runners.message import NetworkOptions, queue_message
 from ztick_tw.runners.trust import load_trust_root
 
@@ -822,7 +822,7 @@ class AmqpRunner:
             self._trust = load_ca_file(ca_file)
         self._endpoints: dict[str, _Endpoint] = {}
         self._pending: dict[_Job, None] = {}  # the jobs not done, in the order they came
-        self._deadlines: list[tuple[float, int, _Job]] = []  # a heap of their deadlines
+        self._deadlines: Deadlines[_Job] = Deadlines()  # their deadlines
         self._timeout_call: IDelayedCall | None = None
         self._timeout_at = float("inf")
         self._grace_call: IDelayedCall | None = None
@@ -883,7 +883,7 @@ class AmqpRunner:
         if not job.done:  # (a job failed at once by a back-off window needs no timer)
             self._pending[job] = None
             if job.timeout > 0:
-                heapq.heappush(self._deadlines, (job.deadline, next(_order), job))
+                self._deadlines.push(job.deadline, job)
                 if job.deadline < self._timeout_at:
                     self._arm()
         return job.deferred
@@ -962,11 +962,9 @@ class AmqpRunner:
         if timer is not None and timer.active():
             timer.cancel()
         self._timeout_at = float("inf")
-        heap = self._deadlines
-        while heap and heap[0][2].done:
-            heapq.heappop(heap)
-        if heap:
-            self._timeout_at = heap[0][0]
+        earliest = self._deadlines.earliest()
+        if earliest is not None:
+            self._timeout_at = earliest
             delay = max(self._timeout_at - self.reactor.seconds(), 0.0)
             self._timeout_call = self.reactor.callLater(delay, self._expire)
 
@@ -975,10 +973,8 @@ class AmqpRunner:
         self._timeout_call = None
         self._timeout_at = float("inf")
         now = self.reactor.seconds()
-        heap = self._deadlines
-        while heap and (heap[0][2].done or heap[0][0] <= now + 1e-6):
-            job = heapq.heappop(heap)[2]
-            if not job.done:
+        for job in self._deadlines.pop_expired(now + 1e-6):
+            if not job.done:  # (an earlier time-out's callbacks may have ended it)
                 self._time_out(job)
         if self._timeout_call is None:  # (a callback may have armed it meanwhile)
             self._arm()

@@ -43,7 +43,6 @@ The RESP2 client here (:class:`RespParser`, :func:`encode_command`,
 from __future__ import annotations
 
 import contextlib
-import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
@@ -76,6 +75,7 @@ from ztick_tw.runners.base import (
     effective_timeout,
     timeout_reason,
 )
+from ztick_tw.runners.deadlines import Deadlines
 from ztick_tw.runners.message import NetworkOptions, queue_message, redact_url
 
 __all__ = [
@@ -556,7 +556,7 @@ class _Target:
         self.setup: deque[str] = deque()  # handshake replies still expected
         self.timer: IDelayedCall | None = None
         self.timer_at = _NEVER  # when the timer fires
-        self.deadlines: list[tuple[float, int, _Job]] = []  # heap of the jobs' deadlines
+        self.deadlines: Deadlines[_Job] = Deadlines()  # the jobs' deadlines
         self.backoff = 0.0  # the current window; 0 = the last connection came up
         self.retry_at = 0.0  # until this reactor time new jobs fail at once
         self.last_error = ""
@@ -627,7 +627,7 @@ class _Target:
         deadline = job.deadline
         if deadline == _NEVER:
             return
-        heapq.heappush(self.deadlines, (deadline, next(_order), job))
+        self.deadlines.push(deadline, job)
         if deadline < self.timer_at:
             self._arm()
 
@@ -638,24 +638,17 @@ class _Target:
                 self.timer.cancel()
             self.timer = None
         self.timer_at = _NEVER
-        heap = self.deadlines
-        while heap and heap[0][2].done:
-            heapq.heappop(heap)
-        if heap:
+        earliest = self.deadlines.earliest()
+        if earliest is not None:
             clock = self.runner._clock
-            self.timer_at = heap[0][0]
+            self.timer_at = earliest
             self.timer = clock.callLater(max(0.0, self.timer_at - clock.seconds()), self._expire)
 
     def _expire(self) -> None:
         self.timer = None
         self.timer_at = _NEVER
         now = self.runner._clock.seconds() + _EPSILON
-        heap = self.deadlines
-        expired: list[_Job] = []
-        while heap and (heap[0][2].done or heap[0][0] <= now):
-            job = heapq.heappop(heap)[2]
-            if not job.done:
-                expired.append(job)
+        expired = self.deadlines.pop_expired(now)
         if not expired:
             self._arm()
             return
@@ -685,7 +678,7 @@ class _Target:
         With ``expired_at``, those whose deadline is at or before it time out instead.
         """
         jobs, self.jobs = self.jobs, deque()
-        self.deadlines = []
+        self.deadlines.clear()
         if self.timer is not None:
             if self.timer.active():
                 self.timer.cancel()
