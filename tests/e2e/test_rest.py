@@ -207,3 +207,16 @@ def test_auth_and_namespaces_over_tls(tmp_path: Path) -> None:
         )
         assert [j["id"] for j in tenant.call("GET", "/jobs")[1]] == ["a.1"]
         assert tenant.call("GET", "/stat")[1]["auth_enabled"] == 1
+
+
+def test_rest_port_in_use_stops_startup(tmp_path: Path) -> None:
+    """A REST listener that cannot bind stops startup with a message naming the port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = {"http": {"listen": f"tcp:{port}:interface=127.0.0.1"}}
+        with daemon(tmp_path / "b", busy) as other:
+            run = other.run_to_exit()
+            assert run.process.returncode != 0
+            assert f"{port}" in run.output()
