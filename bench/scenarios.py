@@ -1056,6 +1056,11 @@ SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
         "Issue 10: 1M scheduled jobs: RSS (≤ 400 MB) and log replay (≤ 5 s),"
         " 10 texts and all-distinct.",
     ),
+    "client_pipeline": _elsewhere(
+        "bench.client_bench",
+        "client_pipeline",
+        "Issue 11: SET/s through ztick_tw.client's pipeline (≥ 100,000/s).",
+    ),
     "metrics_scrape": _elsewhere(
         "bench.metrics",
         "metrics_scrape",
