@@ -15,6 +15,7 @@ import pytest
 
 from tests.certs import make_pki
 from tests.e2e.daemon import Daemon, daemon, free_port
+from ztick_tw.rest.resource import PAGE
 
 Answer = tuple[int, Any, http.client.HTTPResponse]
 
@@ -220,3 +221,19 @@ def test_rest_port_in_use_stops_startup(tmp_path: Path) -> None:
             run = other.run_to_exit()
             assert run.process.returncode != 0
             assert f"{port}" in run.output()
+
+
+def test_job_listing_streams_across_pages(rest_daemon: tuple[Daemon, int]) -> None:
+    """GET /jobs lists every match in id order across the pages it is written in."""
+    d, port = rest_daemon
+    n = 2 * PAGE + 7
+    with d.client() as line:
+        line.send_lines([f"s{i} SET p.{i:05d} 2000000000000000000" for i in range(n)])
+        for i in range(n):
+            assert line.read_line() == f"s{i} OK"
+    c = _client(port)
+    status, jobs, _ = c.call("GET", "/jobs?prefix=p.")
+    assert status == 200
+    assert [j["id"] for j in jobs] == [f"p.{i:05d}" for i in range(n)]
+    assert c.call("GET", "/jobs?prefix=nothing.")[:2] == (200, [])
+    assert c.call("HEAD", "/jobs/p.00001")[0] == 200
