@@ -1,0 +1,319 @@
+"""SET throughput with OTLP telemetry on vs off (issue 11, SPEC §10; target: within 10%).
+
+``telemetry_overhead``: pipelined SETs on one connection to a memory-backend daemon, once
+with ``[telemetry]`` off and once with it on (``flush_interval_ms = 1000``, exporting
+every second to a local OTLP/HTTP receiver in this process that decodes the spans it
+gets), runs interleaved off/on on fresh daemons; the figure is the ratio of the best
+on-run to the best off-run.  Every SET is a span candidate: past the worker's span budget
+(``REQUEST_SPANS_PER_SECOND``) request events queue and then are dropped and counted, so
+the spans received are reported beside the throughput.
+
+Until ``ztick_tw/service.py`` wires ``TelemetryService`` itself, the "on" daemon is
+started as ``python -m bench.telemetry serve -c FILE``: the same daemon, with
+``make_runners``, ``Operations`` and ``make_service`` wrapped exactly as the wiring in
+``ztick_tw/telemetry/service.py`` says (see ``serve_with_telemetry``).  Once the service
+wires it, the plain daemon is used.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import bench.daemon
+from bench.client import check_all_ok, pipeline, set_lines
+from bench.daemon import HOST, BenchError, Daemon, DaemonSettings, die_with_parent, free_port
+from bench.report import Metric, at_least
+
+if TYPE_CHECKING:  # bench.scenarios registers this scenario: imported when it runs
+    from bench.scenarios import Context
+
+#: SETs per run (``--quick``: ``QUICK_SETS``).
+SETS = 200_000
+QUICK_SETS = 50_000
+FLUSH_INTERVAL_MS = 1000
+TARGET_RATIO = 0.90
+START_TIMEOUT = 60.0
+
+
+# -- the OTLP/HTTP receiver --------------------------------------------------------------
+
+
+def _serve_otlp(port: Any, spans: Any, posts: Any) -> None:
+    """The receiver process: answer every POST 200, count the spans of ``/v1/traces``."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            if self.path == "/v1/traces":
+                request = ExportTraceServiceRequest.FromString(body)
+                found = sum(
+                    len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans
+                )
+                with spans.get_lock():
+                    spans.value += found
+            with posts.get_lock():
+                posts.value += 1
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((HOST, 0), Handler)
+    port.value = server.server_address[1]
+    server.serve_forever()
+
+
+class Receiver:
+    """A local OTLP/HTTP collector on 127.0.0.1: answers 200, counts spans.
+
+    It runs in a process of its own, so its decoding takes no CPU from the load
+    generator's threads (which share this process's GIL).
+    """
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self._port = ctx.Value("i", 0)
+        self._spans = ctx.Value("q", 0)
+        self._posts = ctx.Value("q", 0)
+        self._proc = ctx.Process(
+            target=_serve_otlp, args=(self._port, self._spans, self._posts), daemon=True
+        )
+        self._proc.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._port.value:
+            if time.monotonic() > deadline or not self._proc.is_alive():
+                self.close()
+                raise BenchError("the OTLP receiver did not start")
+            time.sleep(0.01)
+        self.url = f"http://{HOST}:{self._port.value}"
+
+    @property
+    def spans(self) -> int:
+        """Spans received so far."""
+        return int(self._spans.value)
+
+    def close(self) -> None:
+        """Stop the receiver process."""
+        self._proc.terminate()
+        self._proc.join(10)
+
+
+# -- the daemon with telemetry on --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings(DaemonSettings):
+    """``DaemonSettings`` plus ``[telemetry]`` on, exporting to ``endpoint``."""
+
+    endpoint: str = ""
+    flush_interval_ms: int = FLUSH_INTERVAL_MS
+
+    def toml(self, port: int) -> str:
+        """The daemon's config with a ``[telemetry]`` section."""
+        return (
+            DaemonSettings.toml(self, port)
+            + "\n".join(
+                [
+                    "[telemetry]",
+                    "enabled = true",
+                    f'endpoint = "{self.endpoint}"',
+                    'service_name = "ztick-bench"',
+                    f"flush_interval_ms = {self.flush_interval_ms}",
+                ]
+            )
+            + "\n"
+        )
+
+
+def service_wires_telemetry() -> bool:
+    """Whether ``ztick_tw/service.py`` builds the ``TelemetryService`` itself."""
+    import ztick_tw.service
+
+    return "TelemetryService" in Path(ztick_tw.service.__file__).read_text()
+
+
+class TelemetryDaemon(Daemon):
+    """A ``Daemon`` started through ``serve_with_telemetry`` when the service lacks it."""
+
+    def start(self, timeout: float = START_TIMEOUT) -> Daemon:
+        """As ``Daemon.start``, with ``python -m bench.telemetry serve`` as the command."""
+        if service_wires_telemetry():
+            return super().start(timeout)
+        import os
+        import socket
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        config = self.workdir / "ztick.toml"
+        config.write_text(self.settings.toml(self.port))
+        log = open(self.workdir / "daemon.log", "ab")  # noqa: SIM115 - handed to the child
+        root = Path(__file__).resolve().parent.parent
+        env = dict(os.environ, PYTHONPATH=str(root))
+        env.setdefault("LC_ALL", "C.UTF-8")
+        started = time.perf_counter()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.telemetry", "serve", "-c", str(config)],
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            log.close()
+        bench.daemon._live.add(self)  # killed by kill_all after an interruption
+        deadline = started + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise BenchError(f"daemon exited early:\n{self.log_text()[-2000:]}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=1.0):
+                    break
+            except OSError:
+                if time.perf_counter() > deadline:
+                    self.kill()
+                    raise BenchError(f"daemon did not accept on {self.port}") from None
+                time.sleep(0.002)
+        self.startup_seconds = time.perf_counter() - started
+        return self
+
+
+def serve_with_telemetry(argv: list[str]) -> int:
+    """``ztick-tw serve`` with the telemetry wiring ``service.py`` does not have yet."""
+    from ztick_tw import __main__ as entry
+    from ztick_tw import service as service_module
+    from ztick_tw.telemetry import TelemetryService
+
+    service: Any = service_module  # its names are replaced below
+
+    made: list[TelemetryService] = []
+    import os
+
+    import ztick_tw.telemetry.exporter as ex
+
+    if "ZT_BUDGET" in os.environ:
+        ex.REQUEST_SPANS_PER_SECOND = int(os.environ["ZT_BUDGET"])
+    make_runners, operations, make_service = (
+        service.make_runners,
+        service.Operations,
+        service.make_service,
+    )
+
+    def wrapped_runners(config: Any, reactor: Any) -> Any:
+        made.append(TelemetryService(config.telemetry, reactor))
+        return made[-1].wrap_runners(make_runners(config, reactor))
+
+    def wrapped_operations(*args: Any, **kwargs: Any) -> Any:
+        return made[-1].wrap_operations(operations(*args, **kwargs))
+
+    def wrapped_service(config: Any, reactor: Any) -> Any:
+        top = make_service(config, reactor)
+        if made and made[-1].enabled:
+            # first: started before the listener accepts, stopped after everything else
+            made[-1].setServiceParent(top)  # type: ignore[no-untyped-call]
+            top.services.remove(made[-1])
+            top.services.insert(0, made[-1])
+        return top
+
+    service.make_runners = wrapped_runners
+    service.Operations = wrapped_operations
+    service.make_service = wrapped_service
+    return entry.main(argv)
+
+
+# -- the scenario ------------------------------------------------------------------------
+
+
+def _set_rate(daemon: Daemon, payload: bytes, n: int, name: str) -> float:
+    answers = pipeline(daemon.port, payload, n)
+    check_all_ok(answers, n, name)
+    return n / answers.seconds
+
+
+def telemetry_overhead(ctx: Context) -> list[Metric]:
+    """SET/s on one pipelined connection, telemetry off vs on (OTLP every second)."""
+    from bench.scenarios import MEMORY, future_times, job_ids, rates
+
+    n = QUICK_SETS if ctx.quick else SETS
+    payload = set_lines(job_ids(1, n), future_times(n, seed=11))
+    receiver = Receiver()
+    on_settings = TelemetrySettings(persistence="memory", endpoint=receiver.url)
+    off: list[float] = []
+    on: list[float] = []
+    spans: list[int] = []
+    try:
+        for run in range(ctx.repeats + 2):  # the machine is noisy: 5 pairs (3 with --quick)
+            with Daemon(ctx.workdir("telemetry-off"), MEMORY) as d:
+                off.append(_set_rate(d, payload, n, "telemetry-off"))
+            before = receiver.spans
+            with TelemetryDaemon(ctx.workdir("telemetry-on"), on_settings) as d:
+                on.append(_set_rate(d, payload, n, "telemetry-on"))
+            spans.append(receiver.spans - before)  # the daemon flushes as it stops
+            ctx.say(
+                f"telemetry run {run + 1}: off {off[-1]:,.0f} SET/s, on {on[-1]:,.0f} SET/s,"
+                f" {spans[-1]:,} spans received"
+            )
+    finally:
+        receiver.close()
+    if not spans[-1]:
+        raise BenchError("the receiver got no spans: telemetry was not on")
+    how = "service.py wiring" if service_wires_telemetry() else "bench.telemetry's wiring"
+    detail = (
+        f"{n:,} pipelined SETs on one connection, memory backend, fresh daemon per run,"
+        f" best of {len(on)} (on: {rates(on)}; off: {rates(off)}); OTLP/HTTP every"
+        f" {FLUSH_INTERVAL_MS} ms to a local receiver; telemetry on through {how}."
+    )
+    return [
+        Metric(
+            "telemetry_overhead",
+            "telemetry_set_ratio",
+            "SET/s with telemetry on / off",
+            max(on) / max(off),
+            "ratio",
+            at_least(TARGET_RATIO),
+            "",
+            detail,
+        ),
+        Metric(
+            "telemetry_overhead",
+            "telemetry_set_on_per_s",
+            "SET/s, 1 connection pipelined, telemetry on",
+            max(on),
+            "SET/s",
+            None,
+            "",
+            detail,
+        ),
+        Metric(
+            "telemetry_overhead",
+            "telemetry_spans_per_run",
+            "request spans the collector received per run",
+            float(max(spans)),
+            "spans",
+            None,
+            "",
+            "Spans past the worker's budget (1,000/s) or a full queue are dropped, counted.",
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        sys.exit(serve_with_telemetry(sys.argv[1:]))
+    sys.exit("usage: python -m bench.telemetry serve -c FILE")
