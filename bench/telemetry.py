@@ -203,12 +203,6 @@ def serve_with_telemetry(argv: list[str]) -> int:
     service: Any = service_module  # its names are replaced below
 
     made: list[TelemetryService] = []
-    import os
-
-    import ztick_tw.telemetry.exporter as ex
-
-    if "ZT_BUDGET" in os.environ:
-        ex.REQUEST_SPANS_PER_SECOND = int(os.environ["ZT_BUDGET"])
     make_runners, operations, make_service = (
         service.make_runners,
         service.Operations,
