@@ -1,17 +1,21 @@
 """``[telemetry]``: the service that exports spans and metrics over OTLP/HTTP.
 
-Wiring (``ztick_tw/service.py``)::
+Wiring (``ztick_tw/service.py``, ``make_service``)::
 
-    telemetry = TelemetryService(config.telemetry, reactor)
-    runners = telemetry.wrap_runners(make_runners(config, reactor))
+    telemetry = TelemetryService(config.telemetry, reactor)  # before the store is made
     ...
-    operations = telemetry.wrap_operations(Operations(...))
+    runners = telemetry.wrap_runners(make_runners(config, reactor))  # to the Scheduler
     ...
+    operations = telemetry.wrap_operations(Operations(...))  # what every transport gets
+    ...
+    top = ZtickService(...)
     if telemetry.enabled:
-        telemetry.setServiceParent(top)
+        telemetry.setServiceParent(top)  # first child: started before the listener
 
 When ``[telemetry] enabled`` is false the wrappers return what they are given and the
-service is never started: nothing of OpenTelemetry is imported.
+service is never started: nothing of OpenTelemetry is imported.  When it is true the
+SDK is imported by the constructor (~0.5-1 s, at startup), and its threads are started
+by ``startService`` (never before twistd forks).
 """
 
 from __future__ import annotations
