@@ -1061,6 +1061,12 @@ SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
         "client_pipeline",
         "Issue 11: SET/s through ztick_tw.client's pipeline (≥ 100,000/s).",
     ),
+    "rest_throughput": _elsewhere(
+        "bench.rest",
+        "rest_throughput",
+        "Issue 11: PUT /jobs/{id} req/s over 50 keep-alive connections (≥ 10,000/s),"
+        " GET /jobs/{id} p50 (≤ 300 µs).",
+    ),
     "metrics_scrape": _elsewhere(
         "bench.metrics",
         "metrics_scrape",

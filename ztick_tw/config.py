@@ -267,6 +267,8 @@ class TelemetryConfig:
     endpoint: str | None = None
     service_name: str = "ztick"
     flush_interval_ms: int = 5000
+    prometheus_listen: str | None = None  # ztick-tw extension: /metrics without a REST API
+    prometheus_listen_endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,6 +672,7 @@ _SCHEMA: dict[str, dict[str, _Validator]] = {
         "endpoint": _string(what="a non-empty URL"),
         "service_name": _string(what="a non-empty string"),
         "flush_interval_ms": _integer(1, _U32_MAX),
+        "prometheus_listen": _listen,
     },
     "scheduler": {
         "max_concurrent_runs": _integer(1),
@@ -845,7 +848,12 @@ def _build(document: Mapping[str, Any]) -> Config:
         http_values["listen_endpoint"] = endpoint
     http = HttpConfig(**cast(dict[str, Any], http_values))
 
-    telemetry = TelemetryConfig(**cast(dict[str, Any], values.get("telemetry", {})))
+    telemetry_values = dict(values.get("telemetry", {}))
+    if "prometheus_listen" in telemetry_values:
+        listen, endpoint = cast(tuple[str, str], telemetry_values.pop("prometheus_listen"))
+        telemetry_values["prometheus_listen"] = listen
+        telemetry_values["prometheus_listen_endpoint"] = endpoint
+    telemetry = TelemetryConfig(**cast(dict[str, Any], telemetry_values))
     scheduler = SchedulerConfig(**cast(dict[str, Any], values.get("scheduler", {})))
     runners_values = dict(values.get("runners", {}))
     if "backoff" in runners_values:
@@ -949,6 +957,22 @@ def _combination_errors(
                 key="listen",
             )
         )
+    for other, address in (
+        ("controller.listen", controller.listen_endpoint),
+        ("http.listen", http.listen_endpoint),
+    ):
+        if (
+            usable(other, "telemetry.prometheus_listen")
+            and telemetry.prometheus_listen_endpoint is not None
+            and telemetry.prometheus_listen_endpoint == address
+        ):
+            errors.append(
+                ConfigError(
+                    f"same address as [{other.replace('.', '] ')}; /metrics needs its own port",
+                    section="telemetry",
+                    key="prometheus_listen",
+                )
+            )
     if (
         usable("telemetry.enabled", "telemetry.endpoint")
         and telemetry.enabled

@@ -24,7 +24,7 @@ from ztick_tw.auth import AuthFileError, TokenStore, load_tokens
 from ztick_tw.compaction import CompactionService
 from ztick_tw.config import HISTORY_SUFFIX, Config, ControllerConfig
 from ztick_tw.history import History, HistoryError
-from ztick_tw.metrics import MetricsResource, PrometheusMetrics, install
+from ztick_tw.metrics import MetricsResource, PrometheusMetrics, install, metrics_service
 from ztick_tw.model import Policy, RunnerKind
 from ztick_tw.operations import Operations
 from ztick_tw.protocol.server import ZtickFactory
@@ -446,10 +446,16 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     listener._raiseSynchronously = True  # a failed bind stops startup
     listener.setName("controller")
     listener.setServiceParent(top)
-    if config.http.listen_endpoint is not None:
+    scrape = config.telemetry.prometheus_listen_endpoint
+    if config.http.listen_endpoint is not None or scrape is not None:
         metrics = PrometheusMetrics(operations)  # fed only when something serves it
         install(metrics, scheduler, store, compaction)
-        rest_service(config, operations, tokens, tls, metrics, reactor).setServiceParent(top)
+        if config.http.listen_endpoint is not None:
+            rest = rest_service(config, operations, tokens, tls, metrics, reactor)
+            rest.setServiceParent(top)
+        if scrape is not None:
+            metrics_service(scrape, metrics, reactor).setServiceParent(top)
+            log.info("Prometheus /metrics on {endpoint}", endpoint=scrape)
     return top
 
 

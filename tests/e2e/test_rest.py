@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import ssl
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.certs import make_pki
-from tests.e2e.daemon import Daemon, daemon, free_port
+from tests.e2e.daemon import Daemon, daemon, free_port, wait_until
 from ztick_tw.rest.resource import PAGE
 
 Answer = tuple[int, Any, http.client.HTTPResponse]
@@ -237,3 +238,30 @@ def test_job_listing_streams_across_pages(rest_daemon: tuple[Daemon, int]) -> No
     assert [j["id"] for j in jobs] == [f"p.{i:05d}" for i in range(n)]
     assert c.call("GET", "/jobs?prefix=nothing.")[:2] == (200, [])
     assert c.call("HEAD", "/jobs/p.00001")[0] == 200
+
+
+def test_prometheus_listen_serves_metrics_without_a_rest_api(tmp_path: Path) -> None:
+    """``[telemetry] prometheus_listen`` alone serves ``/metrics`` on its own port.
+
+    Scraped with a real HTTP client and parsed with prometheus_client's parser: the job
+    counts move after a SET.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    with daemon(tmp_path / "d", {"telemetry": {"prometheus_listen": f"127.0.0.1:{port}"}}) as d:
+        d.start()
+        d.client().ok("SET m.one 1900000000000000000")
+
+        def scrape() -> dict[str, float]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            return {
+                f"{s.name}{sorted(s.labels.items())}": s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+
+        values = wait_until(lambda: scrape() or None, "/metrics to answer")
+        assert values["ztick_jobs[('status', 'planned')]"] == 1.0
+        assert d.stop() == 0
