@@ -235,6 +235,11 @@ class ExportTests(_Base):
         [rules] = self.receiver.last_points("ztick_rules")
         [connections] = self.receiver.last_points("ztick_connections")
         assert (rules.as_int, connections.as_int) == (2, 3)
+        dropped = {
+            attrs(p)["kind"]: p.as_int
+            for p in self.receiver.last_points("ztick_telemetry_dropped")
+        }
+        assert dropped == {"request": 0, "run": 0}
 
 
 class CollectorTroubleTests(_Base):

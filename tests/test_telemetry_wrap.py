@@ -7,6 +7,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
+from zope.interface.verify import verifyObject
 
 from tests.helpers import FakeRunner, all_kinds, make_clock
 from ztick_tw.auth import Token
@@ -81,6 +82,14 @@ class TracedOperationsTests(unittest.TestCase):
 
 
 class TracingRunnerTests(unittest.TestCase):
+    def test_provides_irunner(self) -> None:
+        """The wrapper is an ``IRunner`` (run, stop) and passes ``stop`` to the inner one."""
+        inner = FakeRunner()
+        runner = TracingRunner(inner, EventQueue(), make_clock())
+        assert verifyObject(IRunner, runner)
+        runner.stop(2.5)
+        assert inner.stops == [2.5]
+
     def test_result_passes_through_and_event_recorded(self) -> None:
         """The inner Deferred is returned; its outcome is untouched; one run event is kept."""
         events: EventQueue[RunEvent] = EventQueue()
