@@ -17,6 +17,7 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ztick_tw.model import I64_MIN, Policy, RunState, ScheduleSet
 from ztick_tw.schedules import Options, Schedule, compile_schedule, parse_options
@@ -41,7 +42,7 @@ _OFFSET = 1 << 63
 _START_AND_DEF = (_START_MASK << _START_SHIFT) | _DEF_MASK
 
 #: Compiled schedules kept (the most recently used jobs); others are compiled again.
-COMPILED_CACHE = 65_536
+COMPILED_CACHE = 8_192
 
 
 def _pack(definition: int, runs: int, start_ns: int, occurrence_ns: int | None) -> int:
@@ -54,9 +55,13 @@ def _pack(definition: int, runs: int, start_ns: int, occurrence_ns: int | None) 
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Definition:
-    """A schedule text with its canonical options, shared by every job that uses it."""
+class Definition(NamedTuple):
+    """A schedule text with its canonical options, shared by every job that uses it.
+
+    ``Recurrences`` keeps plain ``(text, options)`` tuples, which the garbage collector
+    stops tracking (a million distinct schedules must not lengthen every full
+    collection, a reactor pause); this named view is made when asked for.
+    """
 
     text: str
     options: str
@@ -83,7 +88,7 @@ class Recurrence:
     @property
     def definition(self) -> Definition:
         """The schedule text and options."""
-        return self._book._definitions[self._packed & _DEF_MASK]
+        return Definition(*self._book._definitions[self._packed & _DEF_MASK])
 
     @property
     def start_ns(self) -> int:
@@ -143,7 +148,8 @@ class Recurrences:
     def __init__(self, now_ns: Callable[[], int]) -> None:
         self._now_ns = now_ns
         self._by_job: dict[str, int] = {}
-        self._definitions: list[Definition] = []
+        # plain (text, options) tuples: the garbage collector stops tracking them
+        self._definitions: list[tuple[str, str]] = []
         self._definition_index: dict[str, dict[str, int]] = {}  # text -> options -> index
         self._options: dict[int, Options] = {}
         self._compiled: dict[str, Schedule] = {}
@@ -191,7 +197,7 @@ class Recurrences:
         index = len(self._definitions)
         if index > _DEF_MASK:
             raise ValueError(f"more than {_DEF_MASK + 1} distinct schedules")
-        self._definitions.append(Definition(text, options))
+        self._definitions.append((text, options))
         self._definition_index.setdefault(text, {})[options] = index
         return index
 
@@ -215,7 +221,7 @@ class Recurrences:
             del by_job[job_id]
             self._compiled.pop(job_id, None)
 
-    def frozen(self) -> tuple[dict[str, int], list[Definition]]:
+    def frozen(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
         """A copy of the packed state, for ``entries`` to read in another thread."""
         return dict(self._by_job), list(self._definitions)
 
@@ -226,11 +232,12 @@ class Recurrences:
     def options(self, rec: Recurrence) -> Options:
         """The job's options (parsed once per distinct schedule)."""
         index = rec._packed & _DEF_MASK
-        options = self._options.get(index)
+        cache = self._options
+        options = cache.get(index)
         if options is None:
-            options = self._options[index] = parse_options(
-                self._definitions[index].options.split()
-            )
+            if len(cache) >= COMPILED_CACHE:  # bounded: objects the collector walks
+                del cache[next(iter(cache))]
+            options = cache[index] = parse_options(self._definitions[index][1].split())
         return options
 
     def compiled(self, rec: Recurrence) -> Schedule:
@@ -269,7 +276,7 @@ class Recurrences:
 
 
 def entries(
-    state: tuple[dict[str, int], list[Definition]], overrides: dict[str, RunState]
+    state: tuple[dict[str, int], list[tuple[str, str]]], overrides: dict[str, RunState]
 ) -> Iterator[ScheduleSet | RunState]:
     """The ``ScheduleSet`` and ``RunState`` entries of a ``frozen`` copy (compaction).
 
@@ -278,9 +285,9 @@ def entries(
     """
     by_job, definitions = state
     for job_id, packed in by_job.items():
-        d = definitions[packed & _DEF_MASK]
+        text, options = definitions[packed & _DEF_MASK]
         start = ((packed >> _START_SHIFT) & _START_MASK) - _OFFSET
-        yield ScheduleSet(job_id, d.text, d.options, start)
+        yield ScheduleSet(job_id, text, options, start)
         override = overrides.get(job_id)
         if override is not None:
             yield override
