@@ -150,6 +150,7 @@ class Recurrences:
         self._by_job: dict[str, int] = {}
         # plain (text, options) tuples: the garbage collector stops tracking them
         self._definitions: list[tuple[str, str]] = []
+        self._option_strings: dict[str, str] = {}
         self._definition_index: dict[str, dict[str, int]] = {}  # text -> options -> index
         self._options: dict[int, Options] = {}
         self._compiled: dict[str, Schedule] = {}
@@ -197,6 +198,7 @@ class Recurrences:
         index = len(self._definitions)
         if index > _DEF_MASK:
             raise ValueError(f"more than {_DEF_MASK + 1} distinct schedules")
+        options = self._option_strings.setdefault(options, options)  # few distinct ones
         self._definitions.append((text, options))
         self._definition_index.setdefault(text, {})[options] = index
         return index
