@@ -63,6 +63,32 @@ class TracedOperationsTests(unittest.TestCase):
         ]
         assert all(start <= end for *_, start, end in events)
 
+    def test_full_queue_pauses_tracing_until_room(self) -> None:
+        """A full queue pauses tracing; the reactor's check resumes it at half full.
+
+        While paused the operations are the wrapped instance's own methods (no cost).
+        """
+        clock = make_clock()
+        svc = TelemetryService(ON, clock, capacity=4)
+        inner = _operations()
+        ops = svc.wrap_operations(inner)
+        for i in range(6):
+            ops.set_job(Caller(), f"j.{i}", 1_800_000_000_000_000_000)
+        assert svc.traced is not None and not svc.traced.tracing
+        assert ops.set_job.__self__ is inner  # type: ignore[attr-defined]
+        assert (len(svc.requests), svc.requests.dropped, svc.requests.pauses) == (4, 1, 1)
+        svc.requests.drain(1)
+        svc.check_room()
+        assert not svc.traced.tracing  # 3 of 4 still queued: more than half
+        svc.requests.drain(1)
+        clock.advance(2.5)
+        svc.check_room()
+        assert svc.traced.tracing
+        assert svc.requests.paused_seconds == 2.5
+        ops.get_job(Caller(), "j.5")
+        assert [e[0] for e in svc.requests.drain(10)] == ["set_job", "set_job", "get_job"]
+        assert dict(inner.stat())["jobs_total"] == 6
+
     def test_shares_the_wrapped_state(self) -> None:
         """The proxy reads and counts connections through the wrapped operations."""
         inner = _operations()

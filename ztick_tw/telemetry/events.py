@@ -54,6 +54,8 @@ class EventQueue(Generic[E]):
         self.items: deque[E] = deque()
         self.dropped = 0  # written by the producer thread only
         self.taken = 0  # written by the consumer thread only
+        self.pauses = 0  # times the producer paused (requests: tracing paused when full)
+        self.paused_seconds = 0.0  # how long, in all (closed pauses)
 
     @property
     def accepted(self) -> int:

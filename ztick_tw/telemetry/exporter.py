@@ -33,7 +33,7 @@ DRAIN_SECONDS = 0.1
 #: time; 1,000/s takes ~4%.  Past this rate request events wait in their queue and, once
 #: it is full, the reactor drops them (counted: ``ztick_telemetry_dropped``).  Runs are
 #: not limited (the scheduler's own rate bounds them).
-REQUEST_SPANS_PER_SECOND = 1000
+REQUEST_SPANS_PER_SECOND = 500
 #: The SDK's span queue (spans beyond it are dropped) and its export batch.
 MAX_SPANS_QUEUED = 8192
 MAX_EXPORT_BATCH = 512
@@ -118,6 +118,12 @@ class Exporter:
         meter.create_observable_counter(
             "ztick_telemetry_dropped", [self._dropped], description="Events dropped (full)"
         )
+        meter.create_observable_counter(
+            "ztick_telemetry_paused_seconds",
+            [self._paused],
+            unit="s",
+            description="Time request tracing was paused (its queue full)",
+        )
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._work, name="ztick-telemetry", daemon=True)
 
@@ -135,6 +141,9 @@ class Exporter:
             return [Observation(int(self._snapshot().get(key, 0)))]
 
         return observe
+
+    def _paused(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self.requests.paused_seconds)]
 
     def _dropped(self, options: CallbackOptions) -> Iterable[Observation]:
         return [

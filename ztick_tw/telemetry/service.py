@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+#: How often the reactor checks whether paused request tracing can resume.
+WATCH_SECONDS = 0.1
 #: Seconds ``stopService`` waits for the last export before giving up on it.
 STOP_TIMEOUT = 5.0
 
@@ -67,6 +69,8 @@ class TelemetryService(Service):
         self.runs: EventQueue[RunEvent] = EventQueue(capacity)  # from TracingRunner
         self.stop_timeout = stop_timeout
         self.operations: Operations | None = None
+        self.traced: TracedOperations | None = None
+        self._watch: LoopingCall | None = None
         self._snapshot: Snapshot = {}
         self._sampler: LoopingCall | None = None
         self.exporter: Exporter | None = None
@@ -82,7 +86,8 @@ class TelemetryService(Service):
         if not self.enabled:
             return operations
         self.operations = operations
-        return TracedOperations(operations, self.requests, self.reactor)
+        self.traced = TracedOperations(operations, self.requests, self.reactor)
+        return self.traced
 
     def wrap_runner(self, runner: IRunner) -> IRunner:
         """``runner`` recording a span per run (itself when telemetry is off)."""
@@ -105,6 +110,11 @@ class TelemetryService(Service):
         if self.operations is not None:
             self._snapshot = dict(self.operations.stat())
 
+    def check_room(self) -> None:
+        """Resume request tracing once the worker has made room (every 0.1 s)."""
+        if self.traced is not None:
+            self.traced.resume_tracing()
+
     def startService(self) -> None:
         """Start the worker thread, the SDK's exporters and the STAT sampling."""
         from ztick_tw.telemetry.exporter import Exporter, signal_url
@@ -125,6 +135,9 @@ class TelemetryService(Service):
         self._sampler = LoopingCall(self.sample)
         self._sampler.clock = self.reactor
         self._sampler.start(max(0.1, c.flush_interval_ms / 1000), now=False)
+        self._watch = LoopingCall(self.check_room)
+        self._watch.clock = self.reactor
+        self._watch.start(WATCH_SECONDS, now=False)
         log.info(
             "telemetry: exporting over OTLP/HTTP to {url} every {ms} ms as {service}",
             url=signal_url(c.endpoint, "traces"),
@@ -135,8 +148,9 @@ class TelemetryService(Service):
     def stopService(self) -> Deferred[None]:
         """Flush what is queued, within ``stop_timeout`` seconds, then shut the SDK down."""
         super().stopService()  # type: ignore[no-untyped-call]
-        if self._sampler is not None and self._sampler.running:
-            self._sampler.stop()
+        for call in (self._sampler, self._watch):
+            if call is not None and call.running:
+                call.stop()
         self.sample()
         exporter = self.exporter
         d: Deferred[None] = Deferred()
@@ -153,11 +167,12 @@ class TelemetryService(Service):
                     " leaving it",
                     s=self.stop_timeout,
                 )
-            if self.requests.dropped or self.runs.dropped:
+            if self.requests.pauses or self.runs.dropped:
                 log.warn(
-                    "telemetry: {requests} request and {runs} run events dropped"
-                    " (queues of {capacity} full)",
-                    requests=self.requests.dropped,
+                    "telemetry: request tracing paused {pauses} times ({seconds:.1f}s in all)"
+                    " and {runs} run events dropped: queues of {capacity} full",
+                    pauses=self.requests.pauses,
+                    seconds=self.requests.paused_seconds,
                     runs=self.runs.dropped,
                     capacity=self.requests.capacity,
                 )

@@ -30,6 +30,29 @@ from ztick_tw.telemetry.events import EventQueue, RequestEvent, RunEvent
 T = TypeVar("T")
 
 
+#: The operations ``TracedOperations`` traces (each a method of its own).
+TRACED = (
+    "set_job",
+    "get_job",
+    "query",
+    "remove_job",
+    "set_rule",
+    "remove_rule",
+    "list_rules",
+    "set_schedule",
+    "get_schedule",
+    "list_schedules",
+    "remove_schedule",
+    "preview",
+    "pause",
+    "resume",
+    "run_now",
+    "history_of",
+    "rule_policy",
+    "stat",
+)
+
+
 def outcome_word(outcome: Outcome) -> str:
     """The ``outcome`` attribute of a run: success, failure, timeout, cancelled, interrupted."""
     if outcome.success:
@@ -55,6 +78,7 @@ class TracedOperations(Operations):
     _inner: Operations
     _events: EventQueue[RequestEvent]
     _seconds: Callable[[], float]
+    _paused_at: float | None
 
     def __init__(
         self, inner: Operations, events: EventQueue[RequestEvent], reactor: IReactorTime
@@ -63,6 +87,7 @@ class TracedOperations(Operations):
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_events", events)
         object.__setattr__(self, "_seconds", reactor.seconds)
+        object.__setattr__(self, "_paused_at", None)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -76,8 +101,9 @@ class TracedOperations(Operations):
         # On the reactor for every request: kept to a length check and one append.
         events = self._events
         items = events.items
-        if len(items) >= events.capacity:  # the worker is behind: count the drop only
+        if len(items) >= events.capacity:  # the worker is behind: pause tracing
             events.dropped += 1
+            self.pause_tracing()
             return call(*args)
         seconds = self._seconds
         start = seconds()
@@ -88,6 +114,38 @@ class TracedOperations(Operations):
             raise
         items.append((operation, caller, ident, "", start, seconds()))
         return result
+
+    # -- pausing: no cost at all while the worker is behind -----------------------------
+
+    @property
+    def tracing(self) -> bool:
+        """False while tracing is paused (the request queue was full)."""
+        return self._paused_at is None
+
+    def pause_tracing(self) -> None:
+        """Make every traced operation the wrapped instance's own method, until resumed.
+
+        Even a length check per request costs a SET flood ~7%: while the queue is full
+        the requests go straight through (neither traced nor counted one by one).
+        """
+        if self._paused_at is not None:
+            return
+        inner = self._inner
+        for name in TRACED:
+            object.__setattr__(self, name, getattr(inner, name))
+        object.__setattr__(self, "_paused_at", self._seconds())
+        self._events.pauses += 1
+
+    def resume_tracing(self) -> None:
+        """Trace again if paused and the queue is at most half full (on the reactor)."""
+        paused_at = self._paused_at
+        events = self._events
+        if paused_at is None or len(events.items) > events.capacity // 2:
+            return
+        for name in TRACED:
+            object.__delattr__(self, name)
+        object.__setattr__(self, "_paused_at", None)
+        events.paused_seconds += self._seconds() - paused_at
 
     @property
     def inner(self) -> Operations:
@@ -107,6 +165,7 @@ class TracedOperations(Operations):
         items = events.items
         if len(items) >= events.capacity:
             events.dropped += 1
+            self.pause_tracing()
             return self._inner.set_job(caller, job_id, execution)
         seconds = self._seconds
         start = seconds()
