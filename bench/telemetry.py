@@ -5,8 +5,8 @@ with ``[telemetry]`` off and once with it on (``flush_interval_ms = 1000``, expo
 every second to a local OTLP/HTTP receiver in this process that decodes the spans it
 gets), runs interleaved off/on on fresh daemons; the figure is the ratio of the best
 on-run to the best off-run.  Every SET is a span candidate: past the worker's span budget
-(``REQUEST_SPANS_PER_SECOND``) request events queue and then are dropped and counted, so
-the spans received are reported beside the throughput.
+(``REQUEST_SPANS_PER_SECOND``) request events queue and, once the queue is full, request
+tracing pauses, so the spans received are reported beside the throughput.
 
 Until ``ztick_tw/service.py`` wires ``TelemetryService`` itself, the "on" daemon is
 started as ``python -m bench.telemetry serve -c FILE``: the same daemon, with
@@ -302,7 +302,7 @@ def telemetry_overhead(ctx: Context) -> list[Metric]:
             "spans",
             None,
             "",
-            "Spans past the worker's budget (1,000/s) or a full queue are dropped, counted.",
+            "Request spans are made at most 500/s; a full queue pauses tracing.",
         ),
     ]
 

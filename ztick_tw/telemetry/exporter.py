@@ -30,9 +30,9 @@ DRAIN_SECONDS = 0.1
 #: Request spans made per second at most.  A span costs the worker and the SDK's export
 #: thread ~40 µs of CPU under the GIL the reactor shares (measured: 33 µs to make, the
 #: rest to encode and send): unbounded, 100,000 SET/s would take most of the reactor's
-#: time; 1,000/s takes ~4%.  Past this rate request events wait in their queue and, once
-#: it is full, the reactor drops them (counted: ``ztick_telemetry_dropped``).  Runs are
-#: not limited (the scheduler's own rate bounds them).
+#: time; 500/s takes ~2%.  Past this rate request events wait in their queue and, once it
+#: is full, request tracing pauses (``TracedOperations.pause_tracing``).  Runs are not
+#: limited (the scheduler's own rate bounds them).
 REQUEST_SPANS_PER_SECOND = 500
 #: The SDK's span queue (spans beyond it are dropped) and its export batch.
 MAX_SPANS_QUEUED = 8192
