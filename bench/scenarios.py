@@ -1067,6 +1067,11 @@ SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
         "Issue 11: PUT /jobs/{id} req/s over 50 keep-alive connections (≥ 10,000/s),"
         " GET /jobs/{id} p50 (≤ 300 µs).",
     ),
+    "telemetry_overhead": _elsewhere(
+        "bench.telemetry",
+        "telemetry_overhead",
+        "Issue 11: SET/s with OTLP telemetry on vs off (≥ 0.90).",
+    ),
     "metrics_scrape": _elsewhere(
         "bench.metrics",
         "metrics_scrape",

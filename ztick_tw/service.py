@@ -45,6 +45,7 @@ from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.store.base import IStore, StoreError
 from ztick_tw.store.logfile import LogfileStore
 from ztick_tw.store.memory import MemoryStore
+from ztick_tw.telemetry import TelemetryService
 from ztick_tw.tls import ReloadableServerTLS, TLSReloadService, TLSSetupError, tls_factory
 
 log = Logger(namespace="ztick_tw")
@@ -347,12 +348,7 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     )
     for warning in config.warnings:
         log.warn("{problem}", problem=warning)
-    if config.telemetry.enabled:
-        log.warn(
-            "{source}: [telemetry] enabled, but ztick-tw does not export telemetry yet;"
-            " ignoring it",
-            source=config.source,
-        )
+    telemetry = TelemetryService(config.telemetry, reactor)
     started = reactor.seconds()
     try:
         store = make_store(config, reactor)
@@ -371,7 +367,7 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
         scheduler = Scheduler(
             reactor,
             store,
-            make_runners(config, reactor),
+            telemetry.wrap_runners(make_runners(config, reactor)),
             max_concurrent=config.scheduler.max_concurrent_runs,
             interrupted=config.scheduler.interrupted_jobs,
             history=history,
@@ -420,6 +416,7 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
         history=history,
         history_runs=config.history.runs,
     )
+    operations = telemetry.wrap_operations(operations)  # a span per request when enabled
     factory = ZtickFactory(
         scheduler,
         reactor,
@@ -432,6 +429,8 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
     )
     served: IProtocolFactory = factory if tls is None else tls_factory(factory, tls)
     top = ZtickService(config.controller.listen_endpoint, reactor)
+    if telemetry.enabled:
+        telemetry.setServiceParent(top)  # first: exporting before the listener accepts
     SchedulerService(
         scheduler, store, config.scheduler.shutdown_grace, top.steps, history
     ).setServiceParent(top)
