@@ -29,7 +29,7 @@ from twisted.python.log import ILogObserver as ILegacyLogObserver
 from twisted.python.log import textFromEventDict
 from zope.interface import implementer
 
-from tests.e2e.daemon import Daemon, daemon, free_port, now_ns, quote, wait_status
+from tests.e2e.daemon import Daemon, daemon, now_ns, quote, wait_status
 from ztick_tw.logs import (
     apply_under_twistd,
     escape,
@@ -274,22 +274,19 @@ def ztick(tmp_path: Path) -> Iterator[Daemon]:
 def test_twistd_applies_log_level(ztick: Daemon) -> None:
     """``twistd -n ztick`` with ``level = "warn"``: warnings are logged, info lines are not.
 
-    The ignored ``[http] listen`` gives a startup warning; the "listening on" line and
-    twistd's own "starting up" lines are info, so they are absent.
+    An unquoted value (read as ztick reads it) gives a startup warning; the "listening
+    on" line and twistd's own "starting up" lines are info, so they are absent.
     """
-    ztick.write_config(
-        {
-            "log": {"level": "warn"},
-            "controller": {"listen": f"tcp:{ztick.port}:interface=127.0.0.1"},
-            "http": {"listen": f"127.0.0.1:{free_port()}"},
-            "database": {"logfile_path": "ztick.log"},
-        }
+    ztick.config_path.write_text(
+        '[log]\nlevel = "warn"\n'
+        f'[controller]\nlisten = "tcp:{ztick.port}:interface=127.0.0.1"\n'
+        "[database]\nlogfile_path = ztick.log\n"
     )
     ztick.start("twistd")
     ztick.client().ok("SET tw.level 2030-01-06 03:00:00")
     ztick.stop()
     output = ztick.runs[-1].output()
-    assert "[ztick_tw#warn]" in output and "ignoring it" in output, output
+    assert "[ztick_tw#warn]" in output and "unquoted value ztick.log" in output, output
     assert "#info]" not in output, output
     assert "listening on" not in output
     assert "starting up" not in output
