@@ -14,7 +14,6 @@ import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from tests.e2e.daemon import (
     wait_status,
     wait_until,
 )
+from tests.e2e.webhook import HookServer, serving_hook
 from tests.rabbitmq_server import RabbitMQServer, unique_name
 from tests.redis_server import RedisServer
 
@@ -39,58 +39,11 @@ SECOND = 1_000_000_000
 # --------------------------------------------------------------------------- receivers
 
 
-class _Hook(BaseHTTPRequestHandler):
-    """Records every request; the status it answers comes from the path (``/status/500``)."""
-
-    server: _HookServer
-
-    def _handle(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        with self.server.lock:
-            self.server.requests.append((self.command, self.path, dict(self.headers), body))
-        status = 200
-        if self.path.startswith("/status/"):
-            status = int(self.path.split("?")[0].rsplit("/", 1)[1])
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_GET = do_POST = do_PUT = do_DELETE = _handle
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Keep the test output quiet."""
-
-
-class _HookServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Hook)
-        self.lock = threading.Lock()
-        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def bodies(self, path: str) -> list[bytes]:
-        with self.lock:
-            return [body for _, p, _, body in self.requests if p == path]
-
-
 @pytest.fixture
-def hook() -> Iterator[_HookServer]:
+def hook() -> Iterator[HookServer]:
     """A webhook receiver on a free loopback port, served from a thread."""
-    server = _HookServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving_hook() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @contextlib.contextmanager
@@ -142,7 +95,7 @@ def _now_jobs(client: LineClient, ids: list[str]) -> None:
 # -------------------------------------------------------------------------------- http
 
 
-def test_http_post_delivers_ztick_body(ztick: Daemon, hook: _HookServer) -> None:
+def test_http_post_delivers_ztick_body(ztick: Daemon, hook: HookServer) -> None:
     """A POST rule sends ztick's JSON body for each job and marks it executed."""
     ztick.start()
     with ztick.client() as c:
@@ -161,7 +114,7 @@ def test_http_post_delivers_ztick_body(ztick: Daemon, hook: _HookServer) -> None
 
 
 def test_http_failures_fail_their_jobs_without_delaying_others(
-    ztick: Daemon, hook: _HookServer
+    ztick: Daemon, hook: HookServer
 ) -> None:
     """500, refused and a hung server each fail their job; the others are not held up.
 
@@ -191,7 +144,7 @@ def test_http_failures_fail_their_jobs_without_delaying_others(
     assert "refused" in log
 
 
-def test_http_credentials_never_reach_the_log(ztick: Daemon, hook: _HookServer) -> None:
+def test_http_credentials_never_reach_the_log(ztick: Daemon, hook: HookServer) -> None:
     """A URL's password and query token are used for the request but never logged."""
     ztick.start()
     url = hook.base.replace("http://", "http://alice:pa55word@") + "/status/503?token=t0ken"
@@ -208,7 +161,7 @@ def test_http_credentials_never_reach_the_log(ztick: Daemon, hook: _HookServer) 
     assert "t0ken" not in log
 
 
-def test_http_json_format_and_signature(tmp_path: Path, hook: _HookServer) -> None:
+def test_http_json_format_and_signature(tmp_path: Path, hook: HookServer) -> None:
     """With message_format json and a signing secret, receivers get the rich document.
 
     The signature header verifies with the receiver's copy of the secret.
