@@ -46,6 +46,7 @@ from ztick_tw.scheduler.core import (
 )
 from ztick_tw.scheduler.timers import now_ns
 from ztick_tw.schedules import (
+    Schedule,
     ScheduleError,
     compile_schedule,
     parse_options,
@@ -422,7 +423,7 @@ class Operations:
         except StoreError as e:
             raise Unavailable(str(e)) from None
 
-    def _compile(self, text: str, options: Sequence[str]) -> Any:
+    def _compile(self, text: str, options: Sequence[str]) -> Schedule:
         try:
             return compile_schedule(text, parse_options(options), now_ns(self.reactor))
         except ScheduleError as e:

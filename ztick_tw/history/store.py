@@ -345,7 +345,7 @@ class History:
             if not self._queue:
                 self._wake.get()
             self._idle = False
-            if not self._urgent and not self._closing_seen() and len(self._queue) < BATCH_MAX:
+            if not self._urgent and self._closing is None and len(self._queue) < BATCH_MAX:
                 # Let writes gather: one wake-up and one transaction per GATHER_S, not
                 # one per run.  A writer thread that wakes for every run takes the GIL
                 # from the reactor each time (measured: 3,000 shell runs draining went
@@ -363,9 +363,6 @@ class History:
                 self._reactor_call(self._deliver, answers)
             if self._closed:
                 return
-
-    def _closing_seen(self) -> bool:
-        return self._closing is not None
 
     def _reactor_call(self, f: Callable[..., object], *args: object) -> None:
         IReactorFromThreads(self._reactor).callFromThread(f, *args)
