@@ -53,6 +53,7 @@ from ztick_tw.model import Entry
 from ztick_tw.store.base import Commit, CompactionAborted, CorruptLogError, IStore, StoreError
 from ztick_tw.store.codec import encode, scan
 from ztick_tw.store.leftovers import merge_ztick_leftovers
+from ztick_tw.store.sync_thread import SyncThread
 
 __all__ = [
     "COMPACT_SUFFIX",
@@ -185,6 +186,7 @@ class LogfileStore:
         self.fsync = fsync
         self.recover = recover
         self._sync_runner = sync_runner
+        self._sync_thread: SyncThread | None = None  # the fsyncs' own thread (lazily)
         self._fd: int | None = None
         self._loaded = False
         self._closed = False
@@ -498,6 +500,14 @@ class LogfileStore:
             self._sync_runner = thread_pool_runner(self._reactor)
         return self._sync_runner
 
+    def _fsync_runner(self) -> SyncRunner:
+        """The group commit's runner: an injected one, else a thread of its own."""
+        if self._sync_runner is not None:
+            return self._sync_runner
+        if self._sync_thread is None:
+            self._sync_thread = SyncThread(self._reactor)
+        return self._sync_thread
+
     def _start_sync(self) -> None:
         """Start an fsync covering every written batch, unless one is in flight."""
         fd = self._fd
@@ -520,7 +530,7 @@ class LogfileStore:
                 os.fsync(fd)
 
         try:
-            d = self._runner()(blocking_fsync)
+            d = self._fsync_runner()(blocking_fsync)
         except Exception:
             d = fail()
 
@@ -651,6 +661,8 @@ class LogfileStore:
             self._fd = None
             self._close_retired()
             os.close(fd)
+            if self._sync_thread is not None:
+                self._sync_thread.stop()
 
     # ----------------------------------------------------------------- compaction
 
