@@ -265,3 +265,44 @@ def test_prometheus_listen_serves_metrics_without_a_rest_api(tmp_path: Path) -> 
         values = wait_until(lambda: scrape() or None, "/metrics to answer")
         assert values["ztick_jobs[('status', 'planned')]"] == 1.0
         assert d.stop() == 0
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_never_reads_costs_bounded_memory(
+    rest_daemon: tuple[Daemon, int],
+) -> None:
+    """Pipelined listings to a client that never reads: memory stays bounded, others served.
+
+    300 pipelined ``GET /jobs`` of 20,000 jobs would be ~450 MB of answers; the daemon
+    stops reading that connection once its send buffer is full, so its RSS moves by a few
+    MB and another client's requests are answered meanwhile.
+    """
+    d, port = rest_daemon
+    n = 20_000
+    with d.client() as line:
+        line.send_lines([f"s{i} SET p.{i:05d} 2000000000000000000" for i in range(n)])
+        for i in range(n):
+            assert line.read_line() == f"s{i} OK"
+    run = d.current
+    assert run is not None
+    before = _rss_kb(run.pid)
+    hog = socket.create_connection(("127.0.0.1", port))
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.setblocking(False)
+    request = b"GET /jobs?prefix=p. HTTP/1.1\r\nhost: x\r\n\r\n"
+    for _ in range(300):
+        with contextlib.suppress(BlockingIOError):
+            hog.send(request)
+    c = _client(port)
+    for _ in range(20):  # the hog neither blocks the reactor nor starves others
+        assert c.call("GET", "/health")[:2] == (200, {"status": "ok"})
+    grown_mb = (_rss_kb(run.pid) - before) / 1024
+    assert grown_mb < 40, f"RSS grew {grown_mb:.1f} MB for a client that never reads"
+    hog.close()
+    assert c.call("GET", "/jobs/p.00001")[0] == 200

@@ -7,10 +7,10 @@ and never 500.
 
 from __future__ import annotations
 
-import calendar
 import json
 import re
 from collections.abc import Mapping, Sequence
+from datetime import date
 from typing import Any
 
 from ztick_tw.model import I64_MAX, I64_MIN, Rule, ShownStatus
@@ -49,6 +49,10 @@ _RFC3339 = re.compile(
 )
 
 
+#: ``date(1970, 1, 1).toordinal()``: days before the epoch in the proleptic calendar.
+_EPOCH_ORDINAL = 719_163
+
+
 def parse_time(text: object, name: str = "execution") -> int:
     """Nanoseconds since the epoch of an RFC 3339 time with a zone (fractions to ns)."""
     if not isinstance(text, str):
@@ -59,19 +63,23 @@ def parse_time(text: object, name: str = "execution") -> int:
             f"{name} {text[:64]!r} is not RFC 3339 with a zone"
             " (e.g. 2030-01-02T03:04:05.123456789Z or +02:00)"
         )
-    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
-    if not (1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]):
-        raise Invalid(f"{name} {text!r}: no such date")
+    g = m.groups()
+    year, month, day = int(g[0]), int(g[1]), int(g[2])
+    hour, minute, second = int(g[3]), int(g[4]), int(g[5])
     if hour > 23 or minute > 59 or second > 59:
         raise Invalid(f"{name} {text!r}: no such time of day")
+    try:
+        days = date(year, month, day).toordinal() - _EPOCH_ORDINAL
+    except ValueError:
+        raise Invalid(f"{name} {text!r}: no such date") from None
     offset = 0
-    if m.group(9) is not None:
-        oh, om = int(m.group(10)), int(m.group(11))
+    if g[8] is not None:
+        oh, om = int(g[9]), int(g[10])
         if oh > 23 or om > 59:
             raise Invalid(f"{name} {text!r}: bad zone offset")
-        offset = (oh * 60 + om) * 60 * (1 if m.group(9) == "+" else -1)
-    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)) - offset
-    fraction = int((m.group(7) or "").ljust(9, "0"))
+        offset = (oh * 60 + om) * 60 * (1 if g[8] == "+" else -1)
+    seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset
+    fraction = int(g[6].ljust(9, "0")) if g[6] else 0
     ns = seconds * 1_000_000_000 + fraction
     if not I64_MIN <= ns <= I64_MAX:
         raise Invalid(f"{name} {text!r} is outside the signed 64-bit nanosecond range")
@@ -81,7 +89,7 @@ def parse_time(text: object, name: str = "execution") -> int:
 def load(body: bytes) -> dict[str, Any]:
     """The JSON object of a request body."""
     try:
-        value = json.loads(body)
+        value = json.loads(body.decode("utf-8"))  # JSON is UTF-8 (RFC 8259): no sniffing
     except (ValueError, RecursionError):
         raise Invalid("the body is not JSON") from None
     if not isinstance(value, dict):

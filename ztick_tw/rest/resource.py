@@ -16,8 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET
 
 from ztick_tw.auth import TokenStore
 from ztick_tw.operations import (
@@ -34,6 +33,7 @@ from ztick_tw.operations import (
     when_durable,
 )
 from ztick_tw.rest import bodies
+from ztick_tw.rest.http11 import HttpRequest as Request
 from ztick_tw.rest.openapi import document_bytes
 
 log = Logger(namespace="ztick_tw.rest")
@@ -77,10 +77,8 @@ def status_of(error: BaseException) -> int:
 Answer = tuple[int, Any]  # (status, JSON value or None for no body)
 
 
-class RestResource(Resource):
-    """The whole REST API (SPEC §7) as one leaf resource."""
-
-    isLeaf = True
+class RestResource:
+    """The whole REST API (SPEC §7): ``render`` answers any request of the listener."""
 
     def __init__(
         self,
@@ -90,7 +88,6 @@ class RestResource(Resource):
         tokens: TokenStore | None = None,
         metrics: Any = None,
     ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
         self.ops = operations
         self.reactor = reactor
         self.tokens = tokens
@@ -104,7 +101,7 @@ class RestResource(Resource):
         if method == "HEAD":
             method = "GET"
         try:
-            path = [p.decode("utf-8") for p in request.postpath or []]
+            path = [p.decode("utf-8") for p in request.postpath]
         except UnicodeDecodeError:
             return self._error(request, Invalid("the path is not UTF-8"))
         if path and path[-1] == "" and len(path) > 1:
@@ -166,7 +163,7 @@ class RestResource(Resource):
     @staticmethod
     def _raw(request: Request, status: int, body: bytes) -> bytes:
         request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")  # type: ignore[no-untyped-call]
+        request.setHeader(b"content-type", b"application/json")
         return body
 
     def _error(self, request: Request, error: BaseException) -> bytes:
@@ -180,18 +177,16 @@ class RestResource(Resource):
                 "REST {method} {status}: {why}", method=request.method, status=status, why=why
             )
         if status == 401:
-            request.setHeader(b"www-authenticate", b"Bearer")  # type: ignore[no-untyped-call]
+            request.setHeader(b"www-authenticate", b"Bearer")
         if isinstance(error, BadMethod):
             allow = ", ".join(error.allowed).encode()
-            request.setHeader(b"allow", allow)  # type: ignore[no-untyped-call]
+            request.setHeader(b"allow", allow)
         return self._json(request, status, {"error": why})
 
     def _later(self, request: Request, d: Deferred[Answer]) -> None:
         d.addCallbacks(
-            lambda answer: self._finish(request, self._json(request, *answer)),
-            lambda failure: self._finish(
-                request, self._error(request, failure.value or Exception())
-            ),
+            lambda answer: request.answer(self._json(request, *answer)),
+            lambda failure: request.answer(self._error(request, failure.value or Exception())),
         )
 
     def _when_durable(self, request: Request, wait: _Wait) -> None:
@@ -203,21 +198,12 @@ class RestResource(Resource):
         def resolved(handle: Durable) -> None:
             error = handle.error
             if error is None:
-                self._finish(request, self._json(request, *wait.answer))
+                request.answer(self._json(request, *wait.answer))
             else:
                 failed = Unavailable(f"cannot persist: {error}")
-                self._finish(request, self._error(request, failed))
+                request.answer(self._error(request, failed))
 
         wait.handle.subscribe(resolved)
-
-    @staticmethod
-    def _finish(request: Request, body: bytes) -> None:
-        """Send a late answer (with a length, not chunks) unless the client has gone."""
-        if request._disconnected or request.finished:
-            return
-        request.setHeader(b"content-length", b"%d" % len(body))  # type: ignore[no-untyped-call]
-        request.write(body)  # type: ignore[no-untyped-call]
-        request.finish()  # type: ignore[no-untyped-call]
 
     # -- routes ------------------------------------------------------------------------
 
@@ -329,7 +315,7 @@ class RestResource(Resource):
             raise Invalid("schedule is missing")
         count = _int_arg(request, "count", 5)
         options = []
-        for raw_key, values in (request.args or {}).items():
+        for raw_key, values in request.args.items():
             key = raw_key.decode("utf-8", "replace")
             if key in ("schedule", "count"):
                 continue
@@ -354,8 +340,7 @@ def _durable(handle: Durable | None, answer: Answer) -> Answer | _Wait:
 
 
 def _raw_body(request: Request) -> bytes:
-    content: Any = request.content
-    return b"" if content is None else bytes(content.getvalue())
+    return request.body
 
 
 def _body(request: Request) -> dict[str, Any]:
@@ -363,7 +348,7 @@ def _body(request: Request) -> dict[str, Any]:
 
 
 def _arg(request: Request, name: str) -> str | None:
-    values = (request.args or {}).get(name.encode())
+    values = request.args.get(name.encode())
     if not values:
         return None
     try:
@@ -398,9 +383,9 @@ class _JobStream:
     def start(self) -> None:
         request = self.request
         request.setResponseCode(200)
-        request.setHeader(b"content-type", b"application/json")  # type: ignore[no-untyped-call]
+        request.setHeader(b"content-type", b"application/json")
         request.notifyFinish().addErrback(lambda _: self.stopProducing())
-        request.registerProducer(self, False)  # type: ignore[no-untyped-call]
+        request.registerProducer(self, False)
 
     def resumeProducing(self) -> None:
         if self.done:
@@ -414,12 +399,12 @@ class _JobStream:
         self.first = False
         if len(page) < PAGE:
             self.done = True
-            self.request.write(prefix + chunk.encode() + b"]")  # type: ignore[no-untyped-call]
-            self.request.unregisterProducer()  # type: ignore[no-untyped-call]
-            self.request.finish()  # type: ignore[no-untyped-call]
+            self.request.write(prefix + chunk.encode() + b"]")
+            self.request.unregisterProducer()
+            self.request.finish()
             return
         self.after = page[-1][0]
-        self.request.write(prefix + chunk.encode())  # type: ignore[no-untyped-call]
+        self.request.write(prefix + chunk.encode())
 
     def stopProducing(self) -> None:
         self.done = True

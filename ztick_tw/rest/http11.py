@@ -1,0 +1,601 @@
+"""HTTP/1.1 framing for the REST listener: bytes to requests, answers to bytes.
+
+``twisted.web``'s ``HTTPChannel`` and ``Request`` cost ~130 µs of Python a request on
+this project's machine (a bare ``Site`` answering a fixed body tops out at ~7,600
+PUT/s; docs/benchmarks.md), more than the whole budget of issue 11's 10,000 PUT/s.  So
+the REST listener parses with ``httptools`` (llhttp, the parser of Node.js and uvicorn,
+in C) and keeps here only what a server must do around it:
+
+- one request at a time per connection, answers in order (pipelined requests wait,
+  parsed, and reading pauses while more than a few wait);
+- bounds: request head ``MAX_HEAD`` bytes and ``MAX_HEADERS`` lines (431), body
+  ``MAX_BODY`` (413, before a byte of it when declared, as soon as it passes when
+  chunked); a malformed request is answered 400 with llhttp's reason; after any of
+  these the connection is closed;
+- back-pressure: while the socket's send buffer is full (a client that does not read)
+  nothing more is read or parsed;
+- an idle timeout (no byte for ``timeout`` seconds), one ``DelayedCall`` a connection,
+  re-armed lazily instead of reset on every read;
+- answers with a length; a streamed answer (``GET /jobs``) with chunked encoding, from
+  a pull producer driven as the socket drains; ``HEAD`` without the body;
+  ``Expect: 100-continue``; ``Connection: close`` and HTTP/1.0 honoured.
+
+:class:`HttpRequest` offers the part of ``twisted.web.server.Request`` the resources
+use (``method``, ``postpath``, ``args``, ``getHeader``, ``setResponseCode``,
+``setHeader``, ``write``, ``finish``, ``notifyFinish``, ``registerProducer``), so
+``RestResource`` and ``prometheus_client``-backed ``MetricsResource`` render on it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
+
+import httptools
+from twisted.internet import tcp
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from ztick_tw.rest.site import RestSite
+
+log = Logger(namespace="ztick_tw.rest")
+
+#: The largest request body accepted (SPEC §7: over 1 MB is 413).
+MAX_BODY = 1_000_000
+#: The request line and headers together, at most (else 431).
+MAX_HEAD = 16_384
+#: Header lines at most (else 431).
+MAX_HEADERS = 100
+#: Parsed requests waiting behind the one being answered before reading pauses.
+MAX_WAITING = 8
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_NO_BODY = frozenset({204, 304})
+
+
+def _error_body(why: str) -> bytes:
+    return json.dumps({"error": why}).encode()
+
+
+def parse_query(query: bytes) -> dict[bytes, list[bytes]]:
+    """``a=1&b=&a=2`` to ``{a: [1, 2], b: [""]}``, as bytes (any byte may be %-escaped)."""
+    args: dict[bytes, list[bytes]] = {}
+    for pair in query.split(b"&"):
+        if not pair:
+            continue
+        name, _, value = pair.replace(b"+", b" ").partition(b"=")
+        args.setdefault(unquote_to_bytes(name), []).append(unquote_to_bytes(value))
+    return args
+
+
+class Dates:
+    """The ``Date`` header's value, formatted once a second."""
+
+    def __init__(self, seconds: Any) -> None:
+        self._seconds = seconds
+        self._at = -1
+        self._value = b""
+
+    def now(self) -> bytes:
+        """``Date``'s value for this second."""
+        second = int(self._seconds())
+        if second != self._at:
+            self._at = second
+            self._value = formatdate(second, usegmt=True).encode()
+        return self._value
+
+
+class HttpRequest:
+    """One request and its answer (what the resources see of ``twisted.web``'s)."""
+
+    __slots__ = (
+        "_args",
+        "_chunked",
+        "_disconnected",
+        "_notify",
+        "_postpath",
+        "_response_headers",
+        "_started",
+        "body",
+        "channel",
+        "code",
+        "finished",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "uri",
+        "version",
+    )
+
+    def __init__(
+        self,
+        channel: HttpChannel,
+        method: bytes,
+        uri: bytes,
+        version: str,
+        keep_alive: bool,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        self.channel = channel
+        self.method = method
+        self.uri = uri
+        if uri[:1] == b"/":
+            path, _, _ = uri.partition(b"?")
+        else:  # absolute-form (a proxy's), or *: the path of the parsed URL
+            try:
+                path = httptools.parse_url(uri).path or b"/"
+            except httptools.HttpParserInvalidURLError:
+                path = b"/"
+        self.path = path
+        self.version = version
+        self.keep_alive = keep_alive
+        self.headers = headers
+        self.body = body
+        self.code = 200
+        self.finished = False
+        self._disconnected = False
+        self._response_headers: list[tuple[bytes, bytes]] = []
+        self._args: dict[bytes, list[bytes]] | None = None
+        self._postpath: list[bytes] | None = None
+        self._started = False
+        self._chunked = False
+        self._notify: list[Deferred[None]] | None = None
+
+    # -- what was asked --------------------------------------------------------------
+
+    @property
+    def postpath(self) -> list[bytes]:
+        """The path's segments, each unquoted after the split (``%2F`` stays in one)."""
+        if self._postpath is None:
+            self._postpath = [unquote_to_bytes(p) for p in self.path[1:].split(b"/")]
+        return self._postpath
+
+    @property
+    def args(self) -> dict[bytes, list[bytes]]:
+        """The query string's arguments, each name with its values in order."""
+        if self._args is None:
+            _, _, query = self.uri.partition(b"?")
+            self._args = parse_query(query)
+        return self._args
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        """The last value of header ``name`` (lower case), or None."""
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                found = value
+        return found
+
+    # -- the answer ------------------------------------------------------------------
+
+    def setResponseCode(self, code: int) -> None:
+        """The answer's status."""
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        """Set response header ``name`` (lower case), replacing an earlier value."""
+        headers = self._response_headers
+        for i, (key, _) in enumerate(headers):
+            if key == name:
+                headers[i] = (name, value)
+                return
+        headers.append((name, value))
+
+    def write(self, data: bytes) -> None:
+        """Send part of the body (the head first, chunked unless a length was set)."""
+        if self.finished or self._disconnected:
+            return
+        if not self._started:
+            self._chunked = self.getResponseHeader(b"content-length") is None
+            self._send_head(None)
+        if self.method == b"HEAD" or self.code in _NO_BODY or not data:
+            return
+        if self._chunked and self.keep_alive:
+            self.channel.send(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.channel.send(data)
+
+    def getResponseHeader(self, name: bytes) -> bytes | None:
+        """A response header set so far, or None."""
+        for key, value in self._response_headers:
+            if key == name:
+                return value
+        return None
+
+    def finish(self) -> None:
+        """The answer is complete: end it and let the connection go on."""
+        if self.finished or self._disconnected:
+            return
+        if not self._started:
+            self._send_head(0)
+        elif (
+            self._chunked
+            and self.keep_alive
+            and self.method != b"HEAD"
+            and self.code not in _NO_BODY
+        ):
+            self.channel.send(b"0\r\n\r\n")
+        self.finished = True
+        notify, self._notify = self._notify, None
+        for d in notify or ():
+            d.callback(None)
+        self.channel.request_done(self)
+
+    def answer(self, body: bytes) -> None:
+        """Send the whole answer at once, with its length (the common case)."""
+        if self.finished or self._disconnected:
+            return
+        self._send_head(len(body), body)
+        self.finished = True
+        notify, self._notify = self._notify, None
+        for d in notify or ():
+            d.callback(None)
+        self.channel.request_done(self)
+
+    def _send_head(self, length: int | None, body: bytes = b"") -> None:
+        """Status line and headers (``length`` None: chunked, or to the close)."""
+        self._started = True
+        code = self.code
+        parts = [
+            b"HTTP/1.1 %d %s\r\ndate: %s\r\n"
+            % (code, _REASONS.get(code, b"Unknown"), self.channel.factory.dates.now())
+        ]
+        for name, value in self._response_headers:
+            if name != b"content-length":
+                parts.append(b"%s: %s\r\n" % (name, value))
+        declared = self.getResponseHeader(b"content-length")
+        if code in _NO_BODY:
+            pass
+        elif declared is not None:
+            parts.append(b"content-length: %s\r\n" % declared)
+        elif length is not None:
+            parts.append(b"content-length: %d\r\n" % length)
+        elif self.keep_alive:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if body and self.method != b"HEAD" and code not in _NO_BODY:
+            parts.append(body)
+        self.channel.send(b"".join(parts))
+
+    def notifyFinish(self) -> Deferred[None]:
+        """Fires when the answer is complete; fails if the connection goes first."""
+        d: Deferred[None] = Deferred()
+        if self.finished:
+            d.callback(None)
+        elif self._disconnected:
+            d.errback(ConnectionError("the connection was lost"))
+        else:
+            if self._notify is None:
+                self._notify = []
+            self._notify.append(d)
+        return d
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """Let ``producer`` write the body as the socket drains (a pull producer)."""
+        self.channel.register_producer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        """The producer has written all it will."""
+        self.channel.unregister_producer()
+
+    def lost(self) -> None:
+        """The connection went before the answer was complete."""
+        self._disconnected = True
+        notify, self._notify = self._notify, None
+        for d in notify or ():
+            d.errback(ConnectionError("the connection was lost"))
+
+
+@implementer(IPushProducer)
+class HttpChannel(Protocol):
+    """One HTTP/1.1 connection: llhttp's callbacks build requests, answered in order."""
+
+    factory: RestSite
+    transport: Any  # a TCP or TLS transport: also a producer and a consumer
+
+    def __init__(self) -> None:
+        self._parser: Any = None
+        self._waiting: deque[HttpRequest] = deque()
+        self._active: HttpRequest | None = None
+        self._closing = False
+        # the request being parsed
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+        # flow
+        self._send_full = False  # the transport paused us: its buffer is full
+        self._reading = True
+        self._producer: Any = None
+        self._producing = False
+        self._last = 0.0
+        self._idle: IDelayedCall | None = None
+        self._socket: Any = None
+
+    # -- connection ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Count the connection, start parsing, arm the idle timeout."""
+        site = self.factory
+        site.connections += 1
+        self._parser = httptools.HttpRequestParser(self)
+        transport = self.transport
+        transport.registerProducer(self, True)
+        if isinstance(transport, tcp.Connection):  # plain TCP: answers may go out at once
+            self._socket = transport.socket
+        if site.timeout:
+            self._last = site.reactor.seconds()
+            self._idle = site.reactor.callLater(site.timeout, self._check_idle)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Uncount it; a request still being answered learns it is lost."""
+        self.factory.connections -= 1
+        self._closing = True
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.stopProducing()
+        if self._active is not None:
+            self._active.lost()
+            self._active = None
+        self._waiting.clear()
+
+    def _check_idle(self) -> None:
+        site = self.factory
+        assert site.timeout
+        idle = site.reactor.seconds() - self._last
+        if idle >= site.timeout:
+            self._idle = None
+            self._close()
+        else:
+            self._idle = site.reactor.callLater(site.timeout - idle, self._check_idle)
+
+    def send(self, data: bytes) -> None:
+        """Write ``data``: straight to the socket when nothing is waiting to be sent.
+
+        Twisted's TCP ``write`` only buffers and asks the reactor to watch for room; the
+        answer leaves one reactor turn later, after two ``epoll_ctl`` calls (about 20 µs
+        of a 60 µs request here).  When the transport's buffer is empty the bytes are
+        sent now and only what the kernel did not take is handed to ``write``, so the
+        order of bytes is the same either way.  TLS goes through its transport.
+        """
+        transport = self.transport
+        sock = self._socket
+        if (
+            sock is not None
+            and not transport._tempDataLen
+            and not transport.dataBuffer
+            and transport.connected
+            and not transport.disconnecting
+        ):
+            try:
+                sent = sock.send(data)
+            except OSError:  # EAGAIN, or an error Twisted's own write will find and report
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Feed llhttp; a malformed request is answered 400 and the connection closed."""
+        if self._closing:
+            return
+        if self._idle is not None:
+            self._last = self.factory.reactor.seconds()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # Upgrade (h2c, websocket) is not offered: the request was a plain one, and
+            # what follows it is parsed as the next request.
+            self._parser = httptools.HttpRequestParser(self)
+            offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+            if offset < len(data):
+                self.dataReceived(data[offset:])
+        except httptools.HttpParserError as e:
+            if not self._closing:
+                why = str(e).strip() or "malformed request"
+                self.refuse(400, f"bad request: {why}")
+        except _Refused:
+            pass
+
+    # -- llhttp's callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        """A new request starts."""
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        self._body = []
+        self._body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        """Part of the request target (bounded with the headers)."""
+        self._url += url
+        self._head_size += len(url)
+        if self._head_size > MAX_HEAD:
+            self.refuse(431, f"the request line and headers are over {MAX_HEAD} bytes")
+            raise _Refused
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """One header line (bounded in number and size)."""
+        headers = self._headers
+        headers.append((name.lower(), value))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_HEAD or len(headers) > MAX_HEADERS:
+            self.refuse(
+                431, f"over {MAX_HEADERS} header lines or {MAX_HEAD} bytes of request head"
+            )
+            raise _Refused
+
+    def on_headers_complete(self) -> None:
+        """Refuse a declared body over the bound; answer ``Expect: 100-continue``."""
+        length = None
+        expect = None
+        for name, value in self._headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"expect":
+                expect = value
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = 0  # llhttp refuses it itself
+            if declared > MAX_BODY:
+                self.refuse(413, f"the body is over {MAX_BODY} bytes")
+                raise _Refused
+        if (
+            expect is not None
+            and expect.lower() == b"100-continue"
+            and self._active is None
+            and not self._waiting
+        ):
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        """Part of the body (chunked or not), refused once past the bound."""
+        self._body_size += len(body)
+        if self._body_size > MAX_BODY:
+            self.refuse(413, f"the body is over {MAX_BODY} bytes")
+            raise _Refused
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        """The request is whole: answer it now, or after those before it."""
+        parser = self._parser
+        parts = self._body
+        request = HttpRequest(
+            self,
+            parser.get_method(),
+            self._url,
+            parser.get_http_version(),
+            parser.should_keep_alive(),
+            self._headers,
+            parts[0] if len(parts) == 1 else b"".join(parts),
+        )
+        self._body = []
+        if self._active is None:
+            self._serve(request)
+        else:
+            self._waiting.append(request)
+            if len(self._waiting) >= MAX_WAITING:
+                self._flow()
+
+    # -- answering -------------------------------------------------------------------
+
+    def _serve(self, request: HttpRequest) -> None:
+        """Render ``request`` now (its answer may come later: ``NOT_DONE_YET``)."""
+        self._active = request
+        try:
+            body = self.factory.resource.render(request)
+        except Exception:
+            log.failure("REST: rendering {path} failed", path=request.path)
+            if not request.finished and not request._started:
+                request.setResponseCode(500)
+                request._response_headers = [(b"content-type", b"application/json")]
+                request.answer(_error_body("internal error"))
+            return
+        if body is NOT_DONE_YET:
+            return
+        if not request.finished:
+            request.answer(body)
+
+    def request_done(self, request: HttpRequest) -> None:
+        """``request``'s answer is complete: close, or answer the next one waiting."""
+        if request is not self._active:
+            return
+        self._active = None
+        if not request.keep_alive or self._closing:
+            self._close()
+            return
+        waiting = self._waiting
+        while waiting and self._active is None and not self._closing:
+            self._serve(waiting.popleft())
+        self._flow()
+
+    def refuse(self, code: int, why: str) -> None:
+        """Answer ``code`` with ``why`` out of turn and close (the stream is unusable)."""
+        if self._closing:
+            return
+        self._closing = True
+        body = _error_body(why)
+        self.send(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (code, _REASONS.get(code, b""), len(body), body)
+        )
+        self._close()
+
+    def _close(self) -> None:
+        """Close once what was written is sent (no producer may hold the close back)."""
+        self._closing = True
+        self._producer = None
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    # -- flow ------------------------------------------------------------------------
+
+    def _flow(self) -> None:
+        """Read while the send buffer has room and few requests wait; drive a producer."""
+        if self._closing:
+            return
+        want = not self._send_full and len(self._waiting) < MAX_WAITING
+        if want != self._reading:
+            self._reading = want
+            if want:
+                self.transport.resumeProducing()
+            else:
+                self.transport.pauseProducing()
+        if self._producer is not None and not self._send_full and not self._producing:
+            self._producing = True
+            try:
+                while self._producer is not None and not self._send_full:
+                    self._producer.resumeProducing()
+            finally:
+                self._producing = False
+
+    def register_producer(self, producer: Any, streaming: bool) -> None:
+        """A request's body producer (pull): asked for more while the socket drains."""
+        if streaming:
+            raise NotImplementedError("only pull producers write REST answers")
+        self._producer = producer
+        self._flow()
+
+    def unregister_producer(self) -> None:
+        """The request's producer is done."""
+        self._producer = None
+
+    def pauseProducing(self) -> None:
+        """The transport's send buffer is full: stop reading and producing."""
+        self._send_full = True
+        self._flow()
+
+    def resumeProducing(self) -> None:
+        """The send buffer drained: read and produce again."""
+        self._send_full = False
+        self._flow()
+
+    def stopProducing(self) -> None:
+        """The transport is going away (``connectionLost`` follows)."""
+        self._closing = True
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a request that was refused."""
