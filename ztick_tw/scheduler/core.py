@@ -55,6 +55,7 @@ from ztick_tw.scheduler.state import (
 from ztick_tw.scheduler.timers import TimerSet, now_ns
 from ztick_tw.stats import LagWindow
 from ztick_tw.store.base import Commit, IStore
+from ztick_tw.store.fastpath import ScheduledSink
 
 __all__ = [
     "FIRE_BATCH",
@@ -151,11 +152,14 @@ class Scheduler(Operating):
         attempts = self._attempts
         frames = 0
         load = jobs.load  # the loop below runs once per frame: keep it lean
+        divert = getattr(entries, "divert_scheduled", None)
+        if divert is not None:  # a LogfileStore's load: scheduled jobs come in pairs
+            divert(self._scheduled_loader())
         job_type = Job
         run_state_type = RunState
         schedule_type = ScheduleSet
         progress = self.recurrences.progress
-        put = self.recurrences.put
+        load_schedule = self.recurrences.loader()
         for entry in entries:
             frames += 1
             if type(entry) is job_type:
@@ -182,7 +186,12 @@ class Scheduler(Operating):
                     self._due.pop(state.job_id, None)
             elif kind is schedule_type:
                 schedule_set = cast(ScheduleSet, entry)
-                put(schedule_set.job_id, schedule_set)
+                load_schedule(
+                    schedule_set.job_id,
+                    schedule_set.text,
+                    schedule_set.options,
+                    schedule_set.start_ns,
+                )
             elif kind is Rule:
                 rules.set(cast(Rule, entry))
             elif kind is JobRemoval:
@@ -196,15 +205,41 @@ class Scheduler(Operating):
                 self.policies.pop(rule_id, None)
             else:
                 self._replay_extension(entry)
+        frames += 2 * getattr(entries, "diverted", 0)
         jobs.finish_load()
         for job_id in [j for j in attempts if jobs.get(j) is None]:
             del attempts[job_id]
         for job_id in [j for j in self._due if jobs.get(j) is None or j not in attempts]:
             del self._due[job_id]
-        self.recurrences.retain(jobs.__contains__)
+        if self.recurrences:
+            # a plain dict of the job ids: its C-level membership test, not a Python
+            # call per scheduled job
+            self.recurrences.retain(jobs.snapshot()[0].__contains__)
         for job_id in [j for j in self.paused if jobs.get(j) is None]:
             del self.paused[job_id]
         return ReplaySummary(frames, len(jobs), len(rules))
+
+    def _scheduled_loader(self) -> ScheduledSink:
+        """What replaying a schedule set, then its job's ``planned`` frame, does.
+
+        The replay of ``SCHEDULE SET``'s two frames, handed over by the store without
+        making entries of them (``LogfileStore.load``): the same as the loop of
+        ``replay`` does with a ``ScheduleSet`` and then a planned ``Job``.
+        """
+        load_schedule = self.recurrences.loader()
+        load_job = self.jobs.load
+        attempts = self._attempts
+        planned = int(JobStatus.PLANNED)
+
+        def scheduled(
+            job_id: str, text: str, options: str, start_ns: int, execution_ns: int
+        ) -> None:
+            load_schedule(job_id, text, options, start_ns)
+            if attempts and job_id in attempts:
+                del attempts[job_id]
+            load_job(job_id, execution_ns, planned)
+
+        return scheduled
 
     def _replay_extension(self, entry: Entry) -> None:
         kind = type(entry)

@@ -17,6 +17,7 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import filterfalse
 from typing import NamedTuple
 
 from ztick_tw.model import I64_MIN, Policy, RunState, ScheduleSet
@@ -151,7 +152,9 @@ class Recurrences:
         # plain (text, options) tuples: the garbage collector stops tracking them
         self._definitions: list[tuple[str, str]] = []
         self._option_strings: dict[str, str] = {}
-        self._definition_index: dict[str, dict[str, int]] = {}  # text -> options -> index
+        # (text, options) -> index; the key is the very tuple in ``_definitions``, so a
+        # distinct schedule costs one tuple, not a tuple and a dict of its own
+        self._definition_index: dict[tuple[str, str], int] = {}
         self._options: dict[int, Options] = {}
         self._compiled: dict[str, Schedule] = {}
 
@@ -182,25 +185,54 @@ class Recurrences:
 
         The occurrence starts at the start; set ``occurrence_ns`` to change it.
         """
-        by_options = self._definition_index.get(entry.text)
-        index = None if by_options is None else by_options.get(entry.options)
-        if index is None:
-            index = self._define(entry.text, entry.options)
-        start = entry.start_ns + _OFFSET
-        self._by_job[job_id] = ((start + 1) << _OCC_SHIFT) | (start << _START_SHIFT) | index
-        if self._compiled:
-            self._compiled.pop(job_id, None)
+        self.load(job_id, entry.text, entry.options, entry.start_ns)
         if schedule is not None:
             self._remember(job_id, schedule)
         return Recurrence(self, job_id)
 
-    def _define(self, text: str, options: str) -> int:
+    def load(self, job_id: str, text: str, options: str, start_ns: int) -> None:
+        """``put`` without the view or a compiled schedule: the replay of one entry."""
+        key = (text, options)
+        index = self._definition_index.get(key)
+        if index is None:
+            index = self._define(key)
+        start = start_ns + _OFFSET
+        self._by_job[job_id] = ((start + 1) << _OCC_SHIFT) | (start << _START_SHIFT) | index
+        if self._compiled:
+            self._compiled.pop(job_id, None)
+
+    def loader(self) -> Callable[[str, str, str, int], None]:
+        """``load`` for a replay: the same, with everything it needs bound once.
+
+        Nothing is compiled during a replay, so there is no compiled schedule to drop.
+        """
+        by_job = self._by_job
+        index_of = self._definition_index.get
+        define = self._define
+        compiled = self._compiled
+
+        def load(job_id: str, text: str, options: str, start_ns: int) -> None:
+            key = (text, options)
+            index = index_of(key)
+            if index is None:
+                index = define(key)
+            start = start_ns + _OFFSET
+            by_job[job_id] = ((start + 1) << _OCC_SHIFT) | (start << _START_SHIFT) | index
+            if compiled:
+                compiled.pop(job_id, None)
+
+        return load
+
+    def _define(self, key: tuple[str, str]) -> int:
         index = len(self._definitions)
         if index > _DEF_MASK:
             raise ValueError(f"more than {_DEF_MASK + 1} distinct schedules")
-        options = self._option_strings.setdefault(options, options)  # few distinct ones
-        self._definitions.append((text, options))
-        self._definition_index.setdefault(text, {})[options] = index
+        text, options = key
+        shared = self._option_strings.setdefault(options, options)  # few distinct ones
+        if shared is not options:
+            key = (text, shared)
+        self._definitions.append(key)
+        self._definition_index[key] = index
         return index
 
     def progress(self, job_id: str, runs: int, occurrence_ns: int | None) -> None:
@@ -217,9 +249,13 @@ class Recurrences:
         )
 
     def retain(self, keep: Callable[[str], bool]) -> None:
-        """Forget the schedules of the jobs ``keep`` says no to (after a replay)."""
+        """Forget the schedules of the jobs ``keep`` says no to (after a replay).
+
+        ``keep`` is called once per scheduled job: a C-level ``__contains__`` (of a
+        dict of the job ids) keeps this cheap for a million of them.
+        """
         by_job = self._by_job
-        for job_id in [j for j in by_job if not keep(j)]:
+        for job_id in list(filterfalse(keep, by_job)):
             del by_job[job_id]
             self._compiled.pop(job_id, None)
 

@@ -40,9 +40,8 @@ from __future__ import annotations
 
 import re
 import struct
-import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from ztick_tw.model import (
@@ -68,6 +67,21 @@ from ztick_tw.model import (
     ScheduleRemoval,
     ScheduleSet,
     ShellSpec,
+)
+from ztick_tw.store.fastpath import (
+    RUN_STATE_TAIL as _RUN_STATE_TAIL,
+)
+from ztick_tw.store.fastpath import (  # the replay fast paths of Scan
+    SET_JOB_ID,
+    SET_JOB_NS,
+    SET_JOB_STATUS,
+    ScheduledSink,
+    Strings,
+    fast_run_state,
+    fast_schedule_set,
+    job_unpacker,
+    pair_unpacker,
+    schedule_layout,
 )
 
 __all__ = [
@@ -110,7 +124,6 @@ NONE_U32: Final = 0xFFFFFFFF
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-_RUN_STATE_TAIL = struct.Struct(">IqHq")  # runs, occurrence ns, attempt, due ns
 _POLICY_TAIL = struct.Struct(">qIqq")  # timeout ns, retries, backoff min ns, backoff max ns
 _PAUSE_TAIL = struct.Struct(">Bq")  # paused flag, since ns
 _I64 = struct.Struct(">q")
@@ -148,17 +161,6 @@ def _preview(text: str) -> str:
 # --------------------------------------------------------------------------- encoding
 
 _job_structs: dict[int, Callable[..., bytes]] = {}
-_job_unpackers: dict[int, Callable[[bytes, int], tuple[Any, ...]]] = {}
-
-
-def _job_unpacker(id_len: int) -> Callable[[bytes, int], tuple[Any, ...]]:
-    """An unpacker reading a whole job frame with an ``id_len``-byte id at once."""
-    unpack = _job_unpackers.get(id_len)
-    if unpack is None:
-        unpack = struct.Struct(f">IBH{id_len}sqB").unpack_from
-        if len(_job_unpackers) < 1024:
-            _job_unpackers[id_len] = unpack
-    return unpack
 
 
 def _job_packer(id_len: int) -> Callable[..., bytes]:
@@ -604,124 +606,6 @@ def _read_extension(entry_type: int, r: _Reader) -> Entry:
 # --------------------------------------------------------------------------- scanning
 
 
-def _job_slot_setters() -> tuple[Callable[[Job, object], None], ...]:
-    """Setters for ``Job``'s three slots, the cheapest way to fill one during replay.
-
-    ``Job`` is a frozen slotted dataclass whose ``__init__`` goes through
-    ``object.__setattr__`` three times (about 0.8 µs here).  Filling the slots through
-    their member descriptors gives an identical object (equal, same hash, still
-    frozen) in about a third of that.  If ``Job``'s layout changes this fails at
-    import with a message, rather than building half-filled jobs.
-    """
-    names = tuple(f.name for f in fields(Job))
-    slots: Any = getattr(Job, "__slots__", ())
-    descriptors = [vars(Job).get(name) for name in names]
-    if (
-        names != ("id", "execution_ns", "status")
-        or tuple(slots) != names
-        or not all(isinstance(d, types.MemberDescriptorType) for d in descriptors)
-    ):  # pragma: no cover - layout guard
-        raise ImportError(
-            "ztick_tw.store.codec: the replay fast path expects Job to be a slotted "
-            "dataclass with exactly (id, execution_ns, status); update Scan.__iter__"
-        )
-    return tuple(d.__set__ for d in descriptors)  # type: ignore[union-attr]
-
-
-_SET_JOB_ID, _SET_JOB_NS, _SET_JOB_STATUS = _job_slot_setters()
-
-
-def _slot_setters(
-    cls: type[Any], names: tuple[str, ...]
-) -> tuple[Callable[[Any, object], None], ...]:
-    """The slot setters of the frozen slotted dataclass ``cls``, in field order.
-
-    As ``_job_slot_setters`` explains for ``Job``: an object made with
-    ``object.__new__`` and filled through these is identical to one built by
-    ``cls(...)``, in half the time (a run state: 0.5 µs instead of 1.2 µs), which
-    counts when a million scheduled jobs are replayed.  Fails at import if the
-    class's fields are not exactly ``names``.
-    """
-    descriptors = [vars(cls).get(name) for name in names]
-    setters = [d.__set__ for d in descriptors if isinstance(d, types.MemberDescriptorType)]
-    if tuple(f.name for f in fields(cls)) != names or len(setters) != len(names):
-        raise ImportError(  # pragma: no cover - layout guard
-            f"ztick_tw.store.codec: the replay fast path expects {cls.__name__} to be a "
-            f"slotted dataclass with exactly {names}"
-        )
-    return tuple(setters)
-
-
-_RUN_STATE_SETTERS = _slot_setters(
-    RunState, ("job_id", "runs", "occurrence_ns", "attempt", "due_ns")
-)
-_SCHEDULE_SETTERS = _slot_setters(ScheduleSet, ("job_id", "text", "options", "start_ns"))
-
-
-_new: Final = object.__new__
-
-
-def _fast_run_state(data: bytes, at: int, end: int, id_len: int) -> Entry | None:
-    """The run state frame whose id starts at ``at`` (its length is checked), or None.
-
-    None sends the frame to the careful path, which says what is wrong with it.
-    A run state follows every job frame a schedule writes, so it gets a fast path.
-    """
-    tail = at + id_len
-    if end - tail != _RUN_STATE_TAIL.size:
-        return None
-    try:
-        job_id = data[at:tail].decode()
-    except UnicodeDecodeError:
-        return None
-    runs, occurrence, attempt, due = _RUN_STATE_TAIL.unpack_from(data, tail)
-    set_id, set_runs, set_occurrence, set_attempt, set_due = _RUN_STATE_SETTERS
-    entry = _new(RunState)
-    set_id(entry, job_id)
-    set_runs(entry, runs)
-    set_occurrence(entry, occurrence)
-    set_attempt(entry, attempt)
-    set_due(entry, due)
-    return entry
-
-
-def _fast_schedule_set(data: bytes, at: int, end: int, id_len: int) -> Entry | None:
-    """The schedule frame whose id starts at ``at``, or None (see ``_fast_run_state``)."""
-    pos = at + id_len
-    if pos + 12 > end:
-        return None
-    text_len: int = _U16.unpack_from(data, pos)[0]
-    text_at = pos + 2
-    pos = text_at + text_len
-    if pos + 10 > end:
-        return None
-    options_len: int = _U16.unpack_from(data, pos)[0]
-    options_at = pos + 2
-    pos = options_at + options_len
-    if pos + 8 != end:
-        return None
-    try:
-        job_id = data[at : at + id_len].decode()
-        text = data[text_at : text_at + text_len].decode()
-        options = data[options_at : options_at + options_len].decode()
-    except UnicodeDecodeError:
-        return None
-    set_id, set_text, set_options, set_start = _SCHEDULE_SETTERS
-    entry = _new(ScheduleSet)
-    set_id(entry, job_id)
-    set_text(entry, text)
-    set_options(entry, options)
-    set_start(entry, _I64.unpack_from(data, pos)[0])
-    return entry
-
-
-#: Entry types with a fast path in ``Scan``: one of each per scheduled job in a log.
-_FAST_EXTENSIONS: Final[dict[int, Callable[[bytes, int, int, int], Entry | None]]] = {
-    TYPE_RUN_STATE: _fast_run_state,
-    TYPE_SCHEDULE_SET: _fast_schedule_set,
-}
-
-
 @dataclass(frozen=True, slots=True)
 class ScanProblem:
     """What stopped a scan before the end of the data.
@@ -765,6 +649,13 @@ class Scan:
     not yielded: the scan steps over them (they end where their length says) and
     counts them in ``skipped_types`` (type byte -> frames), as ztick does with the
     types it does not know.
+
+    With a ``scheduled`` sink (``ztick_tw.store.fastpath.ScheduledSink``), a schedule
+    set followed by the ``planned`` job frame of the same job, as ``SCHEDULE SET``
+    writes them, is not yielded as two entries: the sink is called with their fields,
+    at that point of the iteration (so in log order with the entries around it), and
+    ``diverted`` counts these pairs.  That is the replay of a million scheduled jobs
+    without two million entry objects.  Any other schedule frame is yielded as usual.
     """
 
     __slots__ = (
@@ -772,20 +663,26 @@ class Scan:
         "_run_end",
         "_run_start",
         "_run_types",
+        "_scheduled",
         "_start",
         "count",
+        "diverted",
         "good_end",
         "problem",
         "skipped_types",
     )
 
-    def __init__(self, data: bytes, start: int = 0) -> None:
+    def __init__(
+        self, data: bytes, start: int = 0, scheduled: ScheduledSink | None = None
+    ) -> None:
         if not 0 <= start <= len(data):
             raise ValueError(f"scan start {start} outside data of {len(data)} bytes")
         self._data = data
         self._start = start
+        self._scheduled = scheduled
         self.good_end = start
         self.count = 0
+        self.diverted = 0
         self.problem: ScanProblem | None = None
         self.skipped_types: dict[int, int] = {}
         # The latest run of consecutive skipped frames: [start, end) and their types.
@@ -801,22 +698,72 @@ class Scan:
         data = self._data
         n = len(data)
         pos = self._start
-        count = 0
+        count = diverted = 0
         head = _FRAME_HEAD.unpack_from
         statuses = _STATUS_BY_BYTE
         new = object.__new__
-        set_id, set_ns, set_status = _SET_JOB_ID, _SET_JOB_NS, _SET_JOB_STATUS
+        set_id, set_ns, set_status = SET_JOB_ID, SET_JOB_NS, SET_JOB_STATUS
+        strings = Strings()
         # Fast path: job frames whose id has the same byte length as the previous
         # one (the usual case) are unpacked with one precompiled struct.  Anything
         # else (another id length, other entry types, bad bytes, the end of the data)
         # falls through to the header check and then to the careful path, which
         # re-examines the frame and says exactly what is wrong.
-        fast = _FAST_EXTENSIONS
         unpack_job: Callable[[bytes, int], tuple[Any, ...]] | None = None
         job_id_len = -1
         job_frame_size = 0
+        # With a sink, the same for a schedule frame and the job frame after it: once
+        # one such pair is seen, the next frames are read as a pair of the same layout
+        # (id, text and options lengths) until that fails.
+        sink = self._scheduled
+        pairing = False
+        unpack_pair: Callable[[bytes, int], tuple[Any, ...]] = _no_pair
+        pair_layout = (-1, -1, -1, -1)  # schedule payload length, id, text, options
+        pair_size = 0
+        unpaired_at = -1  # where the pair did not fit: read the frame alone
         try:
             while True:
+                if pairing:
+                    if pos + pair_size <= n:
+                        (
+                            length,
+                            entry_type,
+                            id_len,
+                            raw,
+                            text_len,
+                            raw_text,
+                            options_len,
+                            raw_options,
+                            start_ns,
+                            job_length,
+                            job_type,
+                            job_id_len2,
+                            job_raw,
+                            ns,
+                            status_byte,
+                        ) = unpack_pair(data, pos)
+                        if (
+                            entry_type == TYPE_SCHEDULE_SET
+                            and job_type == TYPE_JOB
+                            and status_byte == 0
+                            and (length, id_len, text_len, options_len) == pair_layout
+                            and job_id_len2 == id_len
+                            and job_length == id_len + 12
+                            and job_raw == raw
+                        ):
+                            try:
+                                job_id = raw.decode()
+                                text = strings.decode(raw_text)
+                                options = strings.decode(raw_options)
+                            except UnicodeDecodeError:
+                                pass
+                            else:
+                                sink(job_id, text, options, start_ns, ns)  # type: ignore[misc]
+                                pos += pair_size
+                                diverted += 1
+                                continue
+                    pairing = False
+                    unpaired_at = pos
                 if unpack_job is not None and pos + job_frame_size <= n:
                     length, entry_type, id_len, raw, ns, status_byte = unpack_job(data, pos)
                     if (
@@ -846,18 +793,34 @@ class Scan:
                         and length == id_len + 12
                         and pos + 4 + length <= n
                     ):
-                        unpack_job = _job_unpacker(id_len)
+                        unpack_job = job_unpacker(id_len)
                         job_id_len = id_len
                         job_frame_size = id_len + 16
                         continue
                     end = pos + 4 + length
-                    if entry_type in fast and end <= n:
-                        extension = fast[entry_type](data, pos + 7, end, id_len)
-                        if extension is not None:
-                            pos = end
-                            count += 1
-                            yield extension
-                            continue
+                    extension: Entry | None = None
+                    if entry_type == TYPE_RUN_STATE and end <= n:
+                        extension = fast_run_state(data, pos + 7, end, id_len)
+                    elif entry_type == TYPE_SCHEDULE_SET and end <= n:
+                        if (
+                            sink is not None
+                            and pos != unpaired_at
+                            and end + 4 < n
+                            and data[end + 4] == TYPE_JOB
+                        ):
+                            layout = schedule_layout(data, pos + 7, end, id_len)
+                            if layout is not None:
+                                pairing = True
+                                unpack_pair = pair_unpacker(id_len, *layout)
+                                pair_layout = (length, id_len, *layout)
+                                pair_size = length + id_len + 20
+                                continue
+                        extension = fast_schedule_set(data, pos + 7, end, id_len, strings)
+                    if extension is not None:
+                        pos = end
+                        count += 1
+                        yield extension
+                        continue
                 elif pos == n:
                     return
                 step = self._careful(pos)
@@ -873,6 +836,7 @@ class Scan:
         finally:
             self.good_end = pos
             self.count = count
+            self.diverted = diverted
 
     def _careful(self, pos: int) -> tuple[Entry | None, int] | None:
         """Decode the frame at ``pos``; on failure set ``problem`` and return None.
@@ -1076,6 +1040,10 @@ def _resync_point(data: bytes, bad: int) -> tuple[int, int] | None:
     return None
 
 
-def scan(data: bytes, start: int = 0) -> Scan:
+def scan(data: bytes, start: int = 0, scheduled: ScheduledSink | None = None) -> Scan:
     """A ``Scan`` of ``data`` from byte ``start`` (see ``Scan``)."""
-    return Scan(data, start)
+    return Scan(data, start, scheduled)
+
+
+def _no_pair(data: bytes, pos: int) -> tuple[Any, ...]:  # pragma: no cover - never called
+    raise AssertionError("no pair layout yet")

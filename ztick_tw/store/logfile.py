@@ -52,6 +52,7 @@ from ztick_tw.metrics import NO_METRICS, Metrics
 from ztick_tw.model import Entry
 from ztick_tw.store.base import Commit, CompactionAborted, CorruptLogError, IStore, StoreError
 from ztick_tw.store.codec import encode, scan
+from ztick_tw.store.fastpath import ScheduledSink
 from ztick_tw.store.leftovers import merge_ztick_leftovers
 from ztick_tw.store.sync_thread import SyncThread
 
@@ -59,6 +60,7 @@ __all__ = [
     "COMPACT_SUFFIX",
     "CompactionAborted",
     "CompactionResult",
+    "Loading",
     "LogfileStore",
     "SnapshotWriter",
     "SyncRunner",
@@ -156,6 +158,41 @@ def _read_all(fd: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+class Loading(Iterator[Entry]):
+    """The entries of a logfile being loaded (what ``LogfileStore.load`` returns).
+
+    Iterating it runs the load.  Before that, ``divert_scheduled(sink)`` may ask for
+    each schedule set followed by the ``planned`` job frame of the same job (what
+    ``SCHEDULE SET`` appends) to be handed to ``sink`` instead of yielded as two
+    entries, in log order (see ``Scan``); ``diverted`` then says how many pairs were,
+    once the iteration is over.  The scheduler's replay uses this: a million scheduled
+    jobs load without two million entry objects.
+    """
+
+    __slots__ = ("_entries", "_load", "diverted", "scheduled")
+
+    def __init__(self, load: Callable[[Loading], Iterator[Entry]]) -> None:
+        self._load = load
+        self._entries: Iterator[Entry] | None = None
+        self.scheduled: ScheduledSink | None = None
+        self.diverted = 0
+
+    def divert_scheduled(self, sink: ScheduledSink) -> None:
+        """Hand schedule + job pairs to ``sink`` (before the iteration starts)."""
+        if self._entries is not None:
+            raise StoreError("divert_scheduled() after the load started")
+        self.scheduled = sink
+
+    def __iter__(self) -> Iterator[Entry]:
+        # The generator itself, so a ``for`` loop over the entries pays nothing more.
+        if self._entries is None:
+            self._entries = self._load(self)
+        return self._entries
+
+    def __next__(self) -> Entry:
+        return next(iter(self))
+
+
 @implementer(IStore)
 class LogfileStore:
     """Entries appended to a binary logfile, replayed by ``load()`` at startup.
@@ -212,7 +249,7 @@ class LogfileStore:
 
     # ----------------------------------------------------------------- loading
 
-    def load(self) -> Iterator[Entry]:
+    def load(self) -> Loading:
         """Yield every entry of the logfile in order, then open it for appending.
 
         A missing file is an empty log (the file is created).  A torn last frame (a
@@ -231,7 +268,13 @@ class LogfileStore:
         The garbage collector is paused while entries are yielded: replaying a
         million jobs creates a million long-lived objects, and collections triggered
         by them would otherwise cost more than the decoding itself.
+
+        What it returns is an iterator of the entries that can also hand the pairs
+        ``SCHEDULE SET`` writes to a sink instead (``Loading.divert_scheduled``).
         """
+        return Loading(self._load)
+
+    def _load(self, loading: Loading) -> Iterator[Entry]:
         if self._loaded or self._fd is not None:
             raise StoreError(f"logfile {self.path}: load() called twice")
         if self._closed:
@@ -258,7 +301,7 @@ class LogfileStore:
             if not existed:
                 self._sync_directory()
             data = _read_all(fd)
-            result = scan(data)
+            result = scan(data, scheduled=loading.scheduled)
             gc_was_enabled = gc.isenabled()
             gc.disable()
             try:
@@ -266,6 +309,7 @@ class LogfileStore:
             finally:
                 if gc_was_enabled:
                     gc.enable()
+            loading.diverted = result.diverted
             size = result.good_end
             problem = result.problem
             if problem is not None:
@@ -280,7 +324,7 @@ class LogfileStore:
                         path=self.path,
                         offset=problem.offset,
                         reason=problem.reason,
-                        count=result.count,
+                        count=result.count + 2 * result.diverted,
                         dropped=problem.dropped,
                         saved=saved,
                     )
@@ -315,7 +359,7 @@ class LogfileStore:
         self._fd = fd
         self._loaded = True
         self._written_size = self._synced_size = size
-        self.frames_in_log = result.count + result.skipped
+        self.frames_in_log = result.count + 2 * result.diverted + result.skipped
 
     def _remove_stale_compaction(self) -> None:
         """Delete the temporary file of a compaction that a crash interrupted.
