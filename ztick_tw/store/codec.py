@@ -762,8 +762,13 @@ class Scan:
                                 pos += pair_size
                                 diverted += 1
                                 continue
+                        if (length, id_len, text_len, options_len) != pair_layout:
+                            unpaired_at = -1  # another layout: look again below
+                        else:
+                            unpaired_at = pos  # not a pair: the frame alone, below
+                    else:
+                        unpaired_at = pos
                     pairing = False
-                    unpaired_at = pos
                 if unpack_job is not None and pos + job_frame_size <= n:
                     length, entry_type, id_len, raw, ns, status_byte = unpack_job(data, pos)
                     if (
