@@ -178,6 +178,7 @@ flush_interval_ms = 10000
 
 [scheduler]
 max_concurrent_runs = 8
+max_concurrent_network_runs = 500
 interrupted_jobs = "fail"
 run_timeout = 2.5
 output_limit_bytes = 0
@@ -215,6 +216,7 @@ def test_every_key_is_parsed() -> None:
         ),
         scheduler=SchedulerConfig(
             max_concurrent_runs=8,
+            max_concurrent_network_runs=500,
             interrupted_jobs="fail",
             run_timeout=2.5,
             output_limit_bytes=0,
@@ -381,6 +383,10 @@ def test_ztick_style_config_files_load(name: str, text: str) -> None:
         (
             "[scheduler]\nmax_concurrent_runs = 0",
             "[scheduler] max_concurrent_runs: must be an integer >= 1, got 0",
+        ),
+        (
+            "[scheduler]\nmax_concurrent_network_runs = 0",
+            "[scheduler] max_concurrent_network_runs: must be an integer >= 1, got 0",
         ),
         (
             "[scheduler]\nmax_concurrent_runs = false",

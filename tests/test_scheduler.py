@@ -29,6 +29,7 @@ from ztick_tw.model import (
     Job,
     JobRemoval,
     JobStatus,
+    RedisSpec,
     Rule,
     RuleRemoval,
     RunnerKind,
@@ -56,6 +57,7 @@ class World:
         self,
         *,
         max_concurrent: int = 64,
+        max_network: int = 4096,
         initial: Iterable[Entry] = (),
         runners: Mapping[RunnerKind, IRunner] | None = None,
         interrupted: str = "rerun",
@@ -70,6 +72,7 @@ class World:
             self.store,
             runners if runners is not None else all_kinds(self.runner),
             max_concurrent=max_concurrent,
+            max_concurrent_network=max_network,
             interrupted=interrupted,
         )
         self.scheduler.log = Logger(observer=self.log)
@@ -165,6 +168,8 @@ def test_constructor_validates_options() -> None:
     clock = make_clock()
     with pytest.raises(ValueError, match="max_concurrent"):
         Scheduler(clock, FakeStore(), {}, max_concurrent=0)
+    with pytest.raises(ValueError, match="max_concurrent_network"):
+        Scheduler(clock, FakeStore(), {}, max_concurrent_network=0)
     with pytest.raises(ValueError, match="interrupted"):
         Scheduler(clock, FakeStore(), {}, interrupted="retry")
 
@@ -371,6 +376,47 @@ def test_concurrency_cap_queues_fifo() -> None:
     assert w.scheduler.executions_inflight == 0
     assert w.scheduler.executions_pending == 0
     assert [w.status(n) for n in "abcde"] == [F, E, E, E, E]
+
+
+def test_network_runs_have_their_own_cap() -> None:
+    """Network runs (http, redis, amqp) do not wait for process slots, nor the reverse.
+
+    With one process slot taken by a long script, redis runs still start at once, up to
+    their own cap; past it they wait, FIFO, and start as network runs finish.
+    """
+    w = World(max_concurrent=1, max_network=3)
+    w.rule("p", "p.")
+    w.scheduler.set_rule(Rule("q", "q.", RedisSpec("redis://127.0.0.1", "RPUSH", "k")))
+    for name in ["p.1", "p.2", "q.1", "q.2", "q.3", "q.4"]:
+        w.scheduler.set_job(name, PAST)
+    w.clock.advance(0)
+    assert w.runner.started == ["p.1", "q.1", "q.2", "q.3"]
+    assert w.scheduler.executions_inflight == 4
+    assert w.scheduler.executions_pending == 2  # p.2 for a process slot, q.4 for a network one
+    w.runner.complete("q.2")
+    assert w.runner.started[-1] == "q.4"
+    assert w.scheduler.executions_pending == 1
+    w.runner.complete("p.1")
+    assert w.runner.started[-1] == "p.2"
+    for name in ["q.1", "q.3", "q.4", "p.2"]:
+        w.runner.complete(name)
+    assert w.scheduler.executions_inflight == 0
+    assert w.scheduler.executions_pending == 0
+    assert w.scheduler.jobs.count(E) == 6
+
+
+def test_stop_drops_runs_waiting_in_either_queue() -> None:
+    """At shutdown, runs still waiting for a process or a network slot are let go."""
+    w = World(max_concurrent=1, max_network=1)
+    w.rule("p", "p.")
+    w.scheduler.set_rule(Rule("q", "q.", RedisSpec("redis://127.0.0.1", "RPUSH", "k")))
+    for name in ["p.1", "p.2", "q.1", "q.2"]:
+        w.scheduler.set_job(name, PAST)
+    w.clock.advance(0)
+    assert w.scheduler.executions_pending == 2
+    w.scheduler.stop(0)
+    assert w.scheduler.executions_pending == 0
+    assert w.runner.started == ["p.1", "q.1"]
 
 
 def test_synchronous_runner_does_not_recurse() -> None:

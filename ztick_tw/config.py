@@ -276,6 +276,7 @@ class SchedulerConfig:
     """``[scheduler]`` (ztick-tw extension): how runner executions are run."""
 
     max_concurrent_runs: int = 64
+    max_concurrent_network_runs: int = 4096
     interrupted_jobs: InterruptedJobs = "rerun"
     run_timeout: float = 0.0
     """Seconds a shell/direct/awf run may take before it is terminated; 0 = no limit."""
@@ -676,6 +677,7 @@ _SCHEMA: dict[str, dict[str, _Validator]] = {
     },
     "scheduler": {
         "max_concurrent_runs": _integer(1),
+        "max_concurrent_network_runs": _integer(1),
         "interrupted_jobs": _choice(get_args(InterruptedJobs)),
         "run_timeout": _seconds,
         "output_limit_bytes": _integer(0),

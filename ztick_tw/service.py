@@ -369,6 +369,7 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
             store,
             telemetry.wrap_runners(make_runners(config, reactor)),
             max_concurrent=config.scheduler.max_concurrent_runs,
+            max_concurrent_network=config.scheduler.max_concurrent_network_runs,
             interrupted=config.scheduler.interrupted_jobs,
             history=history,
             policy_defaults=Policy(None, r.retries, r.backoff_min_ns, r.backoff_max_ns),

@@ -92,26 +92,31 @@ class Scheduler(Operating):
         runners: Mapping[RunnerKind, IRunner],
         *,
         max_concurrent: int = 64,
+        max_concurrent_network: int = 4096,
         interrupted: str = INTERRUPTED_RERUN,
         lag: LagWindow | None = None,
         history: RunLog | None = None,
         policy_defaults: Policy | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        if max_concurrent < 1:
-            raise ValueError("max_concurrent must be at least 1")
+        if max_concurrent < 1 or max_concurrent_network < 1:
+            raise ValueError("max_concurrent and max_concurrent_network must be at least 1")
         if interrupted not in (INTERRUPTED_RERUN, INTERRUPTED_FAIL):
             raise ValueError(f"interrupted must be 'rerun' or 'fail', not {interrupted!r}")
         self._reactor = reactor
         self._store = store
         self._runners = dict(runners)
         self._max_concurrent = max_concurrent
+        self._max_network = max_concurrent_network
         self._interrupted = interrupted
         self.jobs = JobTable()
         self.rules = RuleBook()
         self.lag = lag if lag is not None else LagWindow()
         self.timers = TimerSet(reactor, self.jobs, self._fire_due)
+        # Runs waiting for a slot: process runs (shell, direct, awf) and network runs
+        # (http, redis, amqp) apart, each with its own cap, so neither waits behind the other.
         self._queue: deque[Queued] = deque()
+        self._network_queue: deque[Queued] = deque()
         # job -> its live runs (queued or running).  A re-SET or REMOVE forgets them, so
         # an older run of the job is void even when the job is re-set to the same time
         # (its triggered table value would then be equal).
@@ -132,6 +137,7 @@ class Scheduler(Operating):
         self.counters = Counters()
         self._rng = rng if rng is not None else random.Random()
         self._running = 0
+        self._running_network = 0
         self._pumping = False
         self._stopped = False
         self._attempts: dict[str, int] = {}  # only jobs past their first attempt
@@ -355,11 +361,12 @@ class Scheduler(Operating):
         self._stopped = True
         self.timers.stop()
         self._upcoming_timers.stop()
-        for item in self._queue:
-            self._drop_live(item)
-            if item.started is not None:
-                item.started.errback(NoRule("the daemon is shutting down"))
-        self._queue.clear()
+        for queue in (self._queue, self._network_queue):
+            for item in queue:
+                self._drop_live(item)
+                if item.started is not None:
+                    item.started.errback(NoRule("the daemon is shutting down"))
+            queue.clear()
         stops = [runner.stop(grace) for runner in set(self._runners.values())]
         if not stops:
             return succeed(None)
@@ -498,10 +505,10 @@ class Scheduler(Operating):
 
     @property
     def executions_pending(self) -> int:
-        """Triggered jobs waiting for a free execution slot."""
-        return len(self._queue)
+        """Triggered jobs waiting for a free execution slot (process or network)."""
+        return len(self._queue) + len(self._network_queue)
 
     @property
     def executions_inflight(self) -> int:
         """Runner executions started and not yet finished."""
-        return self._running
+        return self._running + self._running_network

@@ -6,6 +6,8 @@ policy when a scheduled job's next occurrence falls due while it still runs.
 
 from __future__ import annotations
 
+from collections import deque
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
@@ -25,6 +27,7 @@ from ztick_tw.scheduler.recurring import (
 )
 from ztick_tw.scheduler.state import (
     FIRE_BATCH,
+    NETWORK_KINDS,
     Queued,
     SchedulerState,
 )
@@ -147,16 +150,10 @@ class Runs(SchedulerState):
         self._pumping = True
         try:
             while True:
-                batch: list[Queued] = []
-                while (
-                    self._queue
-                    and self._running + len(batch) < self._max_concurrent
-                    and not self._stopped
-                ):
-                    item = self._queue.popleft()
-                    if not self._is_live(item):
-                        continue  # re-set or removed while it waited: this run is void
-                    batch.append(item)
+                if self._stopped:
+                    return
+                batch = self._take(self._queue, self._max_concurrent - self._running)
+                batch += self._take(self._network_queue, self._max_network - self._running_network)
                 if not batch:
                     return
                 for item in batch:
@@ -172,8 +169,18 @@ class Runs(SchedulerState):
         finally:
             self._pumping = False
 
+    def _take(self, queue: deque[Queued], room: int) -> list[Queued]:
+        """Up to ``room`` live runs from the front of ``queue``."""
+        batch: list[Queued] = []
+        while queue and len(batch) < room:
+            item = queue.popleft()
+            if self._is_live(item):  # else re-set or removed while it waited: void
+                batch.append(item)
+        return batch
+
     def _start(self, item: Queued) -> None:
-        runner = self._runners.get(item.rule.runner.kind)
+        kind = item.rule.runner.kind
+        runner = self._runners.get(kind)
         start = now_ns(self._reactor)
         if not item.manual:
             self.lag.record((start - item.lag_base_ns) // 1000)
@@ -192,7 +199,10 @@ class Runs(SchedulerState):
         )
         if self.history is not None:
             item.handle = self.history.begin(item.job_id, item.execution_ns, start, item.attempt)
-        self._running += 1
+        if kind in NETWORK_KINDS:
+            self._running_network += 1
+        else:
+            self._running += 1
         if not item.manual and self.recurrences:
             rec = self.recurrences.get(item.job_id)
             if rec is not None and item.job_id not in self.upcoming:
@@ -234,7 +244,10 @@ class Runs(SchedulerState):
             )
 
     def _finished(self, outcome: Outcome, item: Queued, start_ns: int = 0) -> None:
-        self._running -= 1
+        if item.rule.runner.kind in NETWORK_KINDS:
+            self._running_network -= 1
+        else:
+            self._running -= 1
         item.running = None
         job_id = item.job_id
         if outcome.cancelled or item.cancelled:
