@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hypothesis import given, settings
@@ -18,6 +19,8 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from ztick_tw.model import (
+    I64_MAX,
+    I64_MIN,
     Entry,
     Job,
     JobRemoval,
@@ -28,6 +31,8 @@ from ztick_tw.model import (
     ScheduleSet,
 )
 from ztick_tw.scheduler.core import Scheduler
+from ztick_tw.scheduler.definitions import Definitions
+from ztick_tw.scheduler.recurring import Recurrences, entries
 from ztick_tw.store.codec import Scan, encode, scan
 from ztick_tw.store.logfile import LogfileStore
 
@@ -202,3 +207,72 @@ def test_replay_of_scheduled_jobs_diverts_every_pair() -> None:
     assert summary.frames == len(entries)
     assert summary.jobs == 199
     assert len(state["recurrences"][0]) == 199
+
+
+# ------------------------------------------------------------ definitions that share a text
+
+
+def _iso(ns: int, digits: int) -> str:
+    """``ns`` as ``YYYY-MM-DDTHH:MM:SS[.fff...]Z`` with ``digits`` fraction digits (0: none)."""
+    seconds, fraction = divmod(ns, 10**9)
+    whole = (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+    if not digits:
+        return whole + "Z"
+    return f"{whole}.{fraction // 10 ** (9 - digits):0{digits}d}Z"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# years 1000-9999, where strftime's %Y has four digits
+_starts = st.integers(-30_610_224_000 * 10**9, 253_402_300_799 * 10**9)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(max_size=30),
+    _starts,
+    st.sampled_from([0, 3, 6, 9]),
+    st.sampled_from([0, 1, 1000, 10**6, 10**9]),
+    st.text(max_size=8),
+)
+def test_a_definition_gives_back_exactly_the_text_it_was_given(
+    prefix: str, start_ns: int, digits: int, off: int, options: str
+) -> None:
+    """Texts ending with their start, with another instant, or anything: the same text back."""
+    text = prefix + _iso(start_ns + off, digits)
+    definitions = Definitions(100)
+    for candidate in (text, prefix, text + "x", text[:-1]):
+        index = definitions.index(candidate, options, start_ns)
+        assert definitions.text(index, start_ns) == candidate
+        assert definitions.options(index) == options
+
+
+def test_texts_spelling_out_their_own_start_share_one_definition() -> None:
+    """A thousand jobs whose texts differ only by their start: one definition, exact texts."""
+    recurrences = Recurrences(lambda: 0)
+    load = recurrences.loader()
+    base = 1_796_342_400 * 10**9
+    texts = {}
+    for i in range(1000):
+        start = base + i * 1000 + (i % 7) * 10**9
+        digits = (0, 3, 6, 9)[i % 4]
+        start -= start % 10 ** (9 - digits) if digits else start % 10**9
+        texts[f"j{i}"] = (f"every 1 hour starting {_iso(start, digits)}", start)
+        load(f"j{i}", texts[f"j{i}"][0], "tz=UTC", start)
+    assert len(recurrences._definitions) == 4  # one per form
+    for job_id, (text, start) in texts.items():
+        rec = recurrences.get(job_id)
+        assert rec is not None
+        assert rec.definition.text == text
+        assert rec.entry == ScheduleSet(job_id, text, "tz=UTC", start)
+    compacted = [e for e in entries(recurrences.frozen(), {}) if isinstance(e, ScheduleSet)]
+    assert {e.job_id: (e.text, e.start_ns) for e in compacted} == texts
+
+
+def test_starts_out_of_the_calendar_are_kept_as_plain_texts() -> None:
+    """A start outside years 1-9999 cannot be spelled out: the text is kept whole."""
+    definitions = Definitions(10)
+    for start in (I64_MIN, I64_MAX, -(10**18) * 9):
+        text = "every 1 hour starting 2026-12-04T00:00:00.000000000Z"
+        index = definitions.index(text, "", start)
+        assert definitions.text(index, start) == text
+        assert definitions.list[index][2] == 0

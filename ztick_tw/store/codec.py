@@ -704,6 +704,7 @@ class Scan:
         new = object.__new__
         set_id, set_ns, set_status = SET_JOB_ID, SET_JOB_NS, SET_JOB_STATUS
         strings = Strings()
+        known = strings.get
         # Fast path: job frames whose id has the same byte length as the previous
         # one (the usual case) are unpacked with one precompiled struct.  Anything
         # else (another id length, other entry types, bad bytes, the end of the data)
@@ -718,7 +719,8 @@ class Scan:
         sink = self._scheduled
         pairing = False
         unpack_pair: Callable[[bytes, int], tuple[Any, ...]] = _no_pair
-        pair_layout = (-1, -1, -1, -1)  # schedule payload length, id, text, options
+        # the schedule frame's payload length, and its id, text and options lengths
+        pair_length = pair_id_len = pair_text_len = pair_options_len = -1
         pair_size = 0
         unpaired_at = -1  # where the pair did not fit: read the frame alone
         try:
@@ -746,15 +748,17 @@ class Scan:
                             entry_type == TYPE_SCHEDULE_SET
                             and job_type == TYPE_JOB
                             and status_byte == 0
-                            and (length, id_len, text_len, options_len) == pair_layout
-                            and job_id_len2 == id_len
+                            and length == pair_length
+                            and id_len == pair_id_len == job_id_len2
+                            and text_len == pair_text_len
+                            and options_len == pair_options_len
                             and job_length == id_len + 12
                             and job_raw == raw
                         ):
                             try:
                                 job_id = raw.decode()
-                                text = strings.decode(raw_text)
-                                options = strings.decode(raw_options)
+                                text = known(raw_text) or strings.decode(raw_text)
+                                options = known(raw_options) or strings.decode(raw_options)
                             except UnicodeDecodeError:
                                 pass
                             else:
@@ -762,7 +766,12 @@ class Scan:
                                 pos += pair_size
                                 diverted += 1
                                 continue
-                        if (length, id_len, text_len, options_len) != pair_layout:
+                        if (length, id_len, text_len, options_len) != (
+                            pair_length,
+                            pair_id_len,
+                            pair_text_len,
+                            pair_options_len,
+                        ):
                             unpaired_at = -1  # another layout: look again below
                         else:
                             unpaired_at = pos  # not a pair: the frame alone, below
@@ -817,7 +826,8 @@ class Scan:
                             if layout is not None:
                                 pairing = True
                                 unpack_pair = pair_unpacker(id_len, *layout)
-                                pair_layout = (length, id_len, *layout)
+                                pair_length, pair_id_len = length, id_len
+                                pair_text_len, pair_options_len = layout
                                 pair_size = length + id_len + 20
                                 continue
                         extension = fast_schedule_set(data, pos + 7, end, id_len, strings)
