@@ -112,6 +112,44 @@ def test_only_the_last_runs_are_kept_and_numbers_go_on(tmp_path: Path) -> None:
     assert rows == 3
 
 
+def test_a_big_batch_is_a_few_statements_and_gives_the_same_rows(tmp_path: Path) -> None:
+    """500 runs over 200 jobs in one batch: a handful of SQL statements, exact results.
+
+    ``sqlite3`` hands the GIL back and forth around every statement step, so the writer
+    runs multi-row statements (per batch: run numbers, rows, prunes), not ~3 a run.
+    """
+    path = tmp_path / "h.sqlite"
+    history = make(path, runs=2)
+    statements: list[str] = []
+    history._db._db.set_trace_callback(statements.append)
+    for i in range(500):  # job k gets runs at i = k, k + 200, k + 400 (3 or 2 runs)
+        handle = history.begin(f"j{i % 200:03d}", i, i, 1)
+        history.finish(handle, i + 1, "executed", 0, "", b"")
+    history.pump()
+    assert len(statements) < 40, f"{len(statements)} statements for 500 runs"
+    assert [r.run for r in read(history, "j000")] == [3, 2]
+    assert [r.due_ns for r in read(history, "j000")] == [400, 200]
+    assert [r.run for r in read(history, "j150")] == [2, 1]
+    closed(history)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM runs").fetchone()[0] == 100 * 2 + 100 * 2
+    assert db.execute("SELECT last_run FROM jobs WHERE job = 'j099'").fetchone()[0] == 3
+
+
+def test_numbers_go_on_when_the_number_cache_is_emptied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``LAST_RUN_CACHE`` jobs the cache is emptied; numbers are read from the file."""
+    monkeypatch.setattr(database_module, "LAST_RUN_CACHE", 3)
+    history = make(tmp_path / "h.sqlite")
+    for _ in range(3):
+        for job in ("a", "b", "c", "d", "e"):
+            record(history, job, 1)
+            history.pump()
+    assert [r.run for r in read(history, "a")] == [3, 2, 1]
+    assert [r.run for r in read(history, "e")] == [3, 2, 1]
+
+
 def test_the_tail_of_the_output_is_kept(tmp_path: Path) -> None:
     """output_bytes=4 keeps the last 4 bytes; output_bytes=0 keeps none."""
     history = make(tmp_path / "a.sqlite", output_bytes=4)

@@ -372,6 +372,7 @@ class History:
         try:
             answers: list[tuple[Any, object]] = self._db.apply(batch)
         except Exception as exc:  # HistoryError, or a bug: the writer must go on
+            self._db.forget_numbers()
             self.errors += 1
             failure = Failure(exc)  # type: ignore[no-untyped-call]
             answers = [(op[-1], failure) for op in batch if op[0] in (READ, FLUSH, CLOSE)]
