@@ -158,6 +158,7 @@ class Scheduler(Operating):
         attempts = self._attempts
         frames = 0
         load = jobs.load  # the loop below runs once per frame: keep it lean
+        loose = bool(self.recurrences)  # schedules that may lack their job
         divert = getattr(entries, "divert_scheduled", None)
         if divert is not None:  # a LogfileStore's load: scheduled jobs come in pairs
             divert(self._scheduled_loader())
@@ -192,6 +193,7 @@ class Scheduler(Operating):
                     self._due.pop(state.job_id, None)
             elif kind is schedule_type:
                 schedule_set = cast(ScheduleSet, entry)
+                loose = True
                 load_schedule(
                     schedule_set.job_id,
                     schedule_set.text,
@@ -217,9 +219,11 @@ class Scheduler(Operating):
             del attempts[job_id]
         for job_id in [j for j in self._due if jobs.get(j) is None or j not in attempts]:
             del self._due[job_id]
-        if self.recurrences:
-            # a plain dict of the job ids: its C-level membership test, not a Python
-            # call per scheduled job
+        if loose:
+            # A schedule whose job never came (compaction writes them apart; a torn
+            # write) is dropped.  Not needed when every schedule came in a pair with its
+            # job: jobs only go with a removal, which takes their schedule too.  The
+            # test is a plain dict's C-level membership, not a Python call a job.
             self.recurrences.retain(jobs.snapshot()[0].__contains__)
         for job_id in [j for j in self.paused if jobs.get(j) is None]:
             del self.paused[job_id]
