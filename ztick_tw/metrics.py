@@ -142,7 +142,7 @@ class _Counts(Collector):
         for name, status in JOB_STATUSES:
             by_status.add_metric([name], jobs.count(status))
         by_status.add_metric(["paused"], s.jobs_paused)
-        connections = sum(count() for count in getattr(ops, "_connection_counts", ()))
+        connections = ops.connections()
         families: list[Metric] = [
             by_status,
             GaugeMetricFamily("ztick_rules", "Rules held", value=len(s.rules)),
@@ -231,8 +231,7 @@ class PrometheusMetrics(Metrics):
         ops = self.operations
         if ops is None:
             return {}
-        runners: Mapping[Any, Any] = getattr(ops.scheduler, "_runners", {})
-        return {kind.wire: runner for kind, runner in runners.items()}
+        return {kind.wire: runner for kind, runner in ops.scheduler.runners.items()}
 
     def run_ended(self, runner: str, word: str, duration_ns: int) -> None:
         """Count the run and observe its duration."""

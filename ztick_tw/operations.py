@@ -257,6 +257,10 @@ class Operations:
         """Add a transport's live connection count to STAT's ``connections``."""
         self._connection_counts.append(count)
 
+    def connections(self) -> int:
+        """Client connections open now, every transport's together."""
+        return sum(count() for count in self._connection_counts)
+
     # -- jobs ------------------------------------------------------------------------
 
     def set_job(
@@ -555,7 +559,7 @@ class Operations:
         p50, p99 = s.lag.percentiles(0.50, 0.99)
         return [
             ("uptime_ns", now_ns(self.reactor) - self.started_ns),
-            ("connections", sum(count() for count in self._connection_counts)),
+            ("connections", self.connections()),
             ("jobs_total", len(jobs)),
             ("jobs_planned", jobs.count(JobStatus.PLANNED)),
             ("jobs_triggered", jobs.count(JobStatus.TRIGGERED)),

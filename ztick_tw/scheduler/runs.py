@@ -7,6 +7,8 @@ policy when a scheduled job's next occurrence falls due while it still runs.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
@@ -17,9 +19,10 @@ from ztick_tw.model import (
     Job,
     JobStatus,
     Policy,
+    RunnerKind,
     RunState,
 )
-from ztick_tw.runners.base import Execution, Outcome
+from ztick_tw.runners.base import Execution, IRunner, Outcome
 from ztick_tw.scheduler.jobs import unpack_ns
 from ztick_tw.scheduler.recurring import (
     Recurrence,
@@ -39,6 +42,11 @@ class Runs(SchedulerState):
 
     #: Where runs and trigger lag are reported (``ztick_tw.metrics.install``); off by default.
     metrics: Metrics = NO_METRICS
+
+    @property
+    def runners(self) -> Mapping[RunnerKind, IRunner]:
+        """The runners by kind (a read-only view)."""
+        return MappingProxyType(self._runners)
 
     def _fire_due(self, now: int) -> None:
         due = self.jobs.pop_due(now, FIRE_BATCH)
