@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs, formatEvent
 
 from tests.certs import make_pki
@@ -256,3 +257,45 @@ def test_only_a_max_connections_other_than_the_default_counts_as_set(tmp_path: P
     assert not max_connections_set(Config())
     source = str(tmp_path / "z.toml")
     assert max_connections_set(parse_config("[controller]\nmax_connections = 100\n", source))
+
+
+class _RecordingStop(Service):
+    """A child whose stop is recorded in ``order`` and ends when ``done`` fires."""
+
+    def __init__(self, name: str, order: list[str], stop_last: bool = False) -> None:
+        self.setName(name)  # type: ignore[no-untyped-call]
+        self.order = order
+        self.stop_last = stop_last
+        self.done: Deferred[None] = Deferred()
+
+    def stopService(self) -> Deferred[None]:
+        """Record the stop; finish when the test fires ``done``."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        self.order.append(str(self.name))
+        return self.done
+
+
+def test_a_stop_last_child_stops_after_the_others_have_stopped() -> None:
+    """Telemetry (``stop_last``) is stopped only once every other child has stopped.
+
+    So runs that end while the scheduler waits out its grace period are still exported.
+    """
+    order: list[str] = []
+    top = ZtickService("tcp:0", None)
+    telemetry = _RecordingStop("telemetry", order, stop_last=True)
+    scheduler = _RecordingStop("scheduler", order)
+    listener = _RecordingStop("listener", order)
+    for child in (telemetry, scheduler, listener):
+        child.setServiceParent(top)  # type: ignore[no-untyped-call]
+    top.startService()
+    stopped: list[object] = []
+    top.stopService().addCallback(stopped.append)
+    assert order == ["listener", "scheduler"]
+    scheduler.done.callback(None)
+    assert order == ["listener", "scheduler"]  # the listener has not finished yet
+    listener.done.callback(None)
+    assert order == ["listener", "scheduler", "telemetry"]
+    assert stopped == []
+    telemetry.done.callback(None)
+    assert stopped == [None]
+    assert not top.shutdown_failed

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
@@ -555,13 +555,28 @@ class ZtickService(MultiService):
         log.info("listening on {endpoint} (pid {pid})", endpoint=self.endpoint, pid=os.getpid())
 
     def stopService(self) -> Deferred[None]:
-        """Stop the children, newest first, each even if stopping another failed."""
+        """Stop the children, newest first, each even if stopping another failed.
+
+        A child with ``stop_last`` true (telemetry) is stopped once the others have
+        stopped, so what they record while stopping (runs ending in the grace period)
+        is still exported.
+        """
         Service.stopService(self)
-        stops = [
-            self.steps.guard(f"stop {child.name or type(child).__name__}", child.stopService)
-            for child in reversed(list(self))
-        ]
-        return DeferredList(stops).addCallback(self._stopped)
+        children = list(reversed(list(self)))
+        last = [child for child in children if getattr(child, "stop_last", False)]
+
+        def stop(group: list[IService]) -> Deferred[Any]:
+            return DeferredList(
+                [
+                    self.steps.guard(
+                        f"stop {child.name or type(child).__name__}", child.stopService
+                    )
+                    for child in group
+                ]
+            )
+
+        first = stop([child for child in children if child not in last])
+        return first.addCallback(lambda _: stop(last)).addCallback(self._stopped)
 
     def _stopped(self, _: object) -> None:
         if not self.steps.failed:

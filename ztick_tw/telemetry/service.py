@@ -54,6 +54,9 @@ class TelemetryService(Service):
     """
 
     name = "telemetry"
+    #: ``ZtickService`` stops it after the others: the runs that end while the scheduler
+    #: stops (its grace period) are still turned into spans and exported.
+    stop_last = True
 
     def __init__(
         self,
