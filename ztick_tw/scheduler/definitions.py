@@ -121,8 +121,11 @@ class Definitions:
 
     def index(self, text: str, options: str, start_ns: int) -> int:
         """The index of the definition of ``text`` with ``options`` (made if new)."""
-        template, form = _template(text, start_ns)
-        key = (template, options, form)
+        if len(text) < 20 or text[-1] != "Z":  # cannot end with a start: _template's test
+            key = (text, options, 0)
+        else:
+            template, form = _template(text, start_ns)
+            key = (template, options, form)
         index = self._index.get(key)
         if index is None:
             index = len(self.list)

@@ -205,7 +205,9 @@ class Recurrences:
 
         A just-set job's packed state depends only on its schedule and start, so jobs
         set with the same ones (a million jobs on ten schedules) share one int: less
-        arithmetic, and 50 bytes less a job.  ``PACKED_KEPT`` of them are remembered.
+        arithmetic, and 50 bytes less a job.  ``PACKED_KEPT`` of them are remembered;
+        if by then they were hardly shared (every start distinct), the replay stops
+        looking them up.
         """
         by_job = self._by_job
         index_of = self._definitions.index
@@ -213,16 +215,31 @@ class Recurrences:
         shared: dict[tuple[str, str, int], int] = {}
         known = shared.get
         occ_shift, start_shift, offset = _OCC_SHIFT, _START_SHIFT, _OFFSET
+        sharing = True
 
         def load(job_id: str, text: str, options: str, start_ns: int) -> None:
-            key = (text, options, start_ns)
-            packed = known(key)
-            if packed is None:
-                index = index_of(text, options, start_ns)
+            nonlocal sharing
+            if sharing:
+                key = (text, options, start_ns)
+                packed = known(key)
+                if packed is None:
+                    start = start_ns + offset
+                    packed = (
+                        ((start + 1) << occ_shift)
+                        | (start << start_shift)
+                        | index_of(text, options, start_ns)
+                    )
+                    if len(shared) < PACKED_KEPT:
+                        shared[key] = packed
+                    elif len(by_job) < 2 * PACKED_KEPT:
+                        sharing = False
+            else:
                 start = start_ns + offset
-                packed = ((start + 1) << occ_shift) | (start << start_shift) | index
-                if len(shared) < PACKED_KEPT:
-                    shared[key] = packed
+                packed = (
+                    ((start + 1) << occ_shift)
+                    | (start << start_shift)
+                    | index_of(text, options, start_ns)
+                )
             by_job[job_id] = packed
             if compiled:
                 compiled.pop(job_id, None)
