@@ -276,3 +276,15 @@ def test_starts_out_of_the_calendar_are_kept_as_plain_texts() -> None:
         index = definitions.index(text, "", start)
         assert definitions.text(index, start) == text
         assert definitions.list[index][2] == 0
+
+
+def test_equal_options_of_new_schedules_are_stored_once() -> None:
+    """Every SET brings its own options string: equal ones end up as one object."""
+    definitions = Definitions(100)
+    texts = ["daily", "every 1 hour starting 2026-12-04T00:00:00Z", "weekly"]
+    indexes = [
+        definitions.index(text, "".join(["tz=", "UTC"]), 1_796_342_400 * 10**9) for text in texts
+    ]
+    assert [definitions.text(i, 1_796_342_400 * 10**9) for i in indexes] == texts
+    assert len({id(definitions.options(i)) for i in indexes}) == 1
+    assert [definitions.list[i][2] for i in indexes] == [0, 1, 0]

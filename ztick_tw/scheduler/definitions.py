@@ -133,7 +133,7 @@ class Definitions:
                 raise ValueError(f"more than {self.limit} distinct schedules")
             shared = self._options.setdefault(options, options)
             if shared is not options:
-                key = (key[0], shared, form)
+                key = (key[0], shared, key[2])
             self.list.append(key)
             self._index[key] = index
         return index
