@@ -74,6 +74,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ztick_tw.model import AmqpSpec
+from ztick_tw.runners.backoff import BACKOFF_INITIAL, BACKOFF_MAX, Backoff
 from ztick_tw.runners.base import (
     Execution,
     IRunner,
@@ -86,14 +87,19 @@ from ztick_tw.runners.deadlines import Deadlines
 from ztick_tw.runners.message import NetworkOptions, queue_message
 from ztick_tw.runners.trust import load_trust_root
 
-__all__ = ["AmqpRunner", "AmqpTarget", "Backoff", "load_ca_file", "parse_dsn"]
+__all__ = [
+    "BACKOFF_INITIAL",
+    "BACKOFF_MAX",
+    "AmqpRunner",
+    "AmqpTarget",
+    "Backoff",
+    "load_ca_file",
+    "parse_dsn",
+]
 
 #: Publishes a channel may have waiting for their confirm; later jobs queue in the runner.
 #: Bounded because pika walks the outstanding publishes on every (multiple) ack.
 PUBLISH_WINDOW = 1000
-#: Back-off after a failed connection attempt: first window and cap, in seconds.
-BACKOFF_INITIAL = 0.5
-BACKOFF_MAX = 30.0
 #: AMQP heartbeat interval negotiated with the broker, in seconds.
 HEARTBEAT = 30
 #: How long ``stop`` waits for the broker to answer a clean connection close.
@@ -158,39 +164,6 @@ def parse_dsn(dsn: str) -> AmqpTarget:
         user = unquote(parts.username or "")
         password = unquote(parts.password or "")
     return AmqpTarget(tls, parts.hostname, port, vhost, user, password)
-
-
-# ------------------------------------------------------------------------------ back-off
-
-
-class Backoff:
-    """When to try connecting again after failures: ``initial`` doubling to ``maximum``.
-
-    ``failed(now)`` opens a window (and returns its length); ``remaining(now)`` is what is
-    left of it (0 once it has passed); ``succeeded()`` starts over from ``initial``.
-    """
-
-    def __init__(self, initial: float = BACKOFF_INITIAL, maximum: float = BACKOFF_MAX) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.failures = 0
-        self.retry_at = 0.0
-
-    def failed(self, now: float) -> float:
-        """Record a failed attempt at ``now``; return the window before the next one."""
-        delay = min(self.initial * 2.0**self.failures, self.maximum)
-        self.failures += 1
-        self.retry_at = now + delay
-        return delay
-
-    def succeeded(self) -> None:
-        """A connection worked: the next failure waits ``initial`` again."""
-        self.failures = 0
-        self.retry_at = 0.0
-
-    def remaining(self, now: float) -> float:
-        """Seconds left before a new attempt is allowed (0 when allowed now)."""
-        return max(0.0, self.retry_at - now)
 
 
 def load_ca_file(ca_file: str) -> Any:

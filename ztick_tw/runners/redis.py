@@ -64,6 +64,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ztick_tw.model import RedisSpec
+from ztick_tw.runners.backoff import BACKOFF_INITIAL, BACKOFF_MAX, Backoff
 from ztick_tw.runners.base import (
     Execution,
     IRunner,
@@ -106,10 +107,8 @@ __all__ = [
 
 #: The commands a redis rule may send.
 REDIS_COMMANDS = frozenset({"PUBLISH", "RPUSH", "LPUSH", "SET"})
-#: The first back-off window after a failed connect, in seconds; it doubles per failure.
-BACKOFF_START = 0.5
-#: The longest back-off window, in seconds.
-BACKOFF_MAX = 30.0
+#: The first back-off window after a failed connect (``runners/backoff.py``).
+BACKOFF_START = BACKOFF_INITIAL
 
 #: Why a job was ended when the runner was stopped (the daemon is shutting down).
 SHUTDOWN_CAUSE = "stopped at shutdown"
@@ -277,8 +276,7 @@ class _Target:
         self.timer: IDelayedCall | None = None
         self.timer_at = _NEVER  # when the timer fires
         self.deadlines: Deadlines[_Job] = Deadlines()  # the jobs' deadlines
-        self.backoff = 0.0  # the current window; 0 = the last connection came up
-        self.retry_at = 0.0  # until this reactor time new jobs fail at once
+        self.backoff = Backoff()  # after failed connects, new jobs fail at once for a while
         self.last_error = ""
 
     # -- jobs ------------------------------------------------------------------------------
@@ -290,7 +288,7 @@ class _Target:
         if writer is not None:
             writer.write(job.payload)
         elif self.factory is None and self.protocol is None:
-            if runner._clock.seconds() < self.retry_at:
+            if self.backoff.remaining(runner._clock.seconds()) > 0:
                 return f"redis {self.label}: unavailable (last connect attempt: {self.last_error})"
             runner._inflight += 1
             self.jobs.append(job)
@@ -453,14 +451,13 @@ class _Target:
         if self.jobs:
             self.jobs = deque(job for job in self.jobs if not job.done)
             protocol.write(b"".join(job.payload for job in self.jobs))
-        level = self.runner.log.info if self.backoff else self.runner.log.debug
+        level = self.runner.log.info if self.backoff.failures else self.runner.log.debug
         level(
             "redis {endpoint}: connected ({url})",
             endpoint=self.label,
             url=redact_url(self.url),
         )
-        self.backoff = 0.0
-        self.retry_at = 0.0
+        self.backoff.succeeded()
         self.last_error = ""
 
     def connect_failed(self, factory: _TargetFactory, reason: BaseException) -> None:
@@ -514,14 +511,13 @@ class _Target:
         self.fail_all(Outcome(False, reason), expired_at)
 
     def _start_backoff(self, why: str) -> None:
-        self.backoff = BACKOFF_START if self.backoff == 0 else min(self.backoff * 2, BACKOFF_MAX)
-        self.retry_at = self.runner._clock.seconds() + self.backoff
+        window = self.backoff.failed(self.runner._clock.seconds())
         self.last_error = why
         self.runner.log.warn(
             "redis {endpoint}: {why}; jobs for it fail at once for {backoff:g}s ({url})",
             endpoint=self.label,
             why=why,
-            backoff=self.backoff,
+            backoff=window,
             url=redact_url(self.url),
         )
 
@@ -590,7 +586,7 @@ class RedisRunner:
                 states["open"] += 1
             elif target.protocol is not None or target.factory is not None:
                 states["connecting"] += 1
-            elif target.retry_at > now:
+            elif target.backoff.remaining(now) > 0:
                 states["backoff"] += 1
         return states
 
