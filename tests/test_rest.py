@@ -84,7 +84,8 @@ def _site(hold: bool = False, timeout: float | None = None):  # type: ignore[no-
     ops = Operations(h.scheduler, h.clock, persistence="memory")
     site = rest_site(ops, h.clock, timeout=timeout)
     transport = StringTransport()  # type: ignore[no-untyped-call]
-    proto = site.buildProtocol(None)  # type: ignore[no-untyped-call]
+    proto = site.buildProtocol(None)
+    assert proto is not None
     proto.makeConnection(transport)
     return h, ops, proto, transport
 
