@@ -32,21 +32,18 @@ import json
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import httptools
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
-
-if TYPE_CHECKING:
-    from ztick_tw.rest.site import RestSite
 
 log = Logger(namespace="ztick_tw.rest")
 
@@ -304,7 +301,7 @@ class HttpRequest:
 class HttpChannel(Protocol):
     """One HTTP/1.1 connection: llhttp's callbacks build requests, answered in order."""
 
-    factory: RestSite
+    factory: HttpSite
     transport: Any  # a TCP or TLS transport: also a producer and a consumer
 
     def __init__(self) -> None:
@@ -599,3 +596,21 @@ class HttpChannel(Protocol):
 
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a request that was refused."""
+
+
+class HttpSite(Factory):
+    """Builds the connections of an HTTP listener; ``connections`` counts the live ones.
+
+    ``resource.render(request)`` answers every request (bytes, or ``NOT_DONE_YET`` and
+    the answer later); ``timeout`` closes a connection idle that long (``None``: never).
+    """
+
+    protocol = HttpChannel  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, resource: Any, timeout: float | None, reactor: IReactorTime) -> None:
+        self.resource = resource
+        self.timeout = timeout
+        self.reactor = reactor
+        self.dates = Dates(reactor.seconds)
+        self.connections = 0

@@ -1,4 +1,4 @@
-"""The REST listener's factory: one :class:`HttpChannel` a connection, counted.
+"""The REST listener: ``rest_site()`` puts ``RestResource`` behind an ``HttpSite``.
 
 The HTTP framing, its bounds (body ``MAX_BODY``, head, pipelining), back-pressure and the
 idle timeout are ``ztick_tw/rest/http11.py``'s; the routes are ``RestResource``'s.
@@ -9,27 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
 
 from ztick_tw.auth import TokenStore
 from ztick_tw.operations import Operations
-from ztick_tw.rest.http11 import MAX_BODY, Dates, HttpChannel
+from ztick_tw.rest.http11 import MAX_BODY, HttpSite
 
 __all__ = ["MAX_BODY", "RestSite", "rest_site"]
 
 
-class RestSite(Factory):
-    """Builds the connections of the REST listener; ``connections`` counts the live ones."""
-
-    protocol = HttpChannel  # type: ignore[assignment]
-    noisy = False
-
-    def __init__(self, resource: Any, timeout: float | None, reactor: IReactorTime) -> None:
-        self.resource = resource
-        self.timeout = timeout
-        self.reactor = reactor
-        self.dates = Dates(reactor.seconds)
-        self.connections = 0
+#: The REST listener's factory (``http11.HttpSite``): connections counted for STAT.
+RestSite = HttpSite
 
 
 def rest_site(

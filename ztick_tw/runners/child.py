@@ -12,14 +12,18 @@ from __future__ import annotations
 import os
 import re
 import signal
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ztick_tw.model import RunnerKind
 from ztick_tw.runners.base import (
     Execution,
     Outcome,
@@ -27,11 +31,70 @@ from ztick_tw.runners.base import (
     timeout_reason,
 )
 
-if TYPE_CHECKING:
-    from ztick_tw.runners.process import ProcessRunner, _Plan
-
 #: Why a run was ended when the runner was stopped (the daemon is shutting down).
 SHUTDOWN_CAUSE = "stopped at shutdown"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessOptions:
+    """How process runners treat their children.
+
+    ``output_limit_bytes``: the last this many bytes of stdout and stderr (together, as
+    they came) are kept (and logged) per run; the rest is read and counted but dropped.
+    ``run_timeout``: seconds a run may take before it is terminated; 0 means no limit
+    (the default of runs whose ``Execution.timeout`` is ``None``).
+    ``kill_grace``: seconds between SIGTERM and SIGKILL (timeouts and :meth:`stop`).
+    ``base_environment``: the child's environment before the ``ZTICK_*`` variables are
+    added; ``None`` means the daemon's own ``os.environ`` (read when the runner is made).
+    ``exit_drain``: once the child has exited, how long to wait for its stdout/stderr to
+    close (something it started in the background may hold them) before closing them.
+    ``new_session``: start children in a session and process group of their own, so
+    that termination reaches everything the job started.  (With ``reactor.spawnProcess``
+    this needs a ``setsid`` program; without one each child is signalled alone.)
+    """
+
+    output_limit_bytes: int = 65536
+    run_timeout: float = 0
+    kill_grace: float = 5.0
+    base_environment: Mapping[str, str] | None = None
+    exit_drain: float = 1.0
+    new_session: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("output_limit_bytes", "run_timeout", "kill_grace", "exit_drain"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"ProcessOptions.{name} must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What to spawn for one run: the program file and the argv it gets."""
+
+    executable: str  # the resolved file, for messages
+    argv: tuple[str, ...]  # argv[0] included
+
+
+class RunOwner(Protocol):
+    """What a ``_Run`` needs of its runner (``ProcessRunner``)."""
+
+    @property
+    def log(self) -> Logger:
+        """Where the run logs."""
+
+    @property
+    def kind(self) -> RunnerKind:
+        """The runner's kind (shell, direct, awf)."""
+
+    options: ProcessOptions
+    _clock: IReactorTime
+    _own_group: bool
+
+    def _finished(self, run: _Run, outcome: Outcome) -> None:
+        """The run is over: its slot is free."""
+
+    def _cancelled(self, run: _Run) -> None:
+        """The run's Deferred was cancelled."""
 
 
 def _describe_exit(exit_code: int | None, sig: int | None) -> str:
@@ -109,7 +172,7 @@ class _Run(ProcessProtocol):
 
     def __init__(
         self,
-        runner: ProcessRunner,
+        runner: RunOwner,
         execution: Execution,
         plan: _Plan,
         variables: tuple[tuple[str, str], ...],

@@ -11,7 +11,8 @@ failure is told with.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Final
+import typing
+from typing import Any, Final
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -32,9 +33,6 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ztick_tw.runners import trust
-
-if TYPE_CHECKING:
-    from ztick_tw.runners.http import _Delivery
 
 log = Logger()
 
@@ -262,13 +260,20 @@ class _BytesProducer:
         pass
 
 
+class BodyConsumer(typing.Protocol):
+    """Who is told when a ``_BodyReader`` is done (the http runner's delivery)."""
+
+    def body_done(self, reader: _BodyReader, reason: Failure) -> None:
+        """The body was read to its end, or cut off (``reason`` says which)."""
+
+
 class _BodyReader(Protocol):
     """Reads a response body to its end, keeping a prefix and aborting past ``limit``.
 
     Without a ``delivery`` (nobody wants the response any more) it aborts at once.
     """
 
-    def __init__(self, delivery: _Delivery | None, limit: int, tail_limit: int = 0) -> None:
+    def __init__(self, delivery: BodyConsumer | None, limit: int, tail_limit: int = 0) -> None:
         self.delivery = delivery
         self.limit = limit
         self.tail_limit = tail_limit

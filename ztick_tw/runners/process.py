@@ -44,7 +44,6 @@ import os
 import shutil
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 from twisted.internet.defer import Deferred, succeed
@@ -60,7 +59,7 @@ from ztick_tw.runners.base import (
     Outcome,
     cancelled_outcome,
 )
-from ztick_tw.runners.child import _Run
+from ztick_tw.runners.child import ProcessOptions, _Plan, _Run
 from ztick_tw.runners.spawn import (
     FDS_PER_CHILD,
     TRANSIENT_ERRNOS,
@@ -84,38 +83,6 @@ __all__ = [
 #: Descriptors one live shell/direct/awf run holds in the daemon: the read ends of its
 #: stdout and stderr pipes and its pidfd (for the startup check of the descriptor limit).
 FDS_PER_RUN = FDS_PER_CHILD
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessOptions:
-    """How process runners treat their children.
-
-    ``output_limit_bytes``: the last this many bytes of stdout and stderr (together, as
-    they came) are kept (and logged) per run; the rest is read and counted but dropped.
-    ``run_timeout``: seconds a run may take before it is terminated; 0 means no limit
-    (the default of runs whose ``Execution.timeout`` is ``None``).
-    ``kill_grace``: seconds between SIGTERM and SIGKILL (timeouts and :meth:`stop`).
-    ``base_environment``: the child's environment before the ``ZTICK_*`` variables are
-    added; ``None`` means the daemon's own ``os.environ`` (read when the runner is made).
-    ``exit_drain``: once the child has exited, how long to wait for its stdout/stderr to
-    close (something it started in the background may hold them) before closing them.
-    ``new_session``: start children in a session and process group of their own, so
-    that termination reaches everything the job started.  (With ``reactor.spawnProcess``
-    this needs a ``setsid`` program; without one each child is signalled alone.)
-    """
-
-    output_limit_bytes: int = 65536
-    run_timeout: float = 0
-    kill_grace: float = 5.0
-    base_environment: Mapping[str, str] | None = None
-    exit_drain: float = 1.0
-    new_session: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("output_limit_bytes", "run_timeout", "kill_grace", "exit_drain"):
-            value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"ProcessOptions.{name} must be >= 0, got {value!r}")
 
 
 class _CannotExecute(Exception):
@@ -151,14 +118,6 @@ def _resolve(name: str, search_path: str) -> str:
     if not stat.S_ISREG(st.st_mode) or not os.access(name, os.X_OK):
         raise _CannotExecute(f"cannot execute {name}: Permission denied")
     return os.path.abspath(name)
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """What to spawn for one run: the program file and the argv it gets."""
-
-    executable: str  # the resolved file, for messages
-    argv: tuple[str, ...]  # argv[0] included
 
 
 def _nul_byte(argv: Sequence[str], env: Mapping[str, str]) -> str | None:
