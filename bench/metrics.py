@@ -47,9 +47,9 @@ def _serve(jobs: int, port: int) -> None:
     """The child: hold ``jobs`` jobs and serve ``/metrics`` on ``port`` until stdin closes."""
     from twisted.internet import reactor as _reactor
 
-    from ztick_tw.metrics import PrometheusMetrics, install, metrics_service
     from ztick_tw.model import Rule, ShellSpec
     from ztick_tw.operations import Operations
+    from ztick_tw.prometheus import PrometheusMetrics, install, metrics_service
     from ztick_tw.scheduler.core import Scheduler
     from ztick_tw.store.memory import MemoryStore
 
@@ -147,8 +147,8 @@ def _set_rate(with_metrics: bool, count: int) -> float:
     """SET/s of ``Scheduler.set_job`` on a memory store, metrics installed or not."""
     from twisted.internet.task import Clock
 
-    from ztick_tw.metrics import PrometheusMetrics, install
     from ztick_tw.operations import Operations
+    from ztick_tw.prometheus import PrometheusMetrics, install
     from ztick_tw.scheduler.core import Scheduler
     from ztick_tw.store.memory import MemoryStore
 

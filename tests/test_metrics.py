@@ -24,19 +24,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ztick_tw.compaction import CompactionService
-from ztick_tw.metrics import (
+from ztick_tw.metrics import NO_METRICS, Metrics
+from ztick_tw.model import HttpSpec, JobStatus, RedisSpec, Rule, RunnerKind, ShellSpec
+from ztick_tw.operations import ANONYMOUS, Operations
+from ztick_tw.prometheus import (
     LAG_BUCKETS,
-    NO_METRICS,
     RUN_BUCKETS,
-    Metrics,
     PrometheusMetrics,
     install,
     metrics_service,
     metrics_site,
     render,
 )
-from ztick_tw.model import HttpSpec, JobStatus, RedisSpec, Rule, RunnerKind, ShellSpec
-from ztick_tw.operations import ANONYMOUS, Operations
 from ztick_tw.runners.base import Execution
 from ztick_tw.runners.http import HttpRunner
 from ztick_tw.runners.message import NetworkOptions

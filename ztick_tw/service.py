@@ -24,9 +24,9 @@ from ztick_tw.auth import AuthFileError, TokenStore, load_tokens
 from ztick_tw.compaction import CompactionService
 from ztick_tw.config import HISTORY_SUFFIX, Config, ControllerConfig
 from ztick_tw.history import History, HistoryError
-from ztick_tw.metrics import MetricsResource, PrometheusMetrics, install, metrics_service
 from ztick_tw.model import Policy, RunnerKind
 from ztick_tw.operations import Operations
+from ztick_tw.prometheus import MetricsResource, PrometheusMetrics, install, metrics_service
 from ztick_tw.protocol.server import ZtickFactory
 from ztick_tw.rest import rest_site
 from ztick_tw.runners.amqp import AmqpRunner
