@@ -12,15 +12,36 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from ztick_tw.operations import Invalid, OperationError, ScheduleView
+from ztick_tw.operations import (
+    Caller,
+    Durable,
+    Invalid,
+    OperationError,
+    Operations,
+    ScheduleView,
+)
 
-if TYPE_CHECKING:
-    from ztick_tw.protocol.server import ZtickProtocol
+
+class Connection(Protocol):
+    """What the handlers here use of a connection (``protocol/server.py``'s protocol)."""
+
+    _ops: Operations
+    _caller: Caller
+
+    def answer_ok(self, request_id: str, commit: Durable | None, extra: str = "") -> None:
+        """``ID OK`` (with ``extra``) once ``commit`` is durable, in order."""
+
+    def answer_later(self, later: Later) -> None:
+        """An answer known later, kept in order with the others."""
+
+    def _reply(self, data: bytes, commit: Durable | None = None, error: bytes = b"") -> None:
+        """Queue ``data`` after every earlier answer."""
+
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:/+@*,")
 
@@ -124,7 +145,7 @@ def _options_split(words: Sequence[str]) -> tuple[int | None, list[str]]:
 # -- the instructions -----------------------------------------------------------------
 
 
-def do_SCHEDULE(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
+def do_SCHEDULE(proto: Connection, rid: str, tokens: list[str]) -> None:
     """``ID SCHEDULE SET|GET|REMOVE <job> ...``."""
     ops, caller = proto._ops, proto._caller
     word = tokens[2] if len(tokens) > 2 else ""
@@ -146,7 +167,7 @@ def do_SCHEDULE(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
         raise Invalid(f"unknown SCHEDULE word {word!r} (expected SET, GET or REMOVE)")
 
 
-def do_LISTSCHEDULES(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
+def do_LISTSCHEDULES(proto: Connection, rid: str, tokens: list[str]) -> None:
     """``ID LISTSCHEDULES [<prefix>]``."""
     views = proto._ops.list_schedules(proto._caller, tokens[2] if len(tokens) > 2 else "")
     lines = [f"{rid} {v.job_id} {schedule_fields(v)}\n" for v in views]
@@ -154,7 +175,7 @@ def do_LISTSCHEDULES(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
     proto._reply("".join(lines).encode())
 
 
-def do_PREVIEW(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
+def do_PREVIEW(proto: Connection, rid: str, tokens: list[str]) -> None:
     """``ID PREVIEW <schedule> [<count>] [key=value ...]``."""
     if len(tokens) < 3:
         raise Invalid("PREVIEW needs a schedule")
@@ -165,14 +186,14 @@ def do_PREVIEW(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
     proto._reply("".join(lines).encode())
 
 
-def do_PAUSE(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
+def do_PAUSE(proto: Connection, rid: str, tokens: list[str]) -> None:
     """``ID PAUSE <job>``."""
     if len(tokens) < 3:
         raise Invalid("PAUSE needs a job identifier")
     proto.answer_ok(rid, proto._ops.pause(proto._caller, tokens[2]))
 
 
-def do_RESUME(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
+def do_RESUME(proto: Connection, rid: str, tokens: list[str]) -> None:
     """``ID RESUME <job>``."""
     if len(tokens) < 3:
         raise Invalid("RESUME needs a job identifier")
@@ -190,7 +211,7 @@ def _error_line(rid: str) -> Callable[[Failure], bytes]:
     return error
 
 
-def do_RUN(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
+def do_RUN(proto: Connection, rid: str, tokens: list[str]) -> None:
     """``ID RUN <job>``: ``ID OK`` once the run has started."""
     if len(tokens) < 3:
         raise Invalid("RUN needs a job identifier")
@@ -199,7 +220,7 @@ def do_RUN(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
     proto.answer_later(Later(answer, _error_line(rid)))
 
 
-def do_HISTORY(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
+def do_HISTORY(proto: Connection, rid: str, tokens: list[str]) -> None:
     """``ID HISTORY <job> [<n>]``: newest run first, then ``ID OK``."""
     if len(tokens) < 3:
         raise Invalid("HISTORY needs a job identifier")
@@ -218,7 +239,7 @@ def do_HISTORY(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
     proto.answer_later(Later(records.addCallback(lines), _error_line(rid)))
 
 
-def rule_policy(proto: ZtickProtocol, rid: str, tokens: list[str]) -> None:
+def rule_policy(proto: Connection, rid: str, tokens: list[str]) -> None:
     """``ID RULE POLICY <rule> [key=value ...]``: ``ID OK <policy>``."""
     if len(tokens) < 4:
         raise Invalid("RULE POLICY needs a rule id")
