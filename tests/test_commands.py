@@ -1,4 +1,4 @@
-"""Tests for ``ztick_tw.protocol.commands``: timestamps, rules and runner arguments."""
+"""Tests for ``ztick_tw.arguments``: timestamps, rules and runner arguments."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ztick_tw.arguments import (
+    CommandError,
+    check_identifier,
+    check_string,
+    parse_datetime_ns,
+    parse_execution,
+    parse_integer_ns,
+    parse_rule,
+    parse_runner,
+)
 from ztick_tw.model import (
     I64_MAX,
     I64_MIN,
@@ -19,16 +29,6 @@ from ztick_tw.model import (
     RedisSpec,
     Rule,
     ShellSpec,
-)
-from ztick_tw.protocol.commands import (
-    CommandError,
-    check_identifier,
-    check_string,
-    parse_datetime_ns,
-    parse_execution,
-    parse_integer_ns,
-    parse_rule,
-    parse_runner,
 )
 
 NS = 1_000_000_000

@@ -381,7 +381,7 @@ def test_the_line_protocol_does_not_import_the_store_or_the_scheduler_tables() -
     """The transport reaches the scheduler only through ``Operations``.
 
     ``protocol/server.py`` imports nothing from ``ztick_tw.store`` (durability comes
-    as a ``Durable`` handle) nor ``commands`` (validation is the operations' job).
+    as a ``Durable`` handle) nor ``arguments`` (validation is the operations' job).
     """
     tree = ast.parse(Path(server.__file__).read_text())
     imported = {
@@ -390,5 +390,5 @@ def test_the_line_protocol_does_not_import_the_store_or_the_scheduler_tables() -
         if isinstance(node, ast.ImportFrom) and node.module is not None
     }
     assert not any(m.startswith("ztick_tw.store") for m in imported), imported
-    assert "ztick_tw.protocol.commands" not in imported
+    assert "ztick_tw.arguments" not in imported
     assert "ztick_tw.operations" in imported

@@ -29,6 +29,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
 from tests.helpers import EPOCH_NS, SECOND_NS, Conn, Harness, make_harness
+from ztick_tw.arguments import CommandError, parse_execution, parse_rule, parse_runner
 from ztick_tw.auth import Token, TokenStore
 from ztick_tw.model import (
     AmqpSpec,
@@ -44,7 +45,6 @@ from ztick_tw.model import (
     RunnerSpec,
     ShellSpec,
 )
-from ztick_tw.protocol.commands import CommandError, parse_execution, parse_rule, parse_runner
 from ztick_tw.protocol.server import MAX_LINE_BYTES, ZtickFactory, ZtickProtocol
 from ztick_tw.protocol.tokenizer import TokenizeError, decode_line, quote_token, tokenize
 from ztick_tw.store.codec import CodecError, decode_payload, encode, encode_payload, scan

@@ -29,14 +29,14 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from ztick_tw.auth import Token
-from ztick_tw.model import I64_MAX, I64_MIN, JobStatus, Policy, Rule, ShownStatus
-from ztick_tw.protocol.commands import (
+from ztick_tw.arguments import (
     CommandError,
     check_identifier,
     parse_execution,
     parse_rule,
 )
+from ztick_tw.auth import Token
+from ztick_tw.model import I64_MAX, I64_MIN, JobStatus, Policy, Rule, ShownStatus
 from ztick_tw.scheduler.core import (
     NoRule,
     NotScheduled,

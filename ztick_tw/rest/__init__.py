@@ -1,8 +1,9 @@
-"""The REST API of SPEC §7: a ``twisted.web`` view of :class:`~ztick_tw.operations.Operations`.
+"""The REST API of SPEC §7: an HTTP view of :class:`~ztick_tw.operations.Operations`.
 
-``bodies`` turns JSON into operation arguments and answers into JSON, ``resource`` maps
-paths and methods onto one operation each, ``site`` bounds what a client may send (body
-size, idle time), ``openapi`` is the document served at ``/openapi.json``.
+``http11`` is the HTTP/1.1 framing (on ``httptools``: bounds, pipelining, back-pressure,
+idle time), ``resource`` maps paths and methods onto one operation each, ``bodies`` turns
+JSON into operation arguments and answers into JSON, ``site`` puts them together, and
+``openapi`` is the document served at ``/openapi.json``.
 """
 
 from ztick_tw.rest.site import rest_site
