@@ -32,7 +32,7 @@ from zope.interface.verify import verifyObject
 
 from tests.rabbitmq_server import RabbitMQServer, free_port, unique_name
 from ztick_tw.model import AmqpSpec, ShellSpec
-from ztick_tw.runners import amqp as amqp_module
+from ztick_tw.runners import amqp_connection
 from ztick_tw.runners.amqp import (
     BACKOFF_INITIAL,
     BACKOFF_MAX,
@@ -690,7 +690,7 @@ class DeliveryTests(_BrokerBase):
 
         None is lost or sent twice.
         """
-        self.patch(amqp_module, "PUBLISH_WINDOW", 7)  # type: ignore[no-untyped-call]
+        self.patch(amqp_connection, "PUBLISH_WINDOW", 7)  # type: ignore[no-untyped-call]
         runner = self.runner()
         queue = self.queue()
         spec = AmqpSpec(self.broker.dsn(), "amq.direct", queue)
