@@ -288,3 +288,32 @@ def test_equal_options_of_new_schedules_are_stored_once() -> None:
     assert [definitions.text(i, 1_796_342_400 * 10**9) for i in indexes] == texts
     assert len({id(definitions.options(i)) for i in indexes}) == 1
     assert [definitions.list[i][2] for i in indexes] == [0, 1, 0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2),  # the job's second
+            st.integers(0, 2),  # the second its text says
+            st.sampled_from([0, 1, 2000, 999_999_999]),  # the job's fraction
+            st.sampled_from([0, 1, 2000, 999_999_999]),  # the fraction its text says
+            st.sampled_from(["", "x"]),  # the text after the instant
+        ),
+        max_size=30,
+    )
+)
+def test_jobs_set_in_the_same_second_get_their_own_texts_back(
+    jobs: list[tuple[int, int, int, int, str]],
+) -> None:
+    """The shortcut for a start in the second of the last one still checks every character."""
+    definitions = Definitions(1000)
+    base = 1_796_342_400
+    for second, said_second, fraction, said_fraction, after in jobs:
+        start = (base + second) * 10**9 + fraction
+        text = "every 1 hour starting " + _iso((base + said_second) * 10**9 + said_fraction, 9)
+        text += after
+        index = definitions.index(text, "tz=UTC", start)
+        assert definitions.text(index, start) == text
+        exact = (second, fraction, after) == (said_second, said_fraction, "")
+        assert (definitions.list[index][2] == 2) == exact

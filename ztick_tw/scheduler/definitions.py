@@ -106,7 +106,7 @@ def definition_text(definition: tuple[str, str, int], start_ns: int) -> str:
 class Definitions:
     """Every distinct ``(template, options, form)``, by index (see the module doc)."""
 
-    __slots__ = ("_index", "_options", "limit", "list")
+    __slots__ = ("_head", "_index", "_options", "limit", "list")
 
     def __init__(self, limit: int) -> None:
         #: the definitions; a job's index points here
@@ -115,6 +115,10 @@ class Definitions:
         # definition -> index; the key is the very tuple in ``list``
         self._index: dict[tuple[str, str, int], int] = {}
         self._options: dict[str, str] = {}  # few distinct ones: one string each
+        # The last text seen ending with its start in nanoseconds, as (its text up to
+        # the fraction of a second, that second, its template): the next job set in
+        # the same second only needs its fraction checked.
+        self._head: tuple[str, int, str] = ("", 0, "")
 
     def __len__(self) -> int:
         return len(self.list)
@@ -124,8 +128,20 @@ class Definitions:
         if len(text) < 20 or text[-1] != "Z":  # cannot end with a start: _template's test
             key = (text, options, 0)
         else:
-            template, form = _template(text, start_ns)
-            key = (template, options, form)
+            head, second, template = self._head
+            seconds, fraction = divmod(start_ns, _SECOND)
+            if (
+                seconds == second
+                and text[-11] == "."
+                and text[:-10] == head
+                and text[-10:-1] == str(fraction).zfill(9)
+            ):
+                key = (template, options, 2)
+            else:
+                template, form = _template(text, start_ns)
+                key = (template, options, form)
+                if form == 2:
+                    self._head = (text[:-10], seconds, template)
         index = self._index.get(key)
         if index is None:
             index = len(self.list)

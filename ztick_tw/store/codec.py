@@ -757,8 +757,8 @@ class Scan:
                         ):
                             try:
                                 job_id = raw.decode()
-                                text = known(raw_text) or strings.decode(raw_text)
-                                options = known(raw_options) or strings.decode(raw_options)
+                                text = known(raw_text) or strings.add(raw_text)
+                                options = known(raw_options) or strings.add(raw_options)
                             except UnicodeDecodeError:
                                 pass
                             else:

@@ -114,10 +114,13 @@ class Strings(dict[bytes, str]):
     def decode(self, raw: bytes) -> str:
         """``raw`` as text, the same object as last time when it was seen before."""
         text = self.get(raw)
-        if text is None:
-            text = raw.decode()
-            if len(self) < STRINGS_KEPT:
-                self[raw] = text
+        return self.add(raw) if text is None else text
+
+    def add(self, raw: bytes) -> str:
+        """``raw`` as text, kept if there is room (for a caller that just missed it)."""
+        text = raw.decode()
+        if len(self) < STRINGS_KEPT:
+            self[raw] = text
         return text
 
 
