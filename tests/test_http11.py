@@ -92,6 +92,24 @@ def test_reading_pauses_while_too_many_requests_wait_and_resumes_after() -> None
     assert len(_answers(transport.value())) == MAX_WAITING + 1
 
 
+def test_thousands_of_requests_waiting_are_answered_without_recursion() -> None:
+    """2,000 pipelined GETs parsed behind a late PUT are all answered, in order.
+
+    One read can hold far more requests than ``MAX_WAITING``; answering them one after
+    another must not nest a call per request (a RecursionError past ~1,000).
+    """
+    h, channel, transport = _connect(hold=True)
+    gets = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n" * 2000
+    channel.dataReceived(_put("first") + gets)
+    assert transport.value() == b""
+    h.store.resolve_all()
+    answers = _answers(transport.value())
+    assert len(answers) == 2001
+    assert json.loads(answers[0][2])["id"] == "first"
+    assert all(json.loads(a[2]) == {"status": "ok"} for a in answers[1:])
+    assert transport.producerState == "producing"
+
+
 def test_a_full_send_buffer_stops_reading_until_it_drains() -> None:
     """When the transport says its buffer is full, the channel stops reading; then resumes."""
     _, channel, transport = _connect()
@@ -192,6 +210,14 @@ def test_an_upgrade_request_is_served_as_a_plain_one() -> None:
         b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
     )
     assert [a[0] for a in _answers(transport.value())] == [200, 200]
+
+
+def test_many_upgrade_requests_in_one_read_are_all_answered() -> None:
+    """1,500 requests asking for an upgrade, in one read: each is answered as plain HTTP."""
+    _, channel, transport = _connect()
+    one = b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
+    channel.dataReceived(one * 1500)
+    assert [a[0] for a in _answers(transport.value())] == [200] * 1500
 
 
 def test_a_request_split_byte_by_byte_is_the_same_request() -> None:

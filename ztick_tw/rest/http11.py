@@ -309,6 +309,7 @@ class HttpChannel(Protocol):
         self._waiting: deque[HttpRequest] = deque()
         self._active: HttpRequest | None = None
         self._closing = False
+        self._serving = False  # in request_done's loop over waiting requests
         # the request being parsed
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -397,21 +398,23 @@ class HttpChannel(Protocol):
             return
         if self._idle is not None:
             self._last = self.factory.reactor.seconds()
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            # Upgrade (h2c, websocket) is not offered: the request was a plain one, and
-            # what follows it is parsed as the next request.
-            self._parser = httptools.HttpRequestParser(self)
-            offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
-            if offset < len(data):
-                self.dataReceived(data[offset:])
-        except httptools.HttpParserError as e:
-            if not self._closing:
-                why = str(e).strip() or "malformed request"
-                self.refuse(400, f"bad request: {why}")
-        except _Refused:
-            pass
+        while data and not self._closing:
+            try:
+                self._parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as e:
+                # Upgrade (h2c, websocket) is not offered: the request was a plain one,
+                # and what follows it is parsed as the next request.
+                self._parser = httptools.HttpRequestParser(self)
+                offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+                data = data[offset:]
+            except httptools.HttpParserError as e:
+                if not self._closing:
+                    why = str(e).strip() or "malformed request"
+                    self.refuse(400, f"bad request: {why}")
+                return
+            except _Refused:
+                return
 
     # -- llhttp's callbacks ----------------------------------------------------------
 
@@ -523,9 +526,15 @@ class HttpChannel(Protocol):
         if not request.keep_alive or self._closing:
             self._close()
             return
-        waiting = self._waiting
-        while waiting and self._active is None and not self._closing:
-            self._serve(waiting.popleft())
+        if self._serving:
+            return  # answered inside the loop below: it takes the next one itself
+        self._serving = True
+        try:
+            waiting = self._waiting
+            while waiting and self._active is None and not self._closing:
+                self._serve(waiting.popleft())
+        finally:
+            self._serving = False
         self._flow()
 
     def refuse(self, code: int, why: str) -> None:
