@@ -385,6 +385,10 @@ def test_ztick_style_config_files_load(name: str, text: str) -> None:
             "[scheduler] max_concurrent_runs: must be an integer >= 1, got 0",
         ),
         (
+            "[http]\nmax_connections = 0",
+            "[http] max_connections: must be an integer from 1 to 1000000, got 0",
+        ),
+        (
             "[scheduler]\nmax_concurrent_network_runs = 0",
             "[scheduler] max_concurrent_network_runs: must be an integer >= 1, got 0",
         ),
@@ -526,7 +530,10 @@ def test_telemetry_endpoint_without_enabled_is_fine() -> None:
             '[controller]\nlevel = "info"',
             "unknown key [controller] level (it belongs in [log], not [controller])",
         ),
-        ("[http]\nport = 5680", "unknown key [http] port (known keys: listen)"),
+        (
+            "[http]\nport = 5680",
+            "unknown key [http] port (known keys: listen, max_connections)",
+        ),
         ("[shell]\nwait = 30", "unknown key [shell] wait (known keys: path, args)"),
         ("[logg]\nlevel = 1", "unknown section [logg] (did you mean [log]?)"),
         ("[Database]\nframerate = 1", "unknown section [Database] (did you mean [database]?)"),

@@ -13,6 +13,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 
 from tests.helpers import Harness, make_harness
 from ztick_tw.operations import Operations
@@ -27,7 +28,7 @@ def _connect(hold: bool = False) -> tuple[Harness, HttpChannel, Any]:
     transport = StringTransport()  # type: ignore[no-untyped-call]
     channel = site.buildProtocol(None)
     assert isinstance(channel, HttpChannel)
-    channel.makeConnection(transport)
+    channel.makeConnection(transport)  # type: ignore[no-untyped-call]
     return h, channel, transport
 
 
@@ -276,3 +277,30 @@ def test_rfc3339_reader_agrees_with_datetime(moment: datetime, nanos: int, offse
     delta = aware - _EPOCH
     expected = (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000 + nanos
     assert bodies.parse_time(text) == expected
+
+
+def test_connections_past_the_limit_are_closed_and_counted() -> None:
+    """At ``max_connections`` open, a new connection gets no channel (it is closed).
+
+    Once one closes there is room again; refusals are counted and logged at most once
+    every 10 s with how many there were.
+    """
+    h = make_harness()
+    site = rest_site(
+        Operations(h.scheduler, h.clock, persistence="memory"), h.clock, max_connections=2
+    )
+    open_ = [site.buildProtocol(None) for _ in range(2)]
+    for channel in open_:
+        channel.makeConnection(StringTransport())  # type: ignore[no-untyped-call]
+    with capturedLogs() as events:
+        assert site.buildProtocol(None) is None
+        assert site.buildProtocol(None) is None
+        h.clock.advance(11)
+        assert site.buildProtocol(None) is None
+    warnings = [formatEvent(e) for e in events if "connection limit" in str(e["log_format"])]
+    assert len(warnings) == 2
+    assert "refused 1 connection(s)" in warnings[0]
+    assert "refused 2 connection(s)" in warnings[1]
+    assert site.refused == 3
+    open_[0].connectionLost(None)
+    assert site.buildProtocol(None) is not None

@@ -223,6 +223,17 @@ def test_connections_and_runs_that_fit_the_descriptor_limit_are_kept() -> None:
     assert list(events) == []
 
 
+def test_the_rest_listeners_connections_are_kept_out_of_the_line_protocols() -> None:
+    """With ``[http]`` on, its ``max_connections`` come off what the line listener may hold."""
+    assert fit_descriptor_limit(2048, 4096, 64, connections_set=False) == 2048 - 64 - 192
+    assert (
+        fit_descriptor_limit(2048, 4096, 64, connections_set=False, rest_connections=1024)
+        == 2048 - 64 - 192 - 1024
+    )
+    with pytest.raises(StartupError, match=r"\[http\] max_connections"):
+        fit_descriptor_limit(1024, 900, 64, connections_set=True, rest_connections=100)
+
+
 def test_the_default_max_connections_is_lowered_to_fit_with_a_warning() -> None:
     """Not set in the config (the 4096 default) on a 1024-fd machine: 1024 - 192 - 64."""
     with capturedLogs() as events:

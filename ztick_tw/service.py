@@ -283,19 +283,21 @@ def fit_descriptor_limit(
     connections_set: bool,
     fds_per_run: int = FDS_PER_RUN,
     reserve: int = DESCRIPTOR_RESERVE,
+    rest_connections: int = 0,
 ) -> int:
     """The ``max_connections`` to serve with, so connections and runs fit in ``limit``.
 
-    ``max_connections + max_concurrent_runs * fds_per_run + reserve`` must not exceed
-    the descriptor limit.  When it does, a ``max_connections`` left at its default
-    (``connections_set`` false) is lowered to what fits, with a warning; one set in the
-    config is refused (``StartupError``), as is a ``max_concurrent_runs`` that leaves no
-    room for a single connection.
+    ``max_connections + max_concurrent_runs * fds_per_run + reserve`` (+ the REST
+    listener's ``rest_connections``, kept for it) must not exceed the descriptor limit.
+    When it does, a ``max_connections`` left at its default (``connections_set``
+    false) is lowered to what fits, with a warning; one set in the config is refused
+    (``StartupError``), as is a ``max_concurrent_runs`` that leaves no room for a
+    single connection.
     """
     if limit is None:
         return max_connections
     runs = max_concurrent_runs * fds_per_run
-    room = limit - reserve - runs
+    room = limit - reserve - rest_connections - runs
     if max_connections <= room:
         return max_connections
     if connections_set or room < 1:
@@ -303,9 +305,10 @@ def fit_descriptor_limit(
             f"the descriptor limit ({limit}, ulimit -n) cannot hold [controller]"
             f" max_connections ({max_connections}) + [scheduler] max_concurrent_runs"
             f" ({max_concurrent_runs}) x {fds_per_run} + {reserve} for the daemon itself"
-            f" = {max_connections + runs + reserve}: lower [controller] max_connections"
-            f" (at most {max(room, 0)} here) or [scheduler] max_concurrent_runs, or raise"
-            " the limit (LimitNOFILE= under systemd)"
+            + (f" + [http] max_connections ({rest_connections})" if rest_connections else "")
+            + f" = {max_connections + runs + reserve + rest_connections}: lower"
+            f" [controller] max_connections (at most {max(room, 0)} here) or [scheduler]"
+            " max_concurrent_runs, or raise the limit (LimitNOFILE= under systemd)"
         )
     log.warn(
         "[controller] max_connections lowered from its default {default} to {fits}: the"
@@ -318,7 +321,7 @@ def fit_descriptor_limit(
         runs=runs,
         max_runs=max_concurrent_runs,
         per_run=fds_per_run,
-        reserve=reserve,
+        reserve=reserve + rest_connections,
     )
     return room
 
@@ -345,6 +348,7 @@ def make_service(config: Config, reactor: Any) -> ZtickService:
         config.controller.max_connections,
         config.scheduler.max_concurrent_runs,
         connections_set=max_connections_set(config),
+        rest_connections=config.http.max_connections if config.http.enabled else 0,
     )
     for warning in config.warnings:
         log.warn("{problem}", problem=warning)
@@ -480,6 +484,7 @@ def rest_service(
         reactor,
         tokens=tokens,
         timeout=config.controller.idle_timeout,
+        max_connections=config.http.max_connections,
         metrics=MetricsResource(metrics),
     )
     served: IProtocolFactory = site if tls is None else tls_factory(site, tls)

@@ -306,3 +306,43 @@ def test_a_client_that_never_reads_costs_bounded_memory(
     assert grown_mb < 40, f"RSS grew {grown_mb:.1f} MB for a client that never reads"
     hog.close()
     assert c.call("GET", "/jobs/p.00001")[0] == 200
+
+
+def test_sockets_past_max_connections_are_closed_and_the_api_stays_up(tmp_path: Path) -> None:
+    """``[http] max_connections = 5``: a sixth socket is closed at once; freed room is reused.
+
+    A peer opening thousands of sockets cannot take the daemon's descriptors: past the
+    limit each is closed as it is accepted, and the warning says how many.
+    """
+    port = free_port()
+    with daemon(
+        tmp_path, {"http": {"listen": f"tcp:{port}:interface=127.0.0.1", "max_connections": 5}}
+    ) as d:
+        d.start()
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        extra = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+        for s in extra:
+            s.settimeout(10)
+            assert s.recv(1) == b""  # closed by the daemon as soon as it was accepted
+            s.close()
+        held[0].close()
+        wait_until(lambda: _health(port) or None, "a connection once one of the five was closed")
+        run = d.current
+        assert run is not None
+        wait_until(
+            lambda: "REST: connection limit reached (5 connections)" in run.output() or None,
+            "the connection-limit warning in the daemon's log",
+        )
+        for s in held[1:]:
+            s.close()
+
+
+def _health(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", "/health")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False

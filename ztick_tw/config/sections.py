@@ -194,6 +194,7 @@ class HttpConfig:
 
     listen: str | None = None
     listen_endpoint: str | None = None
+    max_connections: int = 1024
 
     @property
     def enabled(self) -> bool:

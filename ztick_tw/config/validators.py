@@ -155,6 +155,7 @@ _SCHEMA: dict[str, dict[str, _Validator]] = {
     },
     "http": {
         "listen": _listen,
+        "max_connections": _integer(1, 1_000_000),
     },
     "telemetry": {
         "enabled": _boolean,

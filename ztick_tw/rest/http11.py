@@ -53,6 +53,8 @@ MAX_BODY = 1_000_000
 MAX_HEAD = 16_384
 #: Header lines at most (else 431).
 MAX_HEADERS = 100
+#: Seconds between two warnings about connections refused at ``max_connections``.
+REFUSED_REPORT_S = 10.0
 #: Parsed requests waiting behind the one being answered before reading pauses.
 MAX_WAITING = 8
 
@@ -617,9 +619,43 @@ class HttpSite(Factory):
     protocol = HttpChannel  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, resource: Any, timeout: float | None, reactor: IReactorTime) -> None:
+    def __init__(
+        self,
+        resource: Any,
+        timeout: float | None,
+        reactor: IReactorTime,
+        max_connections: int = 1024,
+    ) -> None:
         self.resource = resource
         self.timeout = timeout
         self.reactor = reactor
         self.dates = Dates(reactor.seconds)
         self.connections = 0
+        self.max_connections = max_connections
+        self.refused = 0  # connections closed at the limit, in all
+        self._refused_since_report = 0
+        self._reported_at: float | None = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A channel, or ``None`` (the connection is closed) at ``max_connections``."""
+        if self.connections >= self.max_connections:
+            self._refuse(addr)
+            return None
+        return super().buildProtocol(addr)
+
+    def _refuse(self, addr: Any) -> None:
+        """Count a connection refused at the limit; log at most every 10 s, with a count."""
+        self.refused += 1
+        self._refused_since_report += 1
+        now = self.reactor.seconds()
+        if self._reported_at is not None and now - self._reported_at < REFUSED_REPORT_S:
+            return
+        log.warn(
+            "REST: connection limit reached ({limit} connections): refused {count}"
+            " connection(s) since the last report, the latest from {peer}",
+            limit=self.max_connections,
+            count=self._refused_since_report,
+            peer=str(getattr(addr, "host", addr)),
+        )
+        self._refused_since_report = 0
+        self._reported_at = now

@@ -27,12 +27,14 @@ def rest_site(
     *,
     tokens: TokenStore | None = None,
     timeout: float | None = 900.0,
+    max_connections: int = 1024,
     metrics: Any = None,
 ) -> RestSite:
     """The REST API's listener factory over ``operations``.
 
     ``tokens`` turns Bearer authentication on; ``timeout`` drops a connection idle that
-    long (``None`` or 0: never); ``metrics`` is the ``/metrics`` resource, if any.
+    long (``None`` or 0: never); past ``max_connections`` open at once a new connection
+    is closed as it is accepted; ``metrics`` is the ``/metrics`` resource, if any.
     """
     from ztick_tw.rest.resource import RestResource
 
@@ -40,6 +42,7 @@ def rest_site(
         RestResource(operations, reactor, tokens=tokens, metrics=metrics),
         timeout or None,
         reactor,
+        max_connections=max_connections,
     )
     operations.count_connections(lambda: site.connections)
     return site
