@@ -704,12 +704,23 @@ def test_iso_text_replaces_the_number_and_json_adds_a_field(tmp_path: Path) -> N
     assert run([str(path)])[1].splitlines()[1] == f"SET j.1 {JAN_2030_NS} triggered"
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT as in a terminal (a shell's background job inherits it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _follow_in_subprocess(path: Path) -> subprocess.Popen[bytes]:
-    """``python -m ztick_tw dump --follow path``, once it printed the file's first line."""
+    """``python -m ztick_tw dump --follow path``, once it printed the file's first line.
+
+    SIGINT is set back to its default in the child: started from a background job (CI
+    launched with ``&``), it would inherit SIGINT ignored and Python would then never
+    raise ``KeyboardInterrupt``, which is not what a user at a terminal has.
+    """
     process = subprocess.Popen(
         [sys.executable, "-m", "ztick_tw", "dump", "--follow", str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=_default_sigint,
     )
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], 30)
