@@ -18,7 +18,8 @@ from twisted.logger import capturedLogs, formatEvent
 from tests.helpers import Harness, make_harness
 from ztick_tw.operations import Operations
 from ztick_tw.rest import bodies
-from ztick_tw.rest.http11 import MAX_HEAD, MAX_HEADERS, MAX_WAITING, HttpChannel, parse_query
+from ztick_tw.rest.http11 import MAX_HEAD, MAX_HEADERS, MAX_WAITING, HttpChannel
+from ztick_tw.rest.request import parse_query
 from ztick_tw.rest.site import rest_site
 
 

@@ -33,8 +33,8 @@ from ztick_tw.operations import (
     when_durable,
 )
 from ztick_tw.rest import bodies
-from ztick_tw.rest.http11 import HttpRequest as Request
 from ztick_tw.rest.openapi import document_bytes
+from ztick_tw.rest.request import HttpRequest as Request
 
 log = Logger(namespace="ztick_tw.rest")
 
