@@ -3,33 +3,23 @@
 ``telemetry_overhead``: pipelined SETs on one connection to a memory-backend daemon, once
 with ``[telemetry]`` off and once with it on (``flush_interval_ms = 1000``, exporting
 every second to a local OTLP/HTTP receiver, in a process of its own, that decodes the
-spans it gets), runs interleaved off/on on fresh daemons; the figure is the ratio of the best
-on-run to the best off-run.  Every SET is a span candidate: past the worker's span budget
+spans it gets), runs paired off/on on fresh daemons; the figure is the median of the
+pairs' ratios.  Every SET is a span candidate: past the worker's span budget
 (``REQUEST_SPANS_PER_SECOND``) request events queue and, once the queue is full, request
 tracing pauses, so the spans received are reported beside the throughput.
-
-Until ``ztick_tw/service.py`` wires ``TelemetryService`` itself, the "on" daemon is
-started as ``python -m bench.telemetry serve -c FILE``: the same daemon, with
-``make_runners``, ``Operations`` and ``make_service`` wrapped exactly as the wiring in
-``ztick_tw/telemetry/service.py`` says (see ``serve_with_telemetry``).  Once the service
-wires it, the plain daemon is used.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import bench.daemon
 from bench.client import check_all_ok, pipeline, set_lines
-from bench.daemon import HOST, BenchError, Daemon, DaemonSettings, die_with_parent, free_port
+from bench.daemon import HOST, BenchError, Daemon, DaemonSettings
 from bench.report import Metric, at_least
 
 if TYPE_CHECKING:  # bench.scenarios registers this scenario: imported when it runs
@@ -139,99 +129,6 @@ class TelemetrySettings(DaemonSettings):
         )
 
 
-def service_wires_telemetry() -> bool:
-    """Whether ``ztick_tw/service.py`` builds the ``TelemetryService`` itself."""
-    import ztick_tw.service
-
-    return "TelemetryService" in Path(ztick_tw.service.__file__).read_text()
-
-
-class TelemetryDaemon(Daemon):
-    """A ``Daemon`` started through ``serve_with_telemetry`` when the service lacks it."""
-
-    def start(self, timeout: float = START_TIMEOUT) -> Daemon:
-        """As ``Daemon.start``, with ``python -m bench.telemetry serve`` as the command."""
-        if service_wires_telemetry():
-            return super().start(timeout)
-        import os
-        import socket
-
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        config = self.workdir / "ztick.toml"
-        config.write_text(self.settings.toml(self.port))
-        log = open(self.workdir / "daemon.log", "ab")  # noqa: SIM115 - handed to the child
-        root = Path(__file__).resolve().parent.parent
-        env = dict(os.environ, PYTHONPATH=str(root))
-        env.setdefault("LC_ALL", "C.UTF-8")
-        started = time.perf_counter()
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.telemetry", "serve", "-c", str(config)],
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        finally:
-            log.close()
-        bench.daemon._live.add(self)  # killed by kill_all after an interruption
-        deadline = started + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise BenchError(f"daemon exited early:\n{self.log_text()[-2000:]}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=1.0):
-                    break
-            except OSError:
-                if time.perf_counter() > deadline:
-                    self.kill()
-                    raise BenchError(f"daemon did not accept on {self.port}") from None
-                time.sleep(0.002)
-        self.startup_seconds = time.perf_counter() - started
-        return self
-
-
-def serve_with_telemetry(argv: list[str]) -> int:
-    """``ztick-tw serve`` with the telemetry wiring ``service.py`` does not have yet."""
-    from ztick_tw import __main__ as entry
-    from ztick_tw import service as service_module
-    from ztick_tw.telemetry import TelemetryService
-
-    service: Any = service_module  # its names are replaced below
-
-    made: list[TelemetryService] = []
-    make_runners, operations, make_service = (
-        service.make_runners,
-        service.Operations,
-        service.make_service,
-    )
-
-    def wrapped_runners(config: Any, reactor: Any) -> Any:
-        made.append(TelemetryService(config.telemetry, reactor))
-        return made[-1].wrap_runners(make_runners(config, reactor))
-
-    def wrapped_operations(*args: Any, **kwargs: Any) -> Any:
-        return made[-1].wrap_operations(operations(*args, **kwargs))
-
-    def wrapped_service(config: Any, reactor: Any) -> Any:
-        top = make_service(config, reactor)
-        if made and made[-1].enabled:
-            # first: started before the listener accepts, stopped after everything else
-            made[-1].setServiceParent(top)  # type: ignore[no-untyped-call]
-            top.services.remove(made[-1])
-            top.services.insert(0, made[-1])
-        return top
-
-    service.make_runners = wrapped_runners
-    service.Operations = wrapped_operations
-    service.make_service = wrapped_service
-    return entry.main(argv)
-
-
 # -- the scenario ------------------------------------------------------------------------
 
 
@@ -265,7 +162,7 @@ def telemetry_overhead(ctx: Context) -> list[Metric]:
                 off.append(rate)
                 off_cpu.append(cpu)
             before = receiver.spans
-            with TelemetryDaemon(ctx.workdir("telemetry-on"), on_settings) as d:
+            with Daemon(ctx.workdir("telemetry-on"), on_settings) as d:
                 rate, cpu = _set_rate(d, payload, n, "telemetry-on")
                 on.append(rate)
                 on_cpu.append(cpu)
@@ -278,11 +175,10 @@ def telemetry_overhead(ctx: Context) -> list[Metric]:
         receiver.close()
     if not spans[-1]:
         raise BenchError("the receiver got no spans: telemetry was not on")
-    how = "service.py wiring" if service_wires_telemetry() else "bench.telemetry's wiring"
     detail = (
         f"{n:,} pipelined SETs on one connection, memory backend, fresh daemon per run,"
         f" {len(on)} pairs (on: {rates(on)}; off: {rates(off)}); OTLP/HTTP every"
-        f" {FLUSH_INTERVAL_MS} ms to a local receiver; telemetry on through {how}."
+        f" {FLUSH_INTERVAL_MS} ms to a local receiver."
     )
     pairs = [a / b for a, b in zip(on, off, strict=True)]
     return [
@@ -343,9 +239,3 @@ def telemetry_overhead(ctx: Context) -> list[Metric]:
             "Request spans are made at most 500/s; a full queue pauses tracing.",
         ),
     ]
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["serve"]:
-        sys.exit(serve_with_telemetry(sys.argv[1:]))
-    sys.exit("usage: python -m bench.telemetry serve -c FILE")
