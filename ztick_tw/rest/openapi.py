@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from ztick_tw import __version__
+from ztick_tw.rest.bodies import SCHEDULE_OPTIONS
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -191,20 +192,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "schedule": {"type": "string", "examples": ["every 5 minutes", "0 2 * * mon-fri"]},
-            **{
-                k: _OPT_VALUE
-                for k in (
-                    "tz",
-                    "limit",
-                    "until",
-                    "jitter",
-                    "overlap",
-                    "misfire",
-                    "grace",
-                    "decay",
-                    "decay_step",
-                )
-            },
+            **dict.fromkeys(SCHEDULE_OPTIONS, _OPT_VALUE),
         },
         "required": ["schedule"],
         "additionalProperties": False,
