@@ -120,6 +120,18 @@ def _check_shell_path(path: str) -> None:
         raise _Invalid(f"{path} is not executable")
 
 
+def _listen_split(section: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``section``'s values with ``key``'s pair split in two, as the dataclass has them.
+
+    The ``_listen`` validator gives ``(as written, endpoint string)``: these become ``key``
+    and ``<key>_endpoint``.
+    """
+    values = dict(section)
+    if key in values:
+        values[key], values[f"{key}_endpoint"] = cast(tuple[str, str], values[key])
+    return values
+
+
 def _build(document: Mapping[str, Any]) -> Config:
     """Validate ``document``; raise one :class:`ConfigError` listing every problem in it."""
     errors: list[ConfigError] = []
@@ -160,29 +172,14 @@ def _build(document: Mapping[str, Any]) -> Config:
     # still run on the rest and report their problems in the same pass.
     log = LogConfig(**cast(dict[str, Any], values.get("log", {})))
 
-    controller_values = dict(values.get("controller", {}))
-    if "listen" in controller_values:
-        listen, endpoint = cast(tuple[str, str], controller_values.pop("listen"))
-        controller_values["listen"] = listen
-        controller_values["listen_endpoint"] = endpoint
-    controller = ControllerConfig(**cast(dict[str, Any], controller_values))
+    controller = ControllerConfig(**_listen_split(values.get("controller", {}), "listen"))
 
     shell = ShellConfig(**cast(dict[str, Any], values.get("shell", {})))
     database = DatabaseConfig(**cast(dict[str, Any], values.get("database", {})))
 
-    http_values = dict(values.get("http", {}))
-    if "listen" in http_values:
-        listen, endpoint = cast(tuple[str, str], http_values.pop("listen"))
-        http_values["listen"] = listen
-        http_values["listen_endpoint"] = endpoint
-    http = HttpConfig(**cast(dict[str, Any], http_values))
+    http = HttpConfig(**_listen_split(values.get("http", {}), "listen"))
 
-    telemetry_values = dict(values.get("telemetry", {}))
-    if "prometheus_listen" in telemetry_values:
-        listen, endpoint = cast(tuple[str, str], telemetry_values.pop("prometheus_listen"))
-        telemetry_values["prometheus_listen"] = listen
-        telemetry_values["prometheus_listen_endpoint"] = endpoint
-    telemetry = TelemetryConfig(**cast(dict[str, Any], telemetry_values))
+    telemetry = TelemetryConfig(**_listen_split(values.get("telemetry", {}), "prometheus_listen"))
     scheduler = SchedulerConfig(**cast(dict[str, Any], values.get("scheduler", {})))
     runners_values = dict(values.get("runners", {}))
     if "backoff" in runners_values:
