@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from ztick_tw.logs import Tally
 from ztick_tw.rest.request import _REASONS, Dates, HttpRequest
 
 log = Logger(namespace="ztick_tw.rest")
@@ -399,8 +400,7 @@ class HttpSite(Factory):
         self.connections = 0
         self.max_connections = max_connections
         self.refused = 0  # connections closed at the limit, in all
-        self._refused_since_report = 0
-        self._reported_at: float | None = None
+        self._refused_tally = Tally(reactor, REFUSED_REPORT_S)
 
     def buildProtocol(self, addr: Any) -> Any:
         """A channel, or ``None`` (the connection is closed) at ``max_connections``."""
@@ -412,16 +412,12 @@ class HttpSite(Factory):
     def _refuse(self, addr: Any) -> None:
         """Count a connection refused at the limit; log at most every 10 s, with a count."""
         self.refused += 1
-        self._refused_since_report += 1
-        now = self.reactor.seconds()
-        if self._reported_at is not None and now - self._reported_at < REFUSED_REPORT_S:
-            return
-        log.warn(
-            "REST: connection limit reached ({limit} connections): refused {count}"
-            " connection(s) since the last report, the latest from {peer}",
-            limit=self.max_connections,
-            count=self._refused_since_report,
-            peer=str(getattr(addr, "host", addr)),
-        )
-        self._refused_since_report = 0
-        self._reported_at = now
+        count = self._refused_tally.note()
+        if count:
+            log.warn(
+                "REST: connection limit reached ({limit} connections): refused {count}"
+                " connection(s) since the last report, the latest from {peer}",
+                limit=self.max_connections,
+                count=count,
+                peer=str(getattr(addr, "host", addr)),
+            )
