@@ -14,15 +14,13 @@ from twisted.logger import capturedLogs, formatEvent
 from tests.certs import make_pki
 from tests.helpers import FakeRunner, FakeStore, all_kinds, make_clock
 from ztick_tw.config import Config, parse_config
+from ztick_tw.descriptors import StartupError, fit_descriptor_limit, max_connections_set
 from ztick_tw.runners.message import NetworkOptions
 from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.service import (
     HangupService,
     SchedulerService,
-    StartupError,
     ZtickService,
-    fit_descriptor_limit,
-    max_connections_set,
     network_options,
     with_backlog,
 )

@@ -113,8 +113,9 @@ def serve(args: list[str]) -> int:
     """
     from twisted.internet import reactor
 
+    from ztick_tw.descriptors import StartupError
     from ztick_tw.logs import make_observer
-    from ztick_tw.service import StartupError, make_service
+    from ztick_tw.service import make_service
     from ztick_tw.tap import ConfigUsageError, ServeOptions
 
     options = ServeOptions()

@@ -11,8 +11,9 @@ from twisted.python import usage
 
 from ztick_tw import __version__
 from ztick_tw.config import DEFAULT_LISTEN, Config, ConfigError, DatabaseConfig, load_config
+from ztick_tw.descriptors import StartupError
 from ztick_tw.logs import apply_under_twistd
-from ztick_tw.service import StartupError, make_service
+from ztick_tw.service import make_service
 
 _DEFAULTS = (
     f"the built-in defaults, listening on {DEFAULT_LISTEN} with the logfile "
