@@ -37,6 +37,7 @@ import pika.exceptions  # type: ignore[import-untyped]
 import pytest
 
 from tests.certs import PKI, cert_pem, make_pki
+from tests.ports import free_port
 
 #: What Debian installs; the packaged wrapper insists on ``su rabbitmq``, so the real
 #: scripts (which run as the calling user) are used instead.
@@ -71,14 +72,6 @@ for kill in (lambda: os.killpg(group, signal.SIGKILL), lambda: os.kill(epmd, sig
     except OSError:
         pass
 """
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _epmd_binary() -> str | None:
@@ -496,12 +489,35 @@ def rabbitmq() -> Iterator[RabbitMQServer]:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
-    server = RabbitMQServer()
-    _STARTED.append(server)
+    server = start_fresh()
     try:
-        server.start()
         yield server
     finally:
         server.cleanup()
         with contextlib.suppress(ValueError):
             _STARTED.remove(server)
+
+
+#: What the broker's output says when one of its ports was taken before it bound it.
+_PORT_TAKEN = ("could not bind", "already_used", "eaddrinuse")
+
+
+def start_fresh(attempts: int = 3) -> RabbitMQServer:
+    """A started broker on new ports; started again on other ports if one was taken.
+
+    The ports are chosen free, but another process may bind one before the node does;
+    a first start (nothing knows the ports yet) can simply choose again.
+    """
+    for attempt in range(1, attempts + 1):
+        server = RabbitMQServer()
+        _STARTED.append(server)
+        try:
+            server.start()
+            return server
+        except RabbitMQError as error:
+            server.cleanup()
+            _STARTED.remove(server)
+            taken = any(sign in str(error).lower() for sign in _PORT_TAKEN)
+            if not taken or attempt == attempts:
+                raise
+    raise AssertionError("unreachable")

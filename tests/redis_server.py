@@ -35,6 +35,8 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.ports import free_port
+
 __all__ = [
     "REDIS_SERVER",
     "BlockingRedisClient",
@@ -162,13 +164,6 @@ class BlockingRedisClient:
         return channel, data
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class RedisServer:
     """A real redis-server on 127.0.0.1 that tests can start, stop, restart and pause.
 
@@ -208,7 +203,7 @@ class RedisServer:
         fixed = self.port != 0
         for _ in range(5):
             if not fixed:
-                self.port = _free_port()
+                self.port = free_port()
             if self._spawn(timeout):
                 for name, (password, rules) in self._users.items():
                     self._set_user(name, password, rules)

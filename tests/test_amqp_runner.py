@@ -30,7 +30,8 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.rabbitmq_server import RabbitMQServer, free_port, unique_name
+from tests.ports import free_port
+from tests.rabbitmq_server import RabbitMQServer, unique_name
 from ztick_tw.model import AmqpSpec, ShellSpec
 from ztick_tw.runners import amqp_connection
 from ztick_tw.runners.amqp import (

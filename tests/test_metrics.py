@@ -8,7 +8,6 @@ comes back is parsed with ``prometheus_client``'s own parser.
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from tests.ports import free_port
 from ztick_tw.compaction import CompactionService
 from ztick_tw.metrics import NO_METRICS, Metrics
 from ztick_tw.model import HttpSpec, JobStatus, RedisSpec, Rule, RunnerKind, ShellSpec
@@ -65,14 +65,6 @@ def samples(text: bytes) -> Samples:
 def value(found: Samples, name: str, **labels: str) -> float:
     """One sample's value (KeyError when absent)."""
     return found[(name, tuple(sorted(labels.items())))]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class _Recorder(Metrics):

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from tests.ports import free_port
+
 #: Seconds a daemon gets to start listening before a test fails.
 START_TIMEOUT = 15.0
 #: Seconds a daemon gets to exit after SIGTERM before a test fails.
@@ -47,14 +49,6 @@ BIN_DIR = Path(sys.executable).parent
 T = TypeVar("T")
 
 TomlValue = str | bool | int | float | list[str]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (bind port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def port_is_free(port: int) -> bool:

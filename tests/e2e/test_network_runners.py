@@ -22,7 +22,6 @@ from tests.e2e.daemon import (
     Daemon,
     LineClient,
     daemon,
-    free_port,
     now_ns,
     quote,
     wait_all_executed,
@@ -30,6 +29,7 @@ from tests.e2e.daemon import (
     wait_until,
 )
 from tests.e2e.webhook import HookServer, serving_hook
+from tests.ports import free_port
 from tests.rabbitmq_server import RabbitMQServer, unique_name
 from tests.redis_server import RedisServer
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from tests.certs import make_pki
-from tests.e2e.daemon import Daemon, daemon, free_port, wait_until
+from tests.e2e.daemon import Daemon, daemon, wait_until
+from tests.ports import free_port
 from ztick_tw.rest.resource import PAGE
 
 Answer = tuple[int, Any, http.client.HTTPResponse]

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.e2e.daemon import daemon, free_port
+from tests.e2e.daemon import daemon
+from tests.ports import free_port
 from ztick_tw.rest.bodies import RUNNER_FIELDS
 from ztick_tw.rest.openapi import DOCUMENT
 
