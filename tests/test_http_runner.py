@@ -402,7 +402,7 @@ class LimitTests(_Base):
         elapsed = reactor.seconds() - start
         assert _brief(outcome) == Outcome(False, f"http POST {server.url()}: timed out after 0.5s")
         assert outcome.timed_out and outcome.output == b""
-        assert 0.45 <= elapsed < 2.0
+        assert elapsed >= 0.45  # not before the timeout; a hung server holds it forever
         assert runner.running == 0
         # The client aborted the connection: it is not kept for the next job.
         assert await self.wait_closed(server)
@@ -526,7 +526,8 @@ class StopTests(_Base):
         assert runner.running == 1
         start = reactor.seconds()
         await runner.stop(0.2)
-        assert 0.15 <= reactor.seconds() - start < 2.0
+        # After the grace, well before the request's own 30 s timeout (a loaded CI is slow).
+        assert 0.15 <= reactor.seconds() - start < 15
         outcome = await hung
         assert _brief(outcome) == Outcome(False, "stopped at shutdown", interrupted=True)
         assert runner.running == 0
@@ -573,7 +574,7 @@ class StopTests(_Base):
             await deferLater(reactor, 0.01, lambda: None)
         start = reactor.seconds()
         await runner.stop(5)
-        assert reactor.seconds() - start < 2.0
+        assert reactor.seconds() - start < 4.5  # when the answer came, not the 5 s grace
         assert _brief(await run) == Outcome(True)
         assert await self.wait_closed(server)
 

