@@ -33,11 +33,11 @@ What it does not do, and why it is cheaper than ``reactor.spawnProcess``:
 
 A live child holds :data:`FDS_PER_CHILD` descriptors in the daemon.
 
-:class:`SpawnQueue` paces the starts: at most :data:`SLICE_RUNS` children or
-:data:`SLICE_SECONDS` of spawning per reactor turn, so other clients are served while a
-burst drains; and a start that fails for want of descriptors or memory (EMFILE, ENFILE,
-EAGAIN, ENOMEM) is not a failure: it waits, first in line, for a child to end or a short
-back-off, and is tried again.
+Modules: the pacing of starts (:class:`SpawnQueue`, :data:`TRANSIENT_ERRNOS`,
+:func:`shortage_reason`) is ``spawn_queue.py``, the libc calls and the spawner thread
+(``_Libc``, ``_Request``, ``_Spawner``) are ``spawner.py``; both are re-exported here.
+What stays here is the process-wide state (descriptors prepared, libc loaded and the
+spawner started, each once) and the child itself.
 """
 
 from __future__ import annotations
@@ -45,31 +45,41 @@ from __future__ import annotations
 import errno
 import importlib
 import os
-import queue
-import resource
 import signal
-import threading
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from twisted.internet import process as _process
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-try:
-    import ctypes
-except ImportError:  # pragma: no cover - CPython built without _ctypes
-    ctypes = None  # type: ignore[assignment]
+from ztick_tw.runners.spawn_queue import (
+    RETRY_FIRST,
+    RETRY_MAX,
+    SHORTAGE_LOG_INTERVAL,
+    SLICE_RUNS,
+    SLICE_SECONDS,
+    TRANSIENT_ERRNOS,
+    SpawnQueue,
+    shortage_reason,
+)
+from ztick_tw.runners.spawner import _SETSID as _SETSID
+from ztick_tw.runners.spawner import _SETSIGDEF, _SETSIGMASK, _Libc, _Spawner, load_libc
+from ztick_tw.runners.spawner import _attrs as _attrs
+from ztick_tw.runners.spawner import _Request as _Request
 
 __all__ = [
     "FDS_PER_CHILD",
+    "RETRY_FIRST",
+    "RETRY_MAX",
+    "SHORTAGE_LOG_INTERVAL",
     "SLICE_RUNS",
     "SLICE_SECONDS",
+    "SPAWN_THREADS",
     "TRANSIENT_ERRNOS",
     "SpawnQueue",
     "SpawnedProcess",
@@ -86,21 +96,6 @@ _getsignal: Callable[[int], object] = importlib.import_module("_signal").getsign
 #: Descriptors one live child holds in the daemon: the read ends of its stdout and
 #: stderr pipes, and its pidfd.  (While it is being started, its two write ends too.)
 FDS_PER_CHILD = 3
-
-#: Errors of a start that say "not now" rather than "never": out of descriptors (per
-#: process or system-wide), or of processes or memory.
-TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
-
-#: At most this many starts per reactor turn...
-SLICE_RUNS = 8
-#: ...and no new start once this many seconds of the turn went into starting.
-SLICE_SECONDS = 0.001
-
-#: Back-off before retrying a start that lacked resources (doubling up to the max).
-RETRY_FIRST = 0.05
-RETRY_MAX = 1.0
-#: At most one "out of descriptors" warning per this many seconds.
-SHORTAGE_LOG_INTERVAL = 10.0
 
 
 # ---------------------------------------------------------------------------- preparing
@@ -179,181 +174,22 @@ def _default_signals() -> list[int]:
     return [signum for signum in range(1, signal.NSIG) if _getsignal(signum) == ignored]
 
 
-def shortage_reason(error: OSError) -> str:
-    """What a transient start error means, naming the real cause."""
-    if error.errno == errno.EMFILE:
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        try:
-            count = str(len(os.listdir("/proc/self/fd")) - 1)
-        except OSError:
-            count = "all"  # listing them needs a descriptor too
-        return f"the daemon is out of file descriptors ({count} open, limit {limit})"
-    if error.errno == errno.ENFILE:
-        return "the system is out of file descriptors (ENFILE: the system-wide table is full)"
-    return f"the system cannot start another process now ({error.strerror})"
-
-
 # ---------------------------------------------------------------------------- libc
 
 #: Threads that make the ``posix_spawn`` calls (see :class:`_Spawner`).
 SPAWN_THREADS = 1
-
-# <spawn.h> flags (glibc and musl agree).
-_SETSIGDEF = 0x04
-_SETSIGMASK = 0x08
-_SETSID = 0x80
-#: Room for a posix_spawn_file_actions_t (80 bytes on x86-64 glibc), a posix_spawnattr_t
-#: (336) and a sigset_t (128): generous, as only libc knows their real sizes.
-_OPAQUE_BYTES = 1024
-
-
-class _Libc:
-    """The libc calls, typed.  Through ctypes, ``posix_spawn`` runs without the GIL."""
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        vp, cint = ctypes.c_void_p, ctypes.c_int
-        charpp = ctypes.POINTER(ctypes.c_char_p)
-        self.spawn = self._fn(
-            libc.posix_spawn, [ctypes.POINTER(cint), ctypes.c_char_p, vp, vp, charpp, charpp]
-        )
-        self.fa_init = self._fn(libc.posix_spawn_file_actions_init, [vp])
-        self.fa_dup2 = self._fn(libc.posix_spawn_file_actions_adddup2, [vp, cint, cint])
-        self.fa_destroy = self._fn(libc.posix_spawn_file_actions_destroy, [vp])
-        self.attr_init = self._fn(libc.posix_spawnattr_init, [vp])
-        self.attr_flags = self._fn(libc.posix_spawnattr_setflags, [vp, ctypes.c_short])
-        self.attr_sigdef = self._fn(libc.posix_spawnattr_setsigdefault, [vp, vp])
-        self.attr_sigmask = self._fn(libc.posix_spawnattr_setsigmask, [vp, vp])
-        self.attr_destroy = self._fn(libc.posix_spawnattr_destroy, [vp])
-        self.sigemptyset = self._fn(libc.sigemptyset, [vp])
-        self.sigaddset = self._fn(libc.sigaddset, [vp, cint])
-
-    @staticmethod
-    def _fn(fn: Any, argtypes: list[Any]) -> Any:
-        fn.argtypes = argtypes
-        fn.restype = ctypes.c_int
-        return fn
-
 
 _libc: _Libc | None = None
 _libc_checked = False
 
 
 def _load_libc() -> _Libc | None:
-    """The spawn calls of libc, or ``None`` without ctypes or without those symbols."""
+    """The spawn calls of libc, loaded once, or ``None`` (see ``spawner.load_libc``)."""
     global _libc, _libc_checked
     if not _libc_checked:
         _libc_checked = True
-        try:
-            _libc = _Libc() if ctypes is not None else None
-        except (OSError, AttributeError):  # no libc to load, or no posix_spawn in it
-            _libc = None
+        _libc = load_libc()
     return _libc
-
-
-def _cstrings(items: Sequence[bytes]) -> Any:
-    """A NULL-terminated ``char *[]`` (the array keeps the bytes alive)."""
-    array = (ctypes.c_char_p * (len(items) + 1))(*items, None)
-    return array
-
-
-#: Spawn attributes made once per (flags, signals given their default) and never destroyed:
-#: ``posix_spawn`` only reads them, so concurrent calls share one (a few per daemon).
-_attrs: dict[tuple[int, tuple[int, ...]], Any] = {}
-
-
-def _spawn_attr(libc: _Libc, flags: int, sigdef: Sequence[int]) -> Any:
-    """The ``posix_spawnattr_t`` for ``flags`` and ``sigdef`` (an empty signal mask)."""
-    key = (flags, tuple(sigdef))
-    attr = _attrs.get(key)
-    if attr is None:
-        attr = ctypes.create_string_buffer(_OPAQUE_BYTES)
-        sigset = ctypes.create_string_buffer(_OPAQUE_BYTES)
-        mask = ctypes.create_string_buffer(_OPAQUE_BYTES)
-        libc.attr_init(attr)
-        libc.sigemptyset(sigset)
-        for signum in sigdef:
-            libc.sigaddset(sigset, signum)
-        libc.sigemptyset(mask)
-        libc.attr_sigdef(attr, sigset)  # (copied into attr: the sets need not outlive it)
-        libc.attr_sigmask(attr, mask)
-        libc.attr_flags(attr, flags)
-        _attrs[key] = attr
-    return attr
-
-
-class _Request:
-    """One prepared ``posix_spawn`` call: every C argument, built on the reactor thread.
-
-    Per call only the file actions (this child's pipes) and the argv/envp arrays are
-    made; the attributes are shared (:func:`_spawn_attr`).
-    """
-
-    def __init__(
-        self,
-        libc: _Libc,
-        path: bytes,
-        argv: list[bytes],
-        envp: list[bytes],
-        dups: Sequence[tuple[int, int]],
-        flags: int,
-        sigdef: Sequence[int],
-    ) -> None:
-        self.libc = libc
-        self.path = path
-        self.argv = _cstrings(argv)
-        self.envp = _cstrings(envp)
-        self.actions = ctypes.create_string_buffer(_OPAQUE_BYTES)
-        self.attr = _spawn_attr(libc, flags, sigdef)
-        self.pid = ctypes.c_int(0)
-        libc.fa_init(self.actions)
-        for parent_fd, child_fd in dups:
-            libc.fa_dup2(self.actions, parent_fd, child_fd)
-
-    def run(self) -> tuple[int, int]:
-        """Spawn (any thread; the GIL is released meanwhile): (errno or 0, pid)."""
-        libc = self.libc
-        try:
-            error = libc.spawn(
-                ctypes.byref(self.pid), self.path, self.actions, self.attr, self.argv, self.envp
-            )
-        finally:
-            libc.fa_destroy(self.actions)
-        return error, self.pid.value
-
-
-class _Spawner:
-    """Daemon threads (:data:`SPAWN_THREADS`) that make prepared ``posix_spawn`` calls.
-
-    Why a thread: ``posix_spawn`` returns once the child has exec'd (vfork semantics),
-    and CPython 3.11's ``os.posix_spawn`` holds the GIL all that time: 0.57 ms p50 and
-    3 ms p99 per child, measured on the reactor thread during a 3,000-job drain, which
-    capped it at 925 jobs/s.  Here that wait happens without the GIL (ctypes releases
-    it); the result goes back to the reactor thread through ``callFromThread``.
-
-    The threads are daemon threads blocked in a queue: they never hold up the end of
-    the process.  Nothing else runs on them, and they touch no reactor state.
-    """
-
-    def __init__(self, libc: _Libc, threads: int) -> None:
-        self.libc = libc
-        self._requests: queue.SimpleQueue[tuple[_Request, Any, Callable[[int, int], None]]] = (
-            queue.SimpleQueue()
-        )
-        for n in range(threads):
-            threading.Thread(target=self._work, name=f"ztick-spawn-{n}", daemon=True).start()
-
-    def submit(self, request: _Request, reactor: Any, done: Callable[[int, int], None]) -> None:
-        self._requests.put((request, reactor, done))
-
-    def _work(self) -> None:
-        while True:
-            request, reactor, done = self._requests.get()
-            try:
-                error, pid = request.run()
-            except BaseException:  # never lose a request: report it as failed
-                error, pid = errno.EINVAL, 0
-            reactor.callFromThread(done, error, pid)
 
 
 _spawner: _Spawner | None = None
@@ -551,158 +387,3 @@ def spawn_child(
     environment.
     """
     return SpawnedProcess(reactor, proto, executable, argv, env, new_session, on_failure)
-
-
-# ---------------------------------------------------------------------------- pacing
-
-T = TypeVar("T")
-
-
-class SpawnQueue(Generic[T]):
-    """Starts queued items in order, a slice per reactor turn, waiting out shortages.
-
-    ``start(item)`` starts one item.  If it raises ``OSError`` with an errno in
-    :data:`TRANSIENT_ERRNOS`, the item stays first in line and the queue waits until
-    :meth:`wake` (a child ended, so descriptors were freed) or a back-off, whichever
-    comes first; any other exception is ``start``'s own business and is logged.
-    """
-
-    def __init__(self, clock: IReactorTime, start: Callable[[T], None], what: str) -> None:
-        self._clock = clock
-        self._start = start
-        self._what = what
-        self._items: deque[T] = deque()
-        self._call: IDelayedCall | None = None
-        self._waiting = False  # for resources
-        self._backoff = RETRY_FIRST
-        self._last_warning: float | None = None
-        self._shortages = 0
-        self._returned = 0  # items put back by retry() since the last start
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def add(self, item: T) -> None:
-        """Queue ``item``; it starts on a later reactor turn."""
-        self._items.append(item)
-        if not self._waiting:
-            self._arm(0)
-
-    def retry(self, item: T, error: OSError) -> None:
-        """``item``'s start failed later (on a spawner thread) for want of resources.
-
-        It goes back first in line, behind the items returned the same way before it
-        since the last start (so several failures keep their order), and the queue
-        waits as if ``start`` had raised ``error``.
-        """
-        self._items.insert(min(self._returned, len(self._items)), item)
-        self._returned += 1
-        if self._waiting:
-            self._shortages += 1  # already waiting: no second back-off step
-            return
-        self._cancel()  # a pump armed for this turn would retry at once
-        self._short(error)
-
-    def wake(self) -> None:
-        """Resources were freed: retry a start that lacked them, now."""
-        if self._waiting:
-            self._waiting = False
-            self._cancel()
-            if self._items:
-                self._arm(0)
-
-    def remove(self, item: T) -> bool:
-        """Take ``item`` out of the queue (its run was cancelled); False if not queued."""
-        try:
-            self._items.remove(item)
-        except ValueError:
-            return False
-        if not self._items:
-            self._cancel()
-            self._waiting = False
-        return True
-
-    def clear(self) -> list[T]:
-        """Remove and return every item not started yet; stop pumping."""
-        items = list(self._items)
-        self._items.clear()
-        self._cancel()
-        self._waiting = False
-        return items
-
-    def start_all(self) -> list[T]:
-        """Start every queued item now, without slices (shutdown); return those left.
-
-        The items left are the ones a shortage of resources kept from starting.
-        """
-        self._cancel()
-        self._waiting = False
-        while self._items:
-            if not self._start_first():
-                break
-        return self.clear()
-
-    def _arm(self, delay: float) -> None:
-        if self._call is None:
-            self._call = self._clock.callLater(delay, self._pump)
-
-    def _cancel(self) -> None:
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
-
-    def _start_first(self) -> bool:
-        """Start the first item; False (it stays first) when resources lacked."""
-        item = self._items.popleft()  # before starting: its callbacks may use the queue
-        self._returned = 0
-        try:
-            self._start(item)
-        except OSError as e:
-            if e.errno in TRANSIENT_ERRNOS:
-                self._items.appendleft(item)
-                self._short(e)
-                return False
-            log.failure("starting {what} failed", what=self._what)
-        except Exception:
-            log.failure("starting {what} failed", what=self._what)
-        self._backoff = RETRY_FIRST
-        if self._shortages:
-            log.info(
-                "{what} start again after {count} attempts lacked resources",
-                what=self._what,
-                count=self._shortages,
-            )
-            self._shortages = 0
-        return True
-
-    def _pump(self) -> None:
-        self._call = None
-        self._waiting = False
-        deadline = self._clock.seconds() + SLICE_SECONDS
-        started = 0
-        while self._items:
-            if not self._start_first():
-                return
-            started += 1
-            if started >= SLICE_RUNS or self._clock.seconds() >= deadline:
-                break
-        if self._items and not self._waiting:
-            self._arm(0)
-
-    def _short(self, error: OSError) -> None:
-        """A start lacked resources: log (rate limited) and wait for ``wake`` or back-off."""
-        self._shortages += 1
-        now = self._clock.seconds()
-        if self._last_warning is None or now - self._last_warning >= SHORTAGE_LOG_INTERVAL:
-            self._last_warning = now
-            log.warn(
-                "cannot start {what} now: {reason}; {waiting} wait and are retried as others end",
-                what=self._what,
-                reason=shortage_reason(error),
-                waiting=len(self._items),
-                errno_name=errno.errorcode.get(error.errno or 0, "?"),
-            )
-        self._waiting = True
-        self._arm(self._backoff)
-        self._backoff = min(RETRY_MAX, self._backoff * 2)
