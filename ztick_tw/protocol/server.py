@@ -7,6 +7,11 @@ handshake, answers in order, long answers in slices and back-pressure.  Response
 in request order: an answer that waits for its write to reach the disk
 (``fsync_on_persist``) holds back the answers after it on the same connection, never
 those of other connections.
+
+The instructions themselves (a word to one operation, its result to answer lines) are
+``instructions.py`` (ztick's, and the ``AUTH`` line) and ``extension.py`` (SPEC §8-9);
+what the connections share and the caps on them are ``factory.py``'s
+``ZtickFactoryBase``.
 """
 
 from __future__ import annotations
@@ -15,35 +20,30 @@ from collections import deque
 from collections.abc import Callable
 from typing import ClassVar
 
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IHalfCloseableProtocol,
-    IPushProducer,
-    IReactorTime,
-)
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ztick_tw.auth import TokenStore
-from ztick_tw.logs import Tally
-from ztick_tw.operations import (
-    ANONYMOUS,
-    Caller,
-    Durable,
-    Invalid,
-    NotFound,
-    OperationError,
-    Operations,
-    Unavailable,
-)
-from ztick_tw.protocol import extension
-from ztick_tw.protocol.admission import Admission
+from ztick_tw.auth import Token
+from ztick_tw.operations import ANONYMOUS, Caller, Durable, OperationError, Operations
+from ztick_tw.protocol import extension, instructions
+from ztick_tw.protocol.factory import REFUSED_LOG_INTERVAL, ZtickFactoryBase
 from ztick_tw.protocol.query import QueryStream
 from ztick_tw.protocol.tokenizer import TokenizeError, decode_line, tokenize
-from ztick_tw.scheduler.core import Scheduler
+
+__all__ = [
+    "MAX_LINE_BYTES",
+    "MAX_WAITING_ANSWERS",
+    "MAX_WAITING_BYTES",
+    "OUTPUT_BUDGET",
+    "REFUSED_LOG_INTERVAL",
+    "STREAM_SLICE",
+    "Handler",
+    "ZtickFactory",
+    "ZtickProtocol",
+]
 
 #: The longest line accepted, not counting its ``\n``; a longer one closes the connection.
 MAX_LINE_BYTES = 4096
@@ -67,12 +67,7 @@ _BACKLOG = "answers not yet read by the client"
 _DISK_WAIT = "answers waiting for the disk"
 _STREAM = "a long answer is being sent"
 
-#: How often, at most, "connection limit reached" is logged (with a count meanwhile).
-REFUSED_LOG_INTERVAL = 10.0
-
 Handler = Callable[["ZtickProtocol", str, list[str]], None]
-
-log = Logger(namespace="ztick_tw.protocol")
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -369,26 +364,12 @@ class ZtickProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         """Handle one request line."""
         if not self._authenticated and self.factory.tokens is not None:
-            self._authenticate(line)
+            instructions.authenticate(self, self.factory.tokens, line)
             return
         try:
             tokens = tokenize(decode_line(line))
         except TokenizeError as e:
-            tokens = e.tokens
-            if len(tokens) >= 2 and tokens[1] in self.handlers:
-                self.log.info(
-                    "request {request_id} from {peer}: {reason}",
-                    request_id=_for_log(tokens[0]),
-                    peer=self._peer,
-                    reason=e.reason,
-                )
-                self._error(tokens[0])
-            else:
-                self.log.debug(
-                    "ignored malformed line from {peer}: {reason}",
-                    peer=self._peer,
-                    reason=e.reason,
-                )
+            instructions.malformed(self, e)
             return
         if len(tokens) < 2:
             return
@@ -404,65 +385,16 @@ class ZtickProtocol(LineReceiver):
         try:
             handler(self, tokens[0], tokens)
         except OperationError as e:
-            self._refused(tokens, e)
-            reasoned = tokens[1] in extension.HANDLERS or tokens[1:3] == ["RULE", "POLICY"]
-            if reasoned:  # SPEC §8-9 instructions say why; ztick's answer a bare ERROR
-                self._reply(f"{tokens[0]} ERROR {extension.reason_text(str(e))}\n".encode())
-            else:
-                self._error(tokens[0])
+            instructions.refused(self, tokens, e)
 
-    def _refused(self, tokens: list[str], e: OperationError) -> None:
-        """Log why a request was refused: an error when the disk refused a change."""
-        if isinstance(e, Unavailable):
-            self.log.error(
-                "request {request_id} {instruction} from {peer}: cannot persist: {error}",
-                request_id=_for_log(tokens[0]),
-                instruction=_for_log(tokens[1]),
-                peer=self._peer,
-                error=str(e),
-            )
-            return
-        emit = self.log.debug if isinstance(e, NotFound) else self.log.info
-        emit(
-            "request {request_id} {instruction} from {peer} refused: {reason}",
-            request_id=_for_log(tokens[0]),
-            instruction=_for_log(tokens[1]),
-            peer=self._peer,
-            reason=str(e),
-        )
-
-    def _authenticate(self, line: bytes) -> None:
-        """The first line with auth on: ``AUTH <secret>`` gets ``OK``; anything else closes."""
-        tokens = self.factory.tokens
-        assert tokens is not None
-        try:
-            words = tokenize(decode_line(line))
-        except TokenizeError as e:
-            words = e.tokens
-        if not words:
-            return  # blank lines before AUTH are ignored
-        if len(words) >= 2 and words[0] == "AUTH":
-            token = tokens.authenticate(words[1])
-            if token is not None:
-                self._authenticated = True
-                self._caller = Caller(token)
-                self.factory.admission.discard(self)
-                if self._auth_call is not None and self._auth_call.active():
-                    self._auth_call.cancel()
-                self._auth_call = None
-                self.log.info(
-                    "client {peer} authenticated as token {token} (namespace {namespace})",
-                    peer=self._peer,
-                    token=token.name,
-                    namespace=token.namespace,
-                )
-                self._reply(b"OK\n")
-                return
-            self.log.warn("client {peer} failed to authenticate; closing", peer=self._peer)
-        else:
-            self.log.info("client {peer} sent a request before AUTH; closing", peer=self._peer)
-        self._reply(b"ERROR\n")
-        self._close()
+    def _authenticated_as(self, token: Token) -> None:
+        """``AUTH`` succeeded: act as ``token``; leave the unauthenticated caps and timer."""
+        self._authenticated = True
+        self._caller = Caller(token)
+        self.factory.admission.discard(self)
+        if self._auth_call is not None and self._auth_call.active():
+            self._auth_call.cancel()
+        self._auth_call = None
 
     # -- bytes out ---------------------------------------------------------------------
 
@@ -565,89 +497,14 @@ class ZtickProtocol(LineReceiver):
                 self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
 
-    # -- instructions: words to operations, results to answer lines -------------------
 
-    def do_SET(self, request_id: str, tokens: list[str]) -> None:
-        """``ID SET <job> <ns>`` or ``ID SET <job> <YYYY-MM-DD> <HH:MM:SS>``."""
-        if len(tokens) < 4:
-            raise Invalid("SET needs a job identifier and a time")
-        self._ok(request_id, self._ops.set_job(self._caller, tokens[2], tokens[3:]))
-
-    def do_GET(self, request_id: str, tokens: list[str]) -> None:
-        """``ID GET <job>`` answers ``ID OK <status> <ns>``."""
-        if len(tokens) < 3:
-            raise Invalid("GET needs a job identifier")
-        status, execution_ns = self._ops.get_job(self._caller, tokens[2])
-        self._reply(f"{request_id} OK {status.wire} {execution_ns}\n".encode())
-
-    def do_QUERY(self, request_id: str, tokens: list[str]) -> None:
-        """``ID QUERY [<prefix>]``: one line per matching job, then ``ID OK``."""
-        query = self._ops.query(self._caller, tokens[2] if len(tokens) > 2 else "")
-        self._stream = QueryStream(query.scan, request_id, query.prefix)
-        self._stream_step()
-
-    def do_REMOVE(self, request_id: str, tokens: list[str]) -> None:
-        """``ID REMOVE <job>``."""
-        if len(tokens) < 3:
-            raise Invalid("REMOVE needs a job identifier")
-        self._ok(request_id, self._ops.remove_job(self._caller, tokens[2]))
-
-    def do_RULE(self, request_id: str, tokens: list[str]) -> None:
-        """``ID RULE SET <rule> <pattern> <runner> <args...>`` (and ``RULE POLICY``)."""
-        if len(tokens) >= 3 and tokens[2] == "POLICY":
-            extension.rule_policy(self, request_id, tokens)
-            return
-        if len(tokens) < 3 or tokens[2] != "SET":
-            return  # "RULE" without "SET" is not an instruction: no answer, as ztick
-        if len(tokens) < 6:
-            raise Invalid("RULE SET needs a rule id, a pattern and a runner")
-        commit = self._ops.set_rule(self._caller, tokens[3], tokens[4], tokens[5], tokens[6:])
-        self._ok(request_id, commit)
-
-    def do_REMOVERULE(self, request_id: str, tokens: list[str]) -> None:
-        """``ID REMOVERULE <rule>``."""
-        if len(tokens) < 3:
-            raise Invalid("REMOVERULE needs a rule id")
-        self._ok(request_id, self._ops.remove_rule(self._caller, tokens[2]))
-
-    def do_LISTRULES(self, request_id: str, tokens: list[str]) -> None:
-        """``ID LISTRULES``: one line per rule, rendered as ztick does, then ``ID OK``."""
-        lines = []
-        for rule in self._ops.list_rules(self._caller):
-            words = " ".join((rule.id, rule.pattern, rule.runner.kind.wire, *rule.runner.args()))
-            lines.append(f"{request_id} {words}\n")
-        lines.append(f"{request_id} OK\n")
-        self._reply("".join(lines).encode())
-
-    def do_STAT(self, request_id: str, tokens: list[str]) -> None:
-        """``ID STAT``: one ``ID <key> <value>`` line per metric, then ``ID OK``."""
-        lines = [f"{request_id} {key} {value}\n" for key, value in self._ops.stat(self._caller)]
-        lines.append(f"{request_id} OK\n")
-        self._reply("".join(lines).encode())
+ZtickProtocol.handlers = {**instructions.HANDLERS, **extension.HANDLERS}
 
 
-ZtickProtocol.handlers = {
-    "SET": ZtickProtocol.do_SET,
-    "GET": ZtickProtocol.do_GET,
-    "QUERY": ZtickProtocol.do_QUERY,
-    "REMOVE": ZtickProtocol.do_REMOVE,
-    "RULE": ZtickProtocol.do_RULE,
-    "REMOVERULE": ZtickProtocol.do_REMOVERULE,
-    "LISTRULES": ZtickProtocol.do_LISTRULES,
-    "STAT": ZtickProtocol.do_STAT,
-    **extension.HANDLERS,
-}
-
-
-def _for_log(text: str, limit: int = 80) -> str:
-    """Client-chosen text made safe for a log line: control characters escaped, bounded."""
-    shown = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-    return shown if len(shown) <= limit else shown[:limit] + "..."
-
-
-class ZtickFactory(Factory):
+class ZtickFactory(ZtickFactoryBase[ZtickProtocol]):
     """Builds ``ZtickProtocol``s that share one ``Operations``; counts their connections.
 
+    Everything but the protocol class is ``ZtickFactoryBase``'s (``protocol/factory.py``):
     ``operations`` is the set every transport shares (``make_service`` builds it);
     without one, the factory builds its own from ``scheduler`` and the STAT arguments
     (``persistence``, ``framerate``, ``compression``, ``tls_enabled``; auth is on when
@@ -655,99 +512,3 @@ class ZtickFactory(Factory):
     """
 
     protocol = ZtickProtocol  # type: ignore[assignment]
-    noisy = False  # no "Starting factory" lines; the service logs where it listens
-
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        reactor: IReactorTime,
-        *,
-        persistence: str = "memory",
-        framerate: int = 512,
-        compression: Callable[[], str] = lambda: "idle",
-        tokens: TokenStore | None = None,
-        tls_enabled: bool = False,
-        max_connections: int = 4096,
-        idle_timeout: float = 0.0,
-        auth_timeout: float = 5.0,
-        max_unauthenticated: int = 256,
-        max_unauthenticated_per_source: int = 32,
-        operations: Operations | None = None,
-    ) -> None:
-        if operations is None:
-            operations = Operations(
-                scheduler,
-                reactor,
-                persistence=persistence,
-                framerate=framerate,
-                compression=compression,
-                auth_enabled=lambda: self.tokens is not None,
-                tls_enabled=tls_enabled,
-            )
-        self.operations = operations
-        self.scheduler = scheduler
-        self.reactor = reactor
-        self.tokens = tokens
-        self.max_connections = max_connections
-        self.idle_timeout = idle_timeout
-        self.auth_timeout = auth_timeout
-        self.connections = 0
-        operations.count_connections(lambda: self.connections)
-        self.admission: Admission[ZtickProtocol] = Admission(
-            max_unauthenticated, max_unauthenticated_per_source
-        )
-        self._refused = Tally(reactor, REFUSED_LOG_INTERVAL)
-        self._evicted = Tally(reactor, REFUSED_LOG_INTERVAL)
-
-    @property
-    def auth_enabled(self) -> bool:
-        """Whether clients must AUTH first (an auth file is configured)."""
-        return self.tokens is not None
-
-    def refused(self, peer: str) -> None:
-        """Note a connection closed at the limit; log it at most every 10 s, with a count."""
-        count = self._refused.note()
-        if count:
-            log.warn(
-                "connection limit reached ({limit} connections): refused {count} connection(s)"
-                " since the last report, the latest from {peer}",
-                limit=self.max_connections,
-                count=count,
-                peer=peer,
-            )
-
-    def admit(self, conn: ZtickProtocol) -> None:
-        """A new connection must AUTH first: hold it within the unauthenticated caps."""
-        for victim in self.admission.add(conn, conn._peer):
-            self._evict(victim)
-
-    def make_room(self) -> bool:
-        """At ``max_connections``: drop an unauthenticated connection, if any.
-
-        (The oldest of the address holding the most.)  So sockets that never
-        authenticate cannot keep a valid client out.
-        """
-        victim = self.admission.victim()
-        if victim is None:
-            return False
-        self.admission.discard(victim)
-        self._evict(victim)
-        return True
-
-    def _evict(self, victim: ZtickProtocol) -> None:
-        victim.evict()
-        count = self._evicted.note()
-        if count:
-            log.warn(
-                "too many connections waiting to authenticate (at most {limit}, {per_source}"
-                " per address): dropped the oldest {count} since the last report, the latest"
-                " from {peer}",
-                limit=self.admission.max_total,
-                per_source=self.admission.max_per_source,
-                count=count,
-                peer=victim._peer,
-            )
-
-    def stats(self) -> list[tuple[str, str | int]]:
-        """The STAT lines (``Operations.stat``), ztick's keys first, then ztick-tw's."""
-        return self.operations.stat(ANONYMOUS)
