@@ -92,7 +92,7 @@ from ztick_tw.model import (
     ShellSpec,
 )
 from ztick_tw.schedules import format_duration
-from ztick_tw.store.codec import Scan, scan
+from ztick_tw.store.scanning import Scan, scan
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite

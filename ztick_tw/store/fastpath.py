@@ -2,7 +2,7 @@
 
 A log of a million scheduled jobs is two million frames, and a restart replays all of
 them (SPEC's target: a million scheduled jobs replayed in 5 s).  ``Scan``
-(``ztick_tw.store.codec``) decodes the common frames here, with precompiled structs and
+(``ztick_tw.store.scanning``) decodes the common frames here, with precompiled structs and
 entries filled through their slots, and sends everything else (other layouts, other
 types, bad bytes) to its careful path, which says exactly what is wrong.  Every
 function here returns ``None`` rather than guess: it never decides that bytes are bad.

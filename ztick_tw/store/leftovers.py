@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ztick_tw.store.base import StoreError
-from ztick_tw.store.codec import scan
+from ztick_tw.store.scanning import scan
 
 __all__ = [
     "COMPRESSED",
