@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable, Iterator
 
 from zope.interface import Attribute, Interface
@@ -25,6 +27,14 @@ class CorruptLogError(StoreError):
         self.path = path
         self.offset = offset
         self.reason = reason
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """``No space left on device (ENOSPC)`` style text for an OSError."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        return f"{os.strerror(exc.errno)} ({name})"
+    return str(exc) or type(exc).__name__
 
 
 class Commit:

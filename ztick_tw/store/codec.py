@@ -53,8 +53,10 @@ from ztick_tw.store.frame import (
 )
 from ztick_tw.store.scanning import Scan, ScanProblem, scan
 
+# FRAME_HEADER_BYTES, MAX_FRAME_BYTES, NONE_U32, CodecError, UnknownEntryType (from
+# frame), decode_payload (decoding), Scan, ScanProblem and scan (scanning) are
+# re-exported for the modules that import them from here.
 __all__ = [
-    # re-exported: imported from here elsewhere (their homes: frame, decoding, scanning)
     "FRAME_HEADER_BYTES",
     "MAX_FRAME_BYTES",
     "NONE_U32",
@@ -63,7 +65,6 @@ __all__ = [
     "ScanProblem",
     "UnknownEntryType",
     "decode_payload",
-    # defined here
     "encode",
     "encode_job",
     "encode_job_fields",

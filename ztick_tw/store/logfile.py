@@ -22,6 +22,10 @@ stale temporary file, which the next ``load`` removes.
 A ``path`` that leads through a symbolic link is resolved once, when the store is made:
 the log, its temporary files and the rename live beside the link's target, and the link
 is left alone (it keeps naming the current log).
+
+Opening the file and judging the end of its replay are in ``loading``, the fsyncs and
+the shutdown (``flush``, ``close``) in ``syncing`` (``Syncing``, a base class of
+``LogfileStore``); appending and compaction, which write the file, are here.
 """
 
 from __future__ import annotations
@@ -31,31 +35,35 @@ import errno
 import fcntl
 import gc
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IReactorFromThreads,
-    IReactorThreads,
-    IReactorTime,
-)
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ztick_tw.metrics import NO_METRICS, Metrics
 from ztick_tw.model import Entry
-from ztick_tw.store.base import Commit, CompactionAborted, CorruptLogError, IStore, StoreError
-from ztick_tw.store.codec import encode, scan
-from ztick_tw.store.fastpath import ScheduledSink
-from ztick_tw.store.leftovers import merge_ztick_leftovers
-from ztick_tw.store.sync_thread import SyncThread
+from ztick_tw.store.base import Commit, CompactionAborted, IStore, StoreError, describe_os_error
+from ztick_tw.store.codec import encode
+from ztick_tw.store.loading import (
+    COMPACT_SUFFIX,
+    Loading,
+    open_logfile,
+    read_all,
+    resolve_logfile_path,
+    settle_end,
+    sync_directory,
+)
+from ztick_tw.store.scanning import scan
+from ztick_tw.store.sync_thread import SyncRunner, SyncThread, thread_pool_runner
+from ztick_tw.store.syncing import Syncing
 
+# COMPACT_SUFFIX, Loading, resolve_logfile_path (from loading), CompactionAborted (base),
+# SyncRunner and thread_pool_runner (sync_thread) are re-exported for their importers.
 __all__ = [
     "COMPACT_SUFFIX",
     "CompactionAborted",
@@ -68,8 +76,6 @@ __all__ = [
     "thread_pool_runner",
 ]
 
-#: The temporary file a compaction writes, beside the logfile.
-COMPACT_SUFFIX = ".compact.tmp"
 
 #: Bytes gathered before one ``os.write`` while a snapshot is written.
 _CHUNK = 1 << 20
@@ -95,43 +101,9 @@ class CompactionResult:
 
 log = Logger()
 
-#: Runs a blocking callable off the reactor thread; the Deferred fires (on the reactor
-#: thread) with its result or its exception.
-SyncRunner = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 # Indirection so tests can inject short writes and write errors.
 _os_write = os.write
-
-
-def thread_pool_runner(reactor: object) -> SyncRunner:
-    """The default ``SyncRunner``: the reactor's own thread pool."""
-    from_threads = IReactorFromThreads(reactor)
-    threads = IReactorThreads(reactor)
-
-    def run(blocking: Callable[[], Any]) -> Deferred[Any]:
-        return deferToThreadPool(from_threads, threads.getThreadPool(), blocking)
-
-    return run
-
-
-def describe_os_error(exc: BaseException) -> str:
-    """``No space left on device (ENOSPC)`` style text for an OSError."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        name = errno.errorcode.get(exc.errno, str(exc.errno))
-        return f"{os.strerror(exc.errno)} ({name})"
-    return str(exc) or type(exc).__name__
-
-
-def resolve_logfile_path(path: str) -> str:
-    """``path``, or the file it names when a symbolic link is on the way (resolved).
-
-    A compaction renames a new file over the logfile, and leftovers, temporary and
-    ``.corrupt-<offset>`` files are written beside it: all of that happens beside the
-    link's target, so a logfile linked into a data volume stays there and the link
-    keeps pointing at it.  A link whose target does not exist yet names that target.
-    """
-    resolved = os.path.realpath(path)
-    return path if resolved == os.path.abspath(path) else resolved
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -144,57 +116,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _read_all(fd: int) -> bytes:
-    """The whole file behind ``fd``, read from offset 0."""
-    size = os.fstat(fd).st_size
-    chunks: list[bytes] = []
-    offset = 0
-    while True:
-        chunk = os.pread(fd, max(size - offset, 1 << 16), offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-class Loading(Iterator[Entry]):
-    """The entries of a logfile being loaded (what ``LogfileStore.load`` returns).
-
-    Iterating it runs the load.  Before that, ``divert_scheduled(sink)`` may ask for
-    each schedule set followed by the ``planned`` job frame of the same job (what
-    ``SCHEDULE SET`` appends) to be handed to ``sink`` instead of yielded as two
-    entries, in log order (see ``Scan``); ``diverted`` then says how many pairs were,
-    once the iteration is over.  The scheduler's replay uses this: a million scheduled
-    jobs load without two million entry objects.
-    """
-
-    __slots__ = ("_entries", "_load", "diverted", "scheduled")
-
-    def __init__(self, load: Callable[[Loading], Iterator[Entry]]) -> None:
-        self._load = load
-        self._entries: Iterator[Entry] | None = None
-        self.scheduled: ScheduledSink | None = None
-        self.diverted = 0
-
-    def divert_scheduled(self, sink: ScheduledSink) -> None:
-        """Hand schedule + job pairs to ``sink`` (before the iteration starts)."""
-        if self._entries is not None:
-            raise StoreError("divert_scheduled() after the load started")
-        self.scheduled = sink
-
-    def __iter__(self) -> Iterator[Entry]:
-        # The generator itself, so a ``for`` loop over the entries pays nothing more.
-        if self._entries is None:
-            self._entries = self._load(self)
-        return self._entries
-
-    def __next__(self) -> Entry:
-        return next(iter(self))
-
-
 @implementer(IStore)
-class LogfileStore:
+class LogfileStore(Syncing):
     """Entries appended to a binary logfile, replayed by ``load()`` at startup.
 
     ``load()`` must run (to the end) before ``append()``; it opens the file for
@@ -279,28 +202,12 @@ class LogfileStore:
             raise StoreError(f"logfile {self.path}: load() called twice")
         if self._closed:
             raise StoreError(f"logfile {self.path}: load() after close()")
-        if self.path != self.configured_path:
-            log.info(
-                "logfile {configured} leads through a symbolic link to {path}: the log is"
-                " kept there, and compactions replace it beside itself (the link stays)",
-                configured=self.configured_path,
-                path=self.path,
-            )
-        for line in merge_ztick_leftovers(self.path):
-            log.warn("{message}", message=line)
-        existed = os.path.exists(self.path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            self._lock(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._remove_stale_compaction()
+        fd, created = open_logfile(self.path, self.configured_path)
         ok = False
         try:
-            if not existed:
-                self._sync_directory()
-            data = _read_all(fd)
+            if created:
+                sync_directory(self.path)
+            data = read_all(fd)
             result = scan(data, scheduled=loading.scheduled)
             gc_was_enabled = gc.isenabled()
             gc.disable()
@@ -310,48 +217,7 @@ class LogfileStore:
                 if gc_was_enabled:
                     gc.enable()
             loading.diverted = result.diverted
-            size = result.good_end
-            problem = result.problem
-            if problem is not None:
-                if problem.kind == "corrupt":
-                    if not self.recover:
-                        raise CorruptLogError(self.path, problem.offset, problem.reason)
-                    saved = self._save_damaged(data[problem.offset :], problem.offset)
-                    log.error(
-                        "logfile {path}: corrupt frame at byte offset {offset}: {reason}; "
-                        "recovering: kept the {count} entries before it, cut off {dropped} "
-                        "bytes from there on ({saved})",
-                        path=self.path,
-                        offset=problem.offset,
-                        reason=problem.reason,
-                        count=result.count + 2 * result.diverted,
-                        dropped=problem.dropped,
-                        saved=saved,
-                    )
-                else:
-                    log.warn(
-                        "logfile {path}: torn last frame at byte offset {offset} "
-                        "({dropped} bytes: {reason}) cut off: a write interrupted by a "
-                        "crash; appends continue after the last whole frame",
-                        path=self.path,
-                        offset=problem.offset,
-                        dropped=problem.dropped,
-                        reason=problem.reason,
-                    )
-                os.ftruncate(fd, size)
-                os.fsync(fd)
-            if result.skipped_types:
-                log.warn(
-                    "logfile {path}: skipped {frames} of entry types this version does "
-                    "not know ({types}), written by a newer ztick-tw; the rest is loaded, and "
-                    "the next compaction leaves them out",
-                    path=self.path,
-                    frames=f"{result.skipped} frame{'' if result.skipped == 1 else 's'}",
-                    skipped=result.skipped,
-                    types=", ".join(
-                        f"type {t}: {c}" for t, c in sorted(result.skipped_types.items())
-                    ),
-                )
+            size = settle_end(self.path, fd, data, result, self.recover)
             ok = True
         finally:
             if not ok:
@@ -360,85 +226,6 @@ class LogfileStore:
         self._loaded = True
         self._written_size = self._synced_size = size
         self.frames_in_log = result.count + 2 * result.diverted + result.skipped
-
-    def _remove_stale_compaction(self) -> None:
-        """Delete the temporary file of a compaction that a crash interrupted.
-
-        It is never needed: until the rename that ends a compaction, the logfile
-        itself holds everything.
-        """
-        stale = self.path + COMPACT_SUFFIX
-        try:
-            size = os.stat(stale).st_size
-            os.unlink(stale)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.warn(
-                "logfile {path}: cannot remove {stale}, left by an interrupted compaction:"
-                " {error}",
-                path=self.path,
-                stale=stale,
-                error=describe_os_error(exc),
-            )
-            return
-        log.warn(
-            "logfile {path}: removed {stale} ({size} bytes), left by a compaction that was"
-            " interrupted; the logfile itself is complete",
-            path=self.path,
-            stale=stale,
-            size=size,
-        )
-
-    def _sync_directory(self) -> None:
-        """Make a newly created logfile's directory entry durable."""
-        directory = os.path.dirname(os.path.abspath(self.path))
-        try:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:  # pragma: no cover - platform without directory fds
-            return
-        try:
-            os.fsync(dir_fd)
-        except OSError as exc:  # pragma: no cover - filesystem refuses directory fsync
-            log.warn(
-                "logfile {path}: could not sync directory {directory}: {error}",
-                path=self.path,
-                directory=directory,
-                error=describe_os_error(exc),
-            )
-        finally:
-            os.close(dir_fd)
-
-    def _lock(self, fd: int) -> None:
-        """Take an exclusive lock on the logfile, so two daemons never share one log.
-
-        The lock lives as long as the descriptor; a second ztick-tw on the same file
-        stops before it reads (let alone truncates) anything.
-        """
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StoreError(
-                    f"logfile {self.path} is in use by another process"
-                    " (is another ztick-tw running on it?)"
-                ) from None
-            raise StoreError(
-                f"logfile {self.path}: cannot lock it: {describe_os_error(exc)}"
-            ) from None
-
-    def _save_damaged(self, damaged: bytes, offset: int) -> str:
-        target = f"{self.path}.corrupt-{offset}"
-        try:
-            # Private like the logfile itself: the bytes can hold credentials.
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with open(fd, "wb") as out:
-                out.write(damaged)
-                out.flush()
-                os.fsync(out.fileno())
-        except OSError as exc:
-            return f"could not save them to {target}: {describe_os_error(exc)}"
-        return f"saved to {target}"
 
     # ----------------------------------------------------------------- appending
 
@@ -537,176 +324,12 @@ class LogfileStore:
                 error=describe_os_error(exc),
             )
 
-    # ----------------------------------------------------------------- syncing
+    # ----------------------------------------------------------------- the thread pool
 
     def _runner(self) -> SyncRunner:
         if self._sync_runner is None:
             self._sync_runner = thread_pool_runner(self._reactor)
         return self._sync_runner
-
-    def _fsync_runner(self) -> SyncRunner:
-        """The group commit's runner: an injected one, else a thread of its own."""
-        if self._sync_runner is not None:
-            return self._sync_runner
-        if self._sync_thread is None:
-            self._sync_thread = SyncThread(self._reactor)
-        return self._sync_thread
-
-    def _start_sync(self) -> None:
-        """Start an fsync covering every written batch, unless one is in flight."""
-        fd = self._fd
-        if self._sync_in_flight or not self._unsynced or fd is None:
-            return
-        commits, self._unsynced = self._unsynced, []
-        target = self._written_size
-        self._sync_in_flight = True
-        self._syncing = commits
-        generation = self._generation
-
-        metrics = self.metrics
-
-        def blocking_fsync() -> None:
-            if metrics.on:
-                started = time.perf_counter()  # a latency, measured where it happens
-                os.fsync(fd)
-                metrics.fsync(time.perf_counter() - started)
-            else:
-                os.fsync(fd)
-
-        try:
-            d = self._fsync_runner()(blocking_fsync)
-        except Exception:
-            d = fail()
-
-        def done(_: object) -> None:
-            self._sync_finished(commits, target, None, generation)
-
-        def failed(failure: Failure) -> None:
-            self._sync_finished(commits, target, failure.value, generation)
-
-        d.addCallbacks(done, failed)
-        d.addErrback(
-            lambda f: log.failure("logfile {path}: fsync bookkeeping failed", f, path=self.path)
-        )
-
-    def _sync_finished(
-        self,
-        commits: list[Commit],
-        target: int,
-        error: BaseException | None,
-        generation: int | None = None,
-    ) -> None:
-        self._sync_in_flight = False
-        self._syncing = []
-        if generation is not None and generation != self._generation:
-            # A compaction swapped files while this fsync ran on the old one; the swap
-            # fsynced the new file, which holds these commits' bytes too.
-            self._close_retired()
-            for commit in commits:
-                commit.resolve()
-        elif error is None or self._closed or self._synced_size >= target:
-            # Success, or a synchronous flush() already made these bytes durable.
-            self._synced_size = max(self._synced_size, min(target, self._written_size))
-            self.syncs += error is None
-            for commit in commits:
-                commit.resolve()
-        else:
-            doomed = commits + self._unsynced
-            self._unsynced = []
-            keep = self._synced_size
-            failure = StoreError(
-                f"logfile {self.path}: fsync failed: {describe_os_error(error)}; "
-                f"the last {self._written_size - keep} bytes written were cut off "
-                f"(file back to {keep} bytes)"
-            )
-            failure.__cause__ = error
-            log.error("{message}", message=str(failure))
-            self._cut_back(keep)
-            for commit in doomed:
-                commit.resolve(failure)
-        self._start_sync()
-
-    # ----------------------------------------------------------------- shutdown
-
-    def write_through(self) -> None:
-        """Write the buffered batch now instead of at the end of the reactor turn.
-
-        The fsync (with ``fsync`` on) is started as usual, off the reactor thread.
-        """
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush()
-
-    def flush(self) -> None:
-        """Write the buffer and fsync now, blocking; resolves every pending commit.
-
-        Raises ``StoreError`` if the write or the fsync fails (the affected commits
-        are resolved with the error and the file is cut back to a frame boundary).
-        """
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
-        fd = self._fd
-        if fd is None:
-            return
-        write_error: StoreError | None = None
-        try:
-            commit = self._write_buffer()
-        except StoreError as exc:
-            write_error, commit = exc, None
-        pending = self._syncing + self._unsynced
-        self._unsynced = []
-        if commit is not None:
-            pending.append(commit)
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            if not self.fsync:
-                # Every frame written was answered OK already and is whole: cutting the
-                # file back would throw away acknowledged writes the disk may well hold.
-                error = StoreError(
-                    f"logfile {self.path}: fsync failed: {describe_os_error(exc)}; with"
-                    " fsync_on_persist off the frames written were already acknowledged:"
-                    " they are left in the file, but may not have reached the disk"
-                )
-                log.error("{message}", message=str(error))
-                raise error from exc
-            keep = self._synced_size
-            error = StoreError(
-                f"logfile {self.path}: fsync failed: {describe_os_error(exc)}; "
-                f"file cut back to {keep} bytes"
-            )
-            log.error("{message}", message=str(error))
-            self._cut_back(keep)
-            for waiting in pending:
-                waiting.resolve(error)
-            raise error from exc
-        self._synced_size = self._written_size
-        self.syncs += 1
-        for done in pending:
-            done.resolve()
-        if write_error is not None:
-            raise write_error
-
-    def close(self) -> None:
-        """Flush, fsync and close the file.  Idempotent; appends afterwards fail."""
-        if self._closed:
-            return
-        self._closed = True
-        self._compact_abort = True
-        fd = self._fd
-        if fd is None:
-            return
-        try:
-            self.flush()
-        finally:
-            self._fd = None
-            self._close_retired()
-            os.close(fd)
-            if self._sync_thread is not None:
-                self._sync_thread.stop()
 
     # ----------------------------------------------------------------- compaction
 
@@ -820,7 +443,7 @@ class LogfileStore:
             # From here on the new file is the log.
             self._tail = None
             swapped = True
-            self._sync_directory()
+            sync_directory(self.path)
             old_fd = self._fd
             self._fd = temp_fd
             self._generation += 1

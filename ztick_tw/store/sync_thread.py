@@ -1,4 +1,7 @@
-"""One thread for the group commit's fsyncs.
+"""Running blocking calls off the reactor thread: ``SyncRunner``, and one thread for fsyncs.
+
+``thread_pool_runner`` is the default ``SyncRunner``, the reactor's thread pool.
+``SyncThread`` is the group commit's: one thread for its fsyncs.
 
 The reactor's thread pool costs each hand-off several locks and wake-ups (``Team``,
 ``LockWorker``, a condition variable per worker): with fsyncs of ~0.3 ms covering a few
@@ -18,11 +21,29 @@ from queue import SimpleQueue
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+
+__all__ = ["SyncRunner", "SyncThread", "thread_pool_runner"]
+
+#: Runs a blocking callable off the reactor thread; the Deferred fires (on the reactor
+#: thread) with its result or its exception.
+SyncRunner = Callable[[Callable[[], Any]], "Deferred[Any]"]
+
+
+def thread_pool_runner(reactor: object) -> SyncRunner:
+    """The default ``SyncRunner``: the reactor's own thread pool."""
+    from_threads = IReactorFromThreads(reactor)
+    threads = IReactorThreads(reactor)
+
+    def run(blocking: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(from_threads, threads.getThreadPool(), blocking)
+
+    return run
 
 
 class SyncThread:
-    """A ``SyncRunner`` (``ztick_tw.store.logfile``) on one thread of its own.
+    """A ``SyncRunner`` on one thread of its own.
 
     Calls run one after another, in order; each Deferred fires on the reactor thread.
     The thread starts with the first call (never before twistd forks) and ends after
