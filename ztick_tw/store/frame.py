@@ -1,4 +1,4 @@
-"""The binary logfile format (SPEC §5): encoding, decoding and scanning frames.
+"""The binary logfile format (SPEC §5): frames, entry types and their payload layouts.
 
 A logfile is a sequence of frames with no header.  A frame is a ``u32`` big-endian
 payload length followed by the payload; the first payload byte is the entry type:
