@@ -34,18 +34,10 @@ from ztick_tw.model import (
     ScheduleSet,
     ShellSpec,
 )
-from ztick_tw.store.codec import (
-    MAX_FRAME_BYTES,
-    NONE_U32,
-    CodecError,
-    UnknownEntryType,
-    decode_payload,
-    encode,
-    encode_job,
-    encode_payload,
-    entry_id,
-    scan,
-)
+from ztick_tw.store.codec import encode, encode_job, encode_payload, entry_id
+from ztick_tw.store.decoding import decode_payload
+from ztick_tw.store.frame import MAX_FRAME_BYTES, NONE_U32, CodecError, UnknownEntryType
+from ztick_tw.store.scanning import scan
 
 
 def hx(text: str) -> bytes:

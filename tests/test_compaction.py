@@ -44,9 +44,10 @@ from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.scheduler.snapshot import Snapshot, Throttle
 from ztick_tw.store import logfile as logfile_module
 from ztick_tw.store.base import CompactionAborted, StoreError
-from ztick_tw.store.codec import scan
-from ztick_tw.store.logfile import COMPACT_SUFFIX, CompactionResult, LogfileStore
+from ztick_tw.store.loading import COMPACT_SUFFIX
+from ztick_tw.store.logfile import CompactionResult, LogfileStore
 from ztick_tw.store.memory import MemoryStore
+from ztick_tw.store.scanning import scan
 
 
 class HeldRunner:

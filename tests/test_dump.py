@@ -37,7 +37,8 @@ from ztick_tw.model import (
     ScheduleSet,
     ShellSpec,
 )
-from ztick_tw.store.codec import encode, scan
+from ztick_tw.store.codec import encode
+from ztick_tw.store.scanning import scan
 
 NS = 1605457800000000000
 

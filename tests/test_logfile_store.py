@@ -41,9 +41,11 @@ from ztick_tw.model import (
 )
 from ztick_tw.store import logfile as logfile_module
 from ztick_tw.store.base import Commit, CorruptLogError, IStore, StoreError
-from ztick_tw.store.codec import MAX_FRAME_BYTES, CodecError, encode, entry_id, scan
+from ztick_tw.store.codec import encode, entry_id
+from ztick_tw.store.frame import MAX_FRAME_BYTES, CodecError
 from ztick_tw.store.leftovers import TO_COMPRESS
 from ztick_tw.store.logfile import LogfileStore
+from ztick_tw.store.scanning import scan
 
 SPEC_EXAMPLE = bytes.fromhex("00 00 00 10 00 00 04 74 6f 74 6f 16 47 bb 5c ee e1 50 00 00")
 

@@ -26,7 +26,8 @@ from ztick_tw.runners import process as process_module
 from ztick_tw.runners import spawn as spawn_module
 from ztick_tw.runners.base import Execution, IRunner, Outcome
 from ztick_tw.runners.process import AwfRunner, DirectRunner, ProcessOptions, ShellRunner
-from ztick_tw.runners.spawn import SLICE_RUNS, spawn_child
+from ztick_tw.runners.spawn import spawn_child
+from ztick_tw.runners.spawn_queue import SLICE_RUNS
 
 DUE_NS = 1_700_000_000_123_456_789
 PATH = os.environ.get("PATH", os.defpath)

@@ -47,7 +47,10 @@ from ztick_tw.model import (
 )
 from ztick_tw.protocol.server import MAX_LINE_BYTES, ZtickFactory, ZtickProtocol
 from ztick_tw.protocol.tokenizer import TokenizeError, decode_line, quote_token, tokenize
-from ztick_tw.store.codec import CodecError, decode_payload, encode, encode_payload, scan
+from ztick_tw.store.codec import encode, encode_payload
+from ztick_tw.store.decoding import decode_payload
+from ztick_tw.store.frame import CodecError
+from ztick_tw.store.scanning import scan
 
 FUTURE = EPOCH_NS + 3600 * SECOND_NS
 

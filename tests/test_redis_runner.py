@@ -32,15 +32,14 @@ from zope.interface.verify import verifyObject
 from tests import redis_server as redis_server_module
 from tests.redis_server import RedisReplyError, RedisServer, require_redis
 from ztick_tw.model import RedisSpec, ShellSpec
+from ztick_tw.runners.backoff import BACKOFF_MAX
 from ztick_tw.runners.base import Execution, IRunner, Outcome
 from ztick_tw.runners.message import NetworkOptions, rich_body
-from ztick_tw.runners.redis import (
-    BACKOFF_MAX,
-    BACKOFF_START,
+from ztick_tw.runners.redis import BACKOFF_START, RedisRunner
+from ztick_tw.runners.resp import (
     RedisClientProtocol,
     RedisEndpoint,
     RedisError,
-    RedisRunner,
     Reply,
     RespParser,
     RespProtocolError,

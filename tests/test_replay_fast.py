@@ -33,8 +33,9 @@ from ztick_tw.model import (
 from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.scheduler.definitions import Definitions
 from ztick_tw.scheduler.recurring import Recurrences, entries
-from ztick_tw.store.codec import Scan, encode, scan
+from ztick_tw.store.codec import encode
 from ztick_tw.store.logfile import LogfileStore
+from ztick_tw.store.scanning import Scan, scan
 
 # Few ids, texts and options, of several byte lengths (non-ASCII included), so the same
 # layouts repeat (the fast path's case) and change (its way out).

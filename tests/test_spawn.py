@@ -24,15 +24,14 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from ztick_tw.runners import spawn
+from ztick_tw.runners import spawn, spawn_queue, spawner
 from ztick_tw.runners.spawn import (
     FDS_PER_CHILD,
-    SLICE_RUNS,
     SpawnedProcess,
-    SpawnQueue,
     native_spawn_supported,
     spawn_child,
 )
+from ztick_tw.runners.spawn_queue import SLICE_RUNS, SpawnQueue
 
 SH = "/bin/sh"
 
@@ -131,14 +130,14 @@ class SpawnChildTests(unittest.TestCase):
     async def test_spawn_attributes_are_shared(self) -> None:
         """Children with the same flags and default signals share one set of attributes."""
         await _sh("true").ended
-        count = len(spawn._attrs)
+        count = len(spawner._attrs)
         for _ in range(3):
             await _sh("true").ended
-        assert len(spawn._attrs) == count
+        assert len(spawner._attrs) == count
         child = _Child()
         _spawn(child, [SH, "-c", "true"], new_session=False)
         await child.ended
-        assert any(not flags & spawn._SETSID for flags, _ in spawn._attrs)  # its own
+        assert any(not flags & spawner._SETSID for flags, _ in spawner._attrs)  # its own
 
     async def test_exit_status(self) -> None:
         """A non-zero exit is a ProcessTerminated carrying the exit code."""
@@ -279,15 +278,15 @@ class SpawnChildTests(unittest.TestCase):
         def broken(self: Any) -> tuple[int, int]:
             raise RuntimeError("injected")
 
-        real_run = spawn._Request.run
-        self.patch(spawn._Request, "run", broken)  # type: ignore[no-untyped-call]
+        real_run = spawner._Request.run
+        self.patch(spawner._Request, "run", broken)  # type: ignore[no-untyped-call]
         child = _Child()
         _spawn(child, ["/bin/true"])
         error = await child.failed
         assert error.errno == errno.EINVAL
         assert child.calls == []
         assert len(os.listdir("/proc/self/fd")) == before
-        self.patch(spawn._Request, "run", real_run)  # type: ignore[no-untyped-call]
+        self.patch(spawner._Request, "run", real_run)  # type: ignore[no-untyped-call]
         _, _, reason = await _sh("true").ended
         assert isinstance(reason.value, ProcessDone)
 
@@ -396,10 +395,10 @@ class SpawnQueueTests(unittest.TestCase):
         self.failures = [errno.EAGAIN, errno.ENFILE, errno.ENOMEM]
         self.queue.add(7)
         self.clock.advance(0)
-        self.clock.advance(spawn.RETRY_FIRST)
-        self.clock.advance(2 * spawn.RETRY_FIRST)
+        self.clock.advance(spawn_queue.RETRY_FIRST)
+        self.clock.advance(2 * spawn_queue.RETRY_FIRST)
         assert self.started == []
-        self.clock.advance(4 * spawn.RETRY_FIRST)
+        self.clock.advance(4 * spawn_queue.RETRY_FIRST)
         assert self.started == [7]
         # One warning for the three shortages (rate limited), naming the first cause.
         warnings = [t for t in self.log.texts if "cannot start" in t]
@@ -461,7 +460,7 @@ class SpawnQueueTests(unittest.TestCase):
         assert len(self.queue) == 3
         self.clock.turn()
         assert self.started == []  # waiting, not retried at once
-        self.clock.advance(spawn.RETRY_FIRST)
+        self.clock.advance(spawn_queue.RETRY_FIRST)
         assert self.started == [1, 2, 4]
         warnings = [t for t in self.log.texts if "cannot start" in t]
         assert len(warnings) == 1 and "cannot start another process now" in warnings[0]

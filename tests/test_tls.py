@@ -45,11 +45,11 @@ from tests.helpers import make_harness
 from ztick_tw.tls import (
     ReloadableServerTLS,
     TLSReloadService,
-    TLSSetupError,
     install_reload_on_sighup,
-    peer_certificate_subject,
     tls_factory,
 )
+from ztick_tw.tls_context import TLSSetupError
+from ztick_tw.tls_transport import peer_certificate_subject
 
 #: Safety net so a broken server cannot hang a client thread forever (not an assertion).
 SOCKET_TIMEOUT = 15.0

@@ -71,7 +71,7 @@ from ztick_tw.model import (
 )
 from ztick_tw.scheduler.core import Scheduler
 from ztick_tw.store.base import StoreError
-from ztick_tw.store.codec import encode, scan
+from ztick_tw.store.codec import encode
 from ztick_tw.store.leftovers import (
     COMPRESSED,
     COMPRESSED_TMP,
@@ -81,6 +81,7 @@ from ztick_tw.store.leftovers import (
     merge_ztick_leftovers,
 )
 from ztick_tw.store.logfile import LogfileStore
+from ztick_tw.store.scanning import scan
 
 SPEC_EXAMPLE = bytes.fromhex("00 00 00 10 00 00 04 74 6f 74 6f 16 47 bb 5c ee e1 50 00 00")
 

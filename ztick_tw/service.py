@@ -50,7 +50,8 @@ from ztick_tw.store.base import IStore, StoreError
 from ztick_tw.store.logfile import LogfileStore
 from ztick_tw.store.memory import MemoryStore
 from ztick_tw.telemetry import TelemetryService
-from ztick_tw.tls import ReloadableServerTLS, TLSReloadService, TLSSetupError, tls_factory
+from ztick_tw.tls import ReloadableServerTLS, TLSReloadService, tls_factory
+from ztick_tw.tls_context import TLSSetupError
 
 log = Logger(namespace="ztick_tw")
 

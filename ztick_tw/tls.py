@@ -33,17 +33,13 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from ztick_tw.tls_context import TLS12_CIPHERS, CertificateInfo, TLSSetupError, load
-from ztick_tw.tls_transport import TLSFactory, peer_certificate_subject
+from ztick_tw.tls_context import CertificateInfo, TLSSetupError, load
+from ztick_tw.tls_transport import TLSFactory
 
 __all__ = [
-    "TLS12_CIPHERS",
-    "CertificateInfo",
     "ReloadableServerTLS",
     "TLSReloadService",
-    "TLSSetupError",
     "install_reload_on_sighup",
-    "peer_certificate_subject",
     "request_reload",
     "tls_factory",
 ]

@@ -29,7 +29,7 @@ from zope.interface import implementer
 from ztick_tw.auth import Token
 from ztick_tw.operations import ANONYMOUS, Caller, Durable, OperationError, Operations
 from ztick_tw.protocol import extension, instructions
-from ztick_tw.protocol.factory import REFUSED_LOG_INTERVAL, ZtickFactoryBase
+from ztick_tw.protocol.factory import ZtickFactoryBase
 from ztick_tw.protocol.query import QueryStream
 from ztick_tw.protocol.tokenizer import TokenizeError, decode_line, tokenize
 
@@ -38,7 +38,6 @@ __all__ = [
     "MAX_WAITING_ANSWERS",
     "MAX_WAITING_BYTES",
     "OUTPUT_BUDGET",
-    "REFUSED_LOG_INTERVAL",
     "STREAM_SLICE",
     "Handler",
     "ZtickFactory",

@@ -60,13 +60,8 @@ from ztick_tw.runners.base import (
     cancelled_outcome,
 )
 from ztick_tw.runners.child import ProcessOptions, _Plan, _Run
-from ztick_tw.runners.spawn import (
-    FDS_PER_CHILD,
-    TRANSIENT_ERRNOS,
-    SpawnQueue,
-    native_spawn_supported,
-    spawn_child,
-)
+from ztick_tw.runners.spawn import FDS_PER_CHILD, native_spawn_supported, spawn_child
+from ztick_tw.runners.spawn_queue import TRANSIENT_ERRNOS, SpawnQueue
 
 _SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 

@@ -53,7 +53,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ztick_tw.model import RedisSpec
-from ztick_tw.runners.backoff import BACKOFF_INITIAL, BACKOFF_MAX
+from ztick_tw.runners.backoff import BACKOFF_INITIAL
 from ztick_tw.runners.base import (
     Execution,
     IRunner,
@@ -63,31 +63,14 @@ from ztick_tw.runners.base import (
 from ztick_tw.runners.message import NetworkOptions, queue_message, redact_url
 from ztick_tw.runners.redis_connection import _Job, _Target, _TargetProtocol
 from ztick_tw.runners.resp import (
-    DEFAULT_PORT,
-    RedisClientProtocol,
-    RedisEndpoint,
-    RedisError,
-    Reply,
-    RespParser,
-    RespProtocolError,
     encode_command,
     parse_redis_url,
 )
 
 __all__ = [
-    "BACKOFF_MAX",
     "BACKOFF_START",
-    "DEFAULT_PORT",
     "REDIS_COMMANDS",
-    "RedisClientProtocol",
-    "RedisEndpoint",
-    "RedisError",
     "RedisRunner",
-    "Reply",
-    "RespParser",
-    "RespProtocolError",
-    "encode_command",
-    "parse_redis_url",
 ]
 
 #: The commands a redis rule may send.

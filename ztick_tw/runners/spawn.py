@@ -35,7 +35,7 @@ A live child holds :data:`FDS_PER_CHILD` descriptors in the daemon.
 
 Modules: the pacing of starts (:class:`SpawnQueue`, :data:`TRANSIENT_ERRNOS`,
 :func:`shortage_reason`) is ``spawn_queue.py``, the libc calls and the spawner thread
-(``_Libc``, ``_Request``, ``_Spawner``) are ``spawner.py``; both are re-exported here.
+(``_Libc``, ``_Request``, ``_Spawner``) are ``spawner.py``.
 What stays here is the process-wide state (descriptors prepared, libc loaded and the
 spawner started, each once) and the child itself.
 """
@@ -57,34 +57,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ztick_tw.runners.spawn_queue import (
-    RETRY_FIRST,
-    RETRY_MAX,
-    SHORTAGE_LOG_INTERVAL,
-    SLICE_RUNS,
-    SLICE_SECONDS,
-    TRANSIENT_ERRNOS,
-    SpawnQueue,
-    shortage_reason,
+from ztick_tw.runners.spawner import (
+    _SETSID,
+    _SETSIGDEF,
+    _SETSIGMASK,
+    _Libc,
+    _Request,
+    _Spawner,
+    load_libc,
 )
-from ztick_tw.runners.spawner import _SETSID as _SETSID
-from ztick_tw.runners.spawner import _SETSIGDEF, _SETSIGMASK, _Libc, _Spawner, load_libc
-from ztick_tw.runners.spawner import _attrs as _attrs
-from ztick_tw.runners.spawner import _Request as _Request
 
 __all__ = [
     "FDS_PER_CHILD",
-    "RETRY_FIRST",
-    "RETRY_MAX",
-    "SHORTAGE_LOG_INTERVAL",
-    "SLICE_RUNS",
-    "SLICE_SECONDS",
     "SPAWN_THREADS",
-    "TRANSIENT_ERRNOS",
-    "SpawnQueue",
     "SpawnedProcess",
     "native_spawn_supported",
-    "shortage_reason",
     "spawn_child",
 ]
 

@@ -6,8 +6,8 @@ writes a million of them, so the job frame has a dedicated fast path (``encode_j
 over 65535 UTF-8 bytes, a time outside ``i64`` or a frame over ``MAX_FRAME_BYTES`` is a
 ``CodecError``, and nothing is produced.
 
-Decoding is in ``decoding``, scanning a whole buffer in ``scanning``; the names the rest
-of the program imports from here are re-exported below.
+The format's constants and errors are in ``frame``, decoding in ``decoding``, scanning a
+whole buffer in ``scanning``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from ztick_tw.model import (
     ScheduleSet,
     ShellSpec,
 )
-from ztick_tw.store.decoding import decode_payload
 from ztick_tw.store.frame import (
     _I64,
     _U16,
@@ -48,29 +47,15 @@ from ztick_tw.store.frame import (
     NONE_U32,
     TYPE_JOB,
     CodecError,
-    UnknownEntryType,
     _preview,
 )
-from ztick_tw.store.scanning import Scan, ScanProblem, scan
 
-# FRAME_HEADER_BYTES, MAX_FRAME_BYTES, NONE_U32, CodecError, UnknownEntryType (from
-# frame), decode_payload (decoding), Scan, ScanProblem and scan (scanning) are
-# re-exported for the modules that import them from here.
 __all__ = [
-    "FRAME_HEADER_BYTES",
-    "MAX_FRAME_BYTES",
-    "NONE_U32",
-    "CodecError",
-    "Scan",
-    "ScanProblem",
-    "UnknownEntryType",
-    "decode_payload",
     "encode",
     "encode_job",
     "encode_job_fields",
     "encode_payload",
     "entry_id",
-    "scan",
 ]
 
 

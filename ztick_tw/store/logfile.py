@@ -62,18 +62,10 @@ from ztick_tw.store.scanning import scan
 from ztick_tw.store.sync_thread import SyncRunner, SyncThread, thread_pool_runner
 from ztick_tw.store.syncing import Syncing
 
-# COMPACT_SUFFIX, Loading, resolve_logfile_path (from loading), CompactionAborted (base),
-# SyncRunner and thread_pool_runner (sync_thread) are re-exported for their importers.
 __all__ = [
-    "COMPACT_SUFFIX",
-    "CompactionAborted",
     "CompactionResult",
-    "Loading",
     "LogfileStore",
     "SnapshotWriter",
-    "SyncRunner",
-    "resolve_logfile_path",
-    "thread_pool_runner",
 ]
 
 
