@@ -380,15 +380,21 @@ def test_stat_keys_and_values() -> None:
 def test_the_line_protocol_does_not_import_the_store_or_the_scheduler_tables() -> None:
     """The transport reaches the scheduler only through ``Operations``.
 
-    ``protocol/server.py`` imports nothing from ``ztick_tw.store`` (durability comes
-    as a ``Durable`` handle) nor ``arguments`` (validation is the operations' job).
+    No module of ``ztick_tw/protocol/`` (server, instructions, factory, extension, ...)
+    imports anything from ``ztick_tw.store`` (durability comes as a ``Durable`` handle)
+    nor ``arguments`` (validation is the operations' job); the instructions call
+    ``ztick_tw.operations``.
     """
-    tree = ast.parse(Path(server.__file__).read_text())
-    imported = {
-        node.module
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module is not None
-    }
-    assert not any(m.startswith("ztick_tw.store") for m in imported), imported
-    assert "ztick_tw.arguments" not in imported
-    assert "ztick_tw.operations" in imported
+    imported: dict[str, set[str]] = {}
+    for path in sorted(Path(server.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported[path.name] = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module is not None
+        }
+    assert {"server.py", "instructions.py", "factory.py"} <= set(imported)
+    for name, modules in imported.items():
+        assert not any(m.startswith("ztick_tw.store") for m in modules), (name, modules)
+        assert "ztick_tw.arguments" not in modules, name
+    assert "ztick_tw.operations" in imported["instructions.py"]
