@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from bench.client import check_all_ok, pipeline, set_lines
+from bench.common import MEMORY, Context, future_times, job_ids, rates
 from bench.daemon import BenchError, Daemon
 from bench.report import Metric, at_least
-from bench.scenarios import MEMORY, Context, future_times, job_ids, rates
 from ztick_tw.client import ZtickClient
 
 

@@ -37,10 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.client import Connection, check_all_ok, pipeline, set_lines
-from bench.daemon import BenchError, Daemon, DaemonSettings
-from bench.machine import ForeignLoad, cpu_ticks
-from bench.report import Metric, at_least
-from bench.scenarios import (
+from bench.common import (
     DAY_NS,
     LOGFILE_FSYNC,
     MB,
@@ -52,6 +49,9 @@ from bench.scenarios import (
     rates,
     write_logfile,
 )
+from bench.daemon import BenchError, Daemon, DaemonSettings
+from bench.machine import ForeignLoad, cpu_ticks
+from bench.report import Metric, at_least
 
 #: Jobs in the logfiles (``--quick``: ``QUICK_JOBS``).
 JOBS = 1_000_000

@@ -22,12 +22,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from bench.common import Context
 from bench.report import Metric, at_most
-
-if TYPE_CHECKING:  # bench.scenarios registers this scenario: imported when it runs
-    from bench.scenarios import Context
 
 TARGET_RSS_MB = 400.0
 JOBS = 100_000

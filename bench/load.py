@@ -37,9 +37,9 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from bench.client import Connection, check_all_ok, pipeline, set_lines
+from bench.common import DAY_NS, LOGFILE_FSYNC, MB, SECOND_NS, Context, percentile, rates
 from bench.daemon import HOST, BenchError, Daemon, die_with_parent
 from bench.report import Metric, at_least, at_most
-from bench.scenarios import DAY_NS, LOGFILE_FSYNC, MB, SECOND_NS, Context, percentile, rates
 
 #: Client processes; each holds ``connections / WORKERS`` sockets.
 WORKERS = 2

@@ -27,9 +27,9 @@ import sys
 import time
 from typing import Any
 
+from bench.common import Context
 from bench.daemon import free_port
 from bench.report import Metric, at_most
-from bench.scenarios import Context
 
 #: Jobs the child holds (``--quick``: ``QUICK_JOBS``).
 JOBS = 1_000_000

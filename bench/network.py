@@ -51,10 +51,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from bench.client import Connection, check_all_ok, pipeline, set_lines
+from bench.common import LOGFILE_FSYNC, SECOND_NS, Context, percentile, rates, wait_for_runs
 from bench.daemon import HOST, BenchError, Daemon, DaemonSettings, die_with_parent
 from bench.machine import cpu_ticks
 from bench.report import Metric, Target, at_least, at_most
-from bench.scenarios import LOGFILE_FSYNC, SECOND_NS, Context, percentile, rates, wait_for_runs
 
 if TYPE_CHECKING:
     from tests.rabbitmq_server import RabbitMQServer

@@ -15,7 +15,7 @@ STAT, is the figure; the daemon has run no other job); then (a) 400 pipelined
 ``QUERY nomatch.`` on one connection.  A fresh daemon per run.
 
 Both daemons replay a logfile written directly with the daemon's codec
-(``bench.scenarios.write_logfile``: one rule, ``job.0000001``... planned over the next 30
+(``bench.common.write_logfile``: one rule, ``job.0000001``... planned over the next 30
 days), written once per benchmark run and copied for each daemon.  The scenarios talk to
 the daemon over TCP only, so they measure whatever the daemon does.
 """
@@ -32,14 +32,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bench.client import Connection, check_all_ok, pipeline
+from bench.common import MB, SECOND_NS, Context, percentile, quote, wait_for_runs, write_logfile
 from bench.daemon import HOST, BenchError, Daemon, DaemonSettings
 from bench.report import Metric, at_most
-
-if TYPE_CHECKING:  # bench.scenarios registers these scenarios: imported when they run
-    from bench.scenarios import Context
 
 #: Jobs held by the daemon (``--quick``: ``QUICK_JOBS``).
 JOBS = 1_000_000
@@ -74,7 +71,6 @@ TARGET_NOMATCH_MS = 50
 TARGET_GET_P99_MS = 20
 TARGET_LAG_MS = 5
 
-MB = 1_000_000
 FAST_BUFFER = 4 << 20
 #: A planned job's line: `` job.0000001 planned <19-digit ns>\n`` after the request id.
 _LINE_TAIL = len(" job.0000001 planned 1234567890123456789\n")
@@ -91,8 +87,6 @@ def _jobs(ctx: Context) -> int:
 
 def _source(ctx: Context, n: int) -> Path:
     """The logfile of ``n`` planned jobs, written once per benchmark run."""
-    from bench.scenarios import write_logfile
-
     key = (ctx.root, n)
     if key not in _sources:
         path = ctx.workdir("query-source") / "logfile"
@@ -381,8 +375,6 @@ def _full_query(port: int, expected_lines: int) -> tuple[float, int]:
 
 def _stall_run(ctx: Context, n: int, run: int) -> _StallRun:
     """One fresh daemon: full QUERY with GETs and a due job, then the no-match QUERYs."""
-    from bench.scenarios import SECOND_NS, quote, wait_for_runs
-
     out = _StallRun()
     with _holding(ctx, "query-stall", n, STAMPING) as d:
         stamps = d.workdir / "stamps.txt"
@@ -425,8 +417,6 @@ def _stall_run(ctx: Context, n: int, run: int) -> _StallRun:
 
 def scenario_query_stall(ctx: Context) -> list[Metric]:
     """Issue 9: 1M jobs: 400 x QUERY nomatch. (< 50 ms), GET p99 and a due job during a QUERY."""
-    from bench.scenarios import percentile
-
     n = _jobs(ctx)
     runs = [_stall_run(ctx, n, r) for r in range(ctx.repeats)]
     gets = sorted(g for r in runs for g in r.gets_ms)

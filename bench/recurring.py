@@ -37,15 +37,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from bench.client import Answers, Connection, pipeline
+from bench.common import MB, SECOND_NS, Context, percentile, quote
 from bench.daemon import BenchError, Daemon, DaemonSettings, process_cpu_seconds
 from bench.report import Metric, at_least, at_most
 
-if TYPE_CHECKING:  # bench.scenarios registers these scenarios: imported when they run
-    from bench.scenarios import Context
+if TYPE_CHECKING:
     from tests.redis_server import BlockingRedisClient
-
-SECOND_NS = 1_000_000_000
-MB = 1_000_000
 
 #: ``recurring_redis``: jobs, seconds of firing (``--quick``: ``QUICK_SECONDS``), the
 #: first occurrence's distance from the SETs going out, the redis list.
@@ -112,12 +109,6 @@ def check_scheduled(answers: Answers, expected: int, what: str) -> list[int]:
     return firsts
 
 
-def _pct(values: list[int], fraction: float) -> float:
-    from bench.scenarios import percentile
-
-    return percentile(values, fraction)
-
-
 # ------------------------------------------------------------------- recurring_redis
 
 
@@ -181,7 +172,6 @@ def _read_messages(client: BlockingRedisClient, total: int, run: _RedisRun) -> N
 
 
 def _redis_run(ctx: Context, seconds: int) -> _RedisRun:
-    from bench.scenarios import quote
     from tests.redis_server import REDIS_SERVER, RedisServer
 
     if not os.access(REDIS_SERVER, os.X_OK):
@@ -255,9 +245,10 @@ def _late_seconds(run: _RedisRun) -> str:
     late = []
     for second, lags in sorted(run.by_second.items()):
         lags.sort()
-        if _pct(lags, 0.99) > TARGET_LAG_MS * 1000:
+        if percentile(lags, 0.99) > TARGET_LAG_MS * 1000:
             late.append(
-                f"s{second}: p99 {_pct(lags, 0.99) / 1000:.1f} ms, max {lags[-1] / 1000:.1f} ms"
+                f"s{second}: p99 {percentile(lags, 0.99) / 1000:.1f} ms,"
+                f" max {lags[-1] / 1000:.1f} ms"
             )
     if not late:
         return f"every one of the {len(run.by_second)} due seconds had p99 <= {TARGET_LAG_MS} ms"
@@ -285,7 +276,7 @@ def scenario_recurring_redis(ctx: Context) -> list[Metric]:
     )
     stat_missed = int(run.final["occurrences_missed"])
     failed = int(run.final["jobs_failed"])
-    p99_ms = _pct(lags, 0.99) / 1000
+    p99_ms = percentile(lags, 0.99) / 1000
     drain = (
         f" NOT every message arrived: the benchmark stopped waiting {DRAIN_SECONDS:.0f} s after"
         " the last due second."
@@ -294,7 +285,7 @@ def scenario_recurring_redis(ctx: Context) -> list[Metric]:
     )
     ctx.say(
         f"recurring_redis: slowest window {min(windows):,.0f}/s, median"
-        f" {statistics.median(windows):,.0f}/s; lag p50 {_pct(lags, 0.5) / 1000:.2f} ms"
+        f" {statistics.median(windows):,.0f}/s; lag p50 {percentile(lags, 0.5) / 1000:.2f} ms"
         f" p99 {p99_ms:.2f} ms max {lags[-1] / 1000:.1f} ms; received {run.received:,} of"
         f" {expected:,}, missed {missed}, duplicates {duplicates}, STAT missed {stat_missed}"
     )
@@ -337,8 +328,8 @@ def scenario_recurring_redis(ctx: Context) -> list[Metric]:
             "",
             f"Same run: `fired - execution` of each of the {len(lags):,} messages (the"
             f" daemon handing the run to the redis runner minus its due time, as STAT's"
-            f" trigger lag): p50 {_pct(lags, 0.5) / 1000:.2f} ms, p99 {p99_ms:.2f} ms, p99.9"
-            f" {_pct(lags, 0.999) / 1000:.2f} ms, max {lags[-1] / 1000:.1f} ms. STAT"
+            f" trigger lag): p50 {percentile(lags, 0.5) / 1000:.2f} ms, p99 {p99_ms:.2f} ms, p99.9"
+            f" {percentile(lags, 0.999) / 1000:.2f} ms, max {lags[-1] / 1000:.1f} ms. STAT"
             f" `trigger_lag_p99_us` (last 4,096 runs) polled once a second: worst"
             f" {max(stat_p99) / 1000:.2f} ms, median {statistics.median(stat_p99) / 1000:.2f}"
             f" ms; STAT `trigger_lag_max_us` after the run"

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import TYPE_CHECKING
 
+from bench.common import Context
 from bench.report import Metric, at_most
 from ztick_tw.schedules import compile_schedule, parse_options, parse_time
-
-if TYPE_CHECKING:  # bench.scenarios registers this scenario: imported when it runs
-    from bench.scenarios import Context
 
 TARGET_US = 20.0
 CALLS = 20_000

@@ -14,17 +14,17 @@ import threading
 import time
 
 from bench.client import Connection
-from bench.daemon import BenchError
-from bench.report import Metric, at_least, at_most
-from bench.scenarios import (
+from bench.common import (
     LOGFILE_FSYNC,
     SECOND_NS,
     Context,
-    _fire_daemon,
-    _schedule,
+    fire_daemon,
     percentile,
+    schedule,
     wait_for_runs,
 )
+from bench.daemon import BenchError
+from bench.report import Metric, at_least, at_most
 
 JOBS = 3_000
 GET_INTERVAL = 0.005
@@ -71,12 +71,12 @@ class _GetSampler(threading.Thread):
 def _drain(ctx: Context, n: int) -> tuple[float, list[float], float, int]:
     """One fresh daemon: (jobs/s, sorted GET ms during the drain, daemon CPU s, peak pending)."""
     settings = LOGFILE_FSYNC
-    with _fire_daemon(ctx, "shell-drain", settings) as d:
+    with fire_daemon(ctx, "shell-drain", settings) as d:
         conn = Connection(d.port)
         conn.command("RULE SET rule.drain drain. shell true")
         conn.command(f"SET probe.job {time.time_ns() + 86_400 * SECOND_NS}")
         due = time.time_ns() + 2 * SECOND_NS
-        _schedule(d, "drain.", [due] * n)
+        schedule(d, "drain.", [due] * n)
         sampler = _GetSampler(d.port, "probe.job")
         sampler.start()
         cpu0 = d.cpu_seconds()

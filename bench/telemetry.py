@@ -16,14 +16,12 @@ import statistics
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bench.client import check_all_ok, pipeline, set_lines
+from bench.common import MEMORY, Context, future_times, job_ids, rates
 from bench.daemon import HOST, BenchError, Daemon, DaemonSettings
 from bench.report import Metric, at_least
-
-if TYPE_CHECKING:  # bench.scenarios registers this scenario: imported when it runs
-    from bench.scenarios import Context
 
 #: SETs per run (``--quick``: ``QUICK_SETS``).
 SETS = 200_000
@@ -142,8 +140,6 @@ def _set_rate(daemon: Daemon, payload: bytes, n: int, name: str) -> tuple[float,
 
 def telemetry_overhead(ctx: Context) -> list[Metric]:
     """SET/s on one pipelined connection, telemetry off vs on (OTLP every second)."""
-    from bench.scenarios import MEMORY, future_times, job_ids, rates
-
     n = QUICK_SETS if ctx.quick else SETS
     payload = set_lines(job_ids(1, n), future_times(n, seed=11))
     receiver = Receiver()
