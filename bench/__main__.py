@@ -19,10 +19,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.common import Context
 from bench.daemon import BenchError, kill_all
 from bench.machine import ForeignLoad, busy_percent, describe
 from bench.report import Metric, merge_results, save_json, table, write_docs
-from bench.scenarios import SCENARIOS, Context
+from bench.scenarios import SCENARIOS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"

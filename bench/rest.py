@@ -27,13 +27,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
+from bench.common import Context
 from bench.daemon import BenchError, die_with_parent, free_port, process_cpu_seconds
 from bench.report import Metric, at_least, at_most, fmt_number
-
-if TYPE_CHECKING:
-    from bench.scenarios import Context
 
 CONNECTIONS = 50
 BODY = b'{"execution": "2099-01-01T00:00:00Z"}'

@@ -129,4 +129,4 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 #: ``Context`` is re-exported for the modules that still import it from here (bench.rest).
-__all__ = ["SCENARIOS", "Context", "Scenario"]
+__all__ = ["SCENARIOS", "Scenario"]
