@@ -42,14 +42,14 @@ from zope.interface import implementer
 
 from tests.certs import PKI, Issued, cert_pem, issue_server, key_pem, make_pki
 from tests.helpers import make_harness
-from ztick_tw.tls import (
+from ztick_tw.tls.context import TLSSetupError
+from ztick_tw.tls.server import (
     ReloadableServerTLS,
     TLSReloadService,
     install_reload_on_sighup,
     tls_factory,
 )
-from ztick_tw.tls_context import TLSSetupError
-from ztick_tw.tls_transport import peer_certificate_subject
+from ztick_tw.tls.transport import peer_certificate_subject
 
 #: Safety net so a broken server cannot hang a client thread forever (not an assertion).
 SOCKET_TIMEOUT = 15.0

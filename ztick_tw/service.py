@@ -50,8 +50,8 @@ from ztick_tw.store.base import IStore, StoreError
 from ztick_tw.store.logfile import LogfileStore
 from ztick_tw.store.memory import MemoryStore
 from ztick_tw.telemetry import TelemetryService
-from ztick_tw.tls import ReloadableServerTLS, TLSReloadService, tls_factory
-from ztick_tw.tls_context import TLSSetupError
+from ztick_tw.tls.context import TLSSetupError
+from ztick_tw.tls.server import ReloadableServerTLS, TLSReloadService, tls_factory
 
 log = Logger(namespace="ztick_tw")
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 
-from ztick_tw.tls_transport import record_verify_error, ssl_reason
+from ztick_tw.tls.transport import record_verify_error, ssl_reason
 
 #: TLS 1.2 cipher suites: ECDHE key exchange (forward secrecy) with an AEAD cipher only.
 #: TLS 1.3 suites are OpenSSL's defaults (all AEAD).

@@ -2,7 +2,7 @@
 
 ``ReloadableServerTLS`` loads a PEM certificate chain (the server certificate first, then
 any intermediates, in one file), its private key and, optionally, a file of client CAs,
-into an OpenSSL context (``tls_context.py``: TLS 1.2 and 1.3 only, forward-secret AEAD
+into an OpenSSL context (``context.py``: TLS 1.2 and 1.3 only, forward-secret AEAD
 ciphers, no compression, no renegotiation, no session resumption; with client CAs, every
 client must present a certificate signed by one of them).
 
@@ -10,7 +10,7 @@ client must present a certificate signed by one of them).
 connections already open keep the context they were made with.  If they are not, it logs
 why and keeps serving the old certificate.  ``install_reload_on_sighup`` wires it to SIGHUP.
 
-``tls_factory`` wraps a protocol factory in TLS (``tls_transport.py``): a failed handshake
+``tls_factory`` wraps a protocol factory in TLS (``transport.py``): a failed handshake
 is closed and logged in one line, and the connection closes like plain TCP (a client's
 ``close_notify`` is a half-close; the server does not wait for the client's).
 """
@@ -33,8 +33,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from ztick_tw.tls_context import CertificateInfo, TLSSetupError, load
-from ztick_tw.tls_transport import TLSFactory
+from ztick_tw.tls.context import CertificateInfo, TLSSetupError, load
+from ztick_tw.tls.transport import TLSFactory
 
 __all__ = [
     "ReloadableServerTLS",
