@@ -15,10 +15,10 @@ about 2 s later, and measures:
 
 The receivers:
 
-* http: :func:`http_receiver`, a small asyncio HTTP/1.1 keep-alive server in its own
-  process (``python -m bench.network http-receiver --port 0``; it prints its port).  It
-  answers every request ``200`` with an empty body and records the arrival time
-  (``time.time_ns()``) of each, the job id (``X-Ztick-Job-Id``) and, from the ztick
+* http: :func:`~bench.network_receiver.http_receiver`, a small asyncio HTTP/1.1 keep-alive
+  server in its own process (``python -m bench.network http-receiver --port 0``; it prints
+  its port).  It answers every request ``200`` with an empty body and records the arrival
+  time (``time.time_ns()``) of each, the job id (``X-Ztick-Job-Id``) and, from the ztick
   body's ``execution``, the delivery lag (arrival - due).  ``GET /count`` and
   ``GET /summary`` (JSON) are for the benchmark.
 * redis: a ``RedisServer`` (tests/redis_server.py) and an ``RPUSH`` rule; the benchmark
@@ -32,35 +32,20 @@ The receivers:
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import http.client
-import json
 import os
-import re
 import resource
-import select
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
 
 from bench.client import Connection, check_all_ok, pipeline, set_lines
-from bench.common import LOGFILE_FSYNC, SECOND_NS, Context, percentile, rates, wait_for_runs
-from bench.daemon import HOST, BenchError, Daemon, DaemonSettings, die_with_parent
+from bench.common import LOGFILE_FSYNC, SECOND_NS, Context, rates, wait_for_runs
+from bench.daemon import BenchError, Daemon, DaemonSettings
 from bench.machine import cpu_ticks
+from bench.network_receiver import http_receiver
+from bench.network_targets import AmqpTarget, HttpTarget, NetTarget, RedisTarget
 from bench.report import Metric, Target, at_least, at_most
-
-if TYPE_CHECKING:
-    from tests.rabbitmq_server import RabbitMQServer
-    from tests.redis_server import BlockingRedisClient, RedisServer
-
-ROOT = Path(__file__).resolve().parent.parent
 
 #: Jobs per run (``--quick``: ``QUICK_JOBS``), due evenly at ``DUE_PER_S`` (so 10,000
 #: within one second; the quick 2,000 within 0.2 s, which keeps the offered rate).
@@ -75,385 +60,6 @@ DRAIN_SECONDS = 60.0
 SETTINGS: DaemonSettings = LOGFILE_FSYNC
 #: The issue's targets (jobs/s delivered on loopback).
 TARGETS = {"http": 1_000.0, "redis": 2_000.0, "amqp": 2_000.0}
-
-
-# ---------------------------------------------------------------------- http receiver
-
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
-_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
-_JOB_ID = re.compile(rb"\r\nx-ztick-job-id:[ \t]*([^\r\n]*)", re.IGNORECASE)
-_EXECUTION = re.compile(rb'"execution":(\d+)')
-_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
-_UNSUPPORTED = b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-
-
-class HookLog:
-    """What the http receiver has seen: arrival times, job ids, delivery lags."""
-
-    def __init__(self) -> None:
-        self.arrivals: list[int] = []
-        self.lags_us: list[int] = []
-        self.ids: set[bytes] = set()
-        self.bad = 0
-        self.connections = 0  # connections that carried at least one webhook
-
-    def hit(self, head: bytes, body: bytes) -> None:
-        """Record one webhook request (its head without the final blank line, its body)."""
-        now = time.time_ns()
-        self.arrivals.append(now)
-        found = _JOB_ID.search(head)
-        if found is None:
-            self.bad += 1
-        else:
-            self.ids.add(found[1])
-        execution = _EXECUTION.search(body)
-        if execution is not None:
-            self.lags_us.append((now - int(execution[1])) // 1000)
-
-    def summary(self) -> dict[str, float]:
-        """Counts, first/last arrival (ns) and delivery-lag percentiles (µs)."""
-        lags = sorted(self.lags_us)
-        return {
-            "count": len(self.arrivals),
-            "distinct": len(self.ids),
-            "bad": self.bad,
-            "connections": self.connections,
-            "first_ns": min(self.arrivals, default=0),
-            "last_ns": max(self.arrivals, default=0),
-            "lag_p50_us": percentile(lags, 0.5),
-            "lag_p99_us": percentile(lags, 0.99),
-            "lag_max_us": lags[-1] if lags else 0,
-        }
-
-
-def _json_response(data: dict[str, float]) -> bytes:
-    body = json.dumps(data).encode()
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-    return head % len(body) + body
-
-
-class HookProtocol(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection: requests with Content-Length bodies, pipelining ok."""
-
-    def __init__(self, log: HookLog) -> None:
-        self.log = log
-        self.buffer = b""
-        self.transport: asyncio.Transport | None = None
-        self.hooked = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the transport."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        """Answer every complete request in the buffer (one write for all of them)."""
-        buf = self.buffer + data if self.buffer else data
-        out: list[bytes] = []
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = buf[:end]
-            if _CHUNKED.search(head):
-                self.log.bad += 1
-                out.append(_UNSUPPORTED)
-                buf = b""
-                break
-            length = _CONTENT_LENGTH.search(head)
-            total = end + 4 + (int(length[1]) if length else 0)
-            if len(buf) < total:
-                break
-            body, buf = buf[end + 4 : total], buf[total:]
-            if head.startswith(b"GET /count "):
-                out.append(_json_response({"count": len(self.log.arrivals)}))
-            elif head.startswith(b"GET /summary "):
-                out.append(_json_response(self.log.summary()))
-            else:
-                self.log.hit(head, body)
-                out.append(_OK)
-                if not self.hooked:
-                    self.hooked = True
-                    self.log.connections += 1
-        self.buffer = buf
-        if out and self.transport is not None:
-            self.transport.write(b"".join(out))
-            if out[-1] is _UNSUPPORTED:
-                self.transport.close()
-
-
-def http_receiver(port: int) -> None:
-    """Serve webhooks on 127.0.0.1:``port`` (0: any), print the port, run until SIGTERM."""
-
-    async def serve() -> None:
-        log = HookLog()
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: HookProtocol(log), HOST, port, backlog=1024)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        print(server.sockets[0].getsockname()[1], flush=True)
-        await stop.wait()
-        server.close()
-
-    asyncio.run(serve())
-
-
-class HttpReceiver:
-    """:func:`http_receiver` in a child process, used as a context manager."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._conn: http.client.HTTPConnection | None = None
-
-    @property
-    def pid(self) -> int:
-        """The receiver's process id."""
-        if self._proc is None:
-            raise BenchError("the http receiver is not running")
-        return self._proc.pid
-
-    def start(self, timeout: float = 15.0) -> HttpReceiver:
-        """Spawn the receiver and read its port."""
-        log = open(self.workdir / "receiver.log", "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.network", "http-receiver", "--port", "0"],
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                preexec_fn=die_with_parent,
-            )
-        finally:
-            log.close()
-        assert self._proc.stdout is not None
-        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
-        line = self._proc.stdout.readline() if ready else b""
-        if not line.strip().isdigit():
-            self.stop()
-            raise BenchError(
-                f"the http receiver did not start within {timeout:.0f}s (log"
-                f" {self.workdir / 'receiver.log'})"
-            )
-        self.port = int(line)
-        return self
-
-    def get(self, path: str) -> dict[str, float]:
-        """``GET path`` on a kept connection; the JSON answer."""
-        if self._conn is None:
-            self._conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
-        self._conn.request("GET", path)
-        response = self._conn.getresponse()
-        data: dict[str, float] = json.loads(response.read())
-        return data
-
-    def stop(self) -> None:
-        """SIGTERM (SIGKILL after 5 s) and reap."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-    def __enter__(self) -> HttpReceiver:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-# ----------------------------------------------------------------------- the targets
-
-
-class _Target:
-    """One receiver kind: the rule that points at it, counting what arrived, checks."""
-
-    kind = ""
-    #: Seconds between two counts while the jobs are being delivered.
-    interval = 0.002
-    #: How the receiver counts (for the figure's description).
-    how = ""
-
-    def prepare(self, ctx: Context, run: int) -> None:
-        """Before a run: an empty receiver."""
-
-    def rule(self) -> str:
-        """The runner part of ``RULE SET rule.net net. <...>``."""
-        raise NotImplementedError
-
-    def count(self) -> int:
-        """Messages received so far in this run (cheap: called every ``interval`` s)."""
-        raise NotImplementedError
-
-    def arrivals(self) -> tuple[int, int] | None:
-        """The receiver's own first/last arrival times (ns), if it records them."""
-        return None
-
-    def check(self, expected: int) -> tuple[int, int, str]:
-        """After a run: messages received, distinct jobs among them, a sentence about it."""
-        raise NotImplementedError
-
-    def finish(self) -> None:
-        """After a run (also a failed one): drop this run's receiver state."""
-
-
-class _HttpTarget(_Target):
-    kind = "http"
-    interval = 0.05
-    how = (
-        "receiver: a separate asyncio HTTP/1.1 keep-alive process (bench/network.py) that"
-        " answers `200` with an empty body and stamps each request's arrival"
-        " (time.time_ns()); the figures use its stamps"
-    )
-
-    def __init__(self) -> None:
-        self.receiver: HttpReceiver | None = None
-        self.summary: dict[str, float] = {}
-
-    def prepare(self, ctx: Context, run: int) -> None:
-        self.receiver = HttpReceiver(ctx.workdir("net-http-receiver")).start()
-        self.summary = {}
-
-    def _receiver(self) -> HttpReceiver:
-        if self.receiver is None:
-            raise BenchError("no http receiver")
-        return self.receiver
-
-    def rule(self) -> str:
-        return f"http POST http://{HOST}:{self._receiver().port}/hook"
-
-    def count(self) -> int:
-        return int(self._receiver().get("/count")["count"])
-
-    def arrivals(self) -> tuple[int, int] | None:
-        self.summary = self._receiver().get("/summary")
-        if not self.summary["count"]:
-            return None
-        return int(self.summary["first_ns"]), int(self.summary["last_ns"])
-
-    def check(self, expected: int) -> tuple[int, int, str]:
-        s = self.summary or self._receiver().get("/summary")
-        distinct = int(s["distinct"])
-        return (
-            int(s["count"]),
-            distinct,
-            (
-                f"The receiver got {int(s['count']):,} requests ({distinct:,} distinct job ids,"
-                f" {int(s['bad'])} malformed) over {int(s['connections'])} connection(s);"
-                f" delivery lag it saw (arrival - due, all jobs): p50"
-                f" {s['lag_p50_us'] / 1000:.1f} ms, p99 {s['lag_p99_us'] / 1000:.1f} ms, max"
-                f" {s['lag_max_us'] / 1000:.1f} ms."
-            ),
-        )
-
-    def finish(self) -> None:
-        if self.receiver is not None:
-            self.receiver.stop()
-            self.receiver = None
-
-
-class _RedisTarget(_Target):
-    kind = "redis"
-    key = "ztick:bench"
-    how = (
-        "receiver: redis-server 7 (tests/redis_server.py: loopback, no persistence); the"
-        " benchmark polls `LLEN` every 2 ms on its own connection, so first/last arrival"
-        " are the first poll that saw them (up to ~2 ms late)"
-    )
-
-    def __init__(self, server: RedisServer) -> None:
-        self.server = server
-        self.client: BlockingRedisClient = server.client()
-
-    def prepare(self, ctx: Context, run: int) -> None:
-        self.server.command("DEL", self.key)
-
-    def rule(self) -> str:
-        return f"redis {self.server.url()} RPUSH {self.key}"
-
-    def count(self) -> int:
-        found = self.client.command("LLEN", self.key)
-        assert isinstance(found, int), found
-        return found
-
-    def check(self, expected: int) -> tuple[int, int, str]:
-        items = self.server.command("LRANGE", self.key, 0, -1)
-        assert isinstance(items, list), items
-        distinct = len(set(map(repr, items)))
-        return (
-            len(items),
-            distinct,
-            f"`LRANGE` after the run: {len(items):,} items, {distinct:,} distinct.",
-        )
-
-    def finish(self) -> None:
-        self.server.command("DEL", self.key)
-
-    def close(self) -> None:
-        """Close the counting connection."""
-        self.client.close()
-
-
-class _AmqpTarget(_Target):
-    kind = "amqp"
-    how = (
-        "receiver: RabbitMQ 3.10 (tests/rabbitmq_server.py: a private node on loopback), a"
-        " durable queue bound to `amq.direct`, persistent messages (the runner's default),"
-        " publisher confirms; the benchmark polls the queue's message_count (passive"
-        " queue_declare) every 2 ms on its own connection, so first/last arrival are the"
-        " first poll that saw them (up to ~2-3 ms late)"
-    )
-
-    def __init__(self, broker: RabbitMQServer) -> None:
-        self.broker = broker
-        self._stack = contextlib.ExitStack()
-        self.channel: Any = self._stack.enter_context(broker.channel())
-        self.queue = ""
-
-    def prepare(self, ctx: Context, run: int) -> None:
-        self.queue = f"ztick-bench-{run}"
-        self.broker.declare_queue(self.queue, "amq.direct", durable=True)
-        self.channel.queue_purge(self.queue)
-
-    def rule(self) -> str:
-        return f"amqp {self.broker.dsn()} amq.direct {self.queue}"
-
-    def count(self) -> int:
-        found: int = self.channel.queue_declare(self.queue, passive=True).method.message_count
-        return found
-
-    def check(self, expected: int) -> tuple[int, int, str]:
-        found = self.count()
-        # The bodies are not read: one message per job is assumed, so a count above
-        # `expected` shows up as duplicates and one below as missing jobs.
-        return found, min(found, expected), f"Queue message_count after the run: {found:,}."
-
-    def finish(self) -> None:
-        if self.queue:
-            self.channel.queue_delete(self.queue)
-            self.queue = ""
-
-    def close(self) -> None:
-        """Close the counting connection."""
-        self._stack.close()
 
 
 # ------------------------------------------------------------------------ measuring
@@ -520,7 +126,7 @@ class _Run:
 
 
 def _watch(
-    target: _Target, conn: Connection, jobs: int, deadline: float
+    target: NetTarget, conn: Connection, jobs: int, deadline: float
 ) -> tuple[int | None, int | None, int, int]:
     """Count arrivals until all ``jobs`` are in, or the daemon ended them all a second ago.
 
@@ -567,7 +173,7 @@ def _first_failure(daemon: Daemon) -> str:
     return ""
 
 
-def _net_run(ctx: Context, target: _Target, jobs: int, run: int) -> _Run:
+def _net_run(ctx: Context, target: NetTarget, jobs: int, run: int) -> _Run:
     """One fresh daemon delivering ``jobs`` jobs due ``DUE_PER_S`` per second to ``target``."""
     target.prepare(ctx, run)
     try:
@@ -643,7 +249,7 @@ def _net_run(ctx: Context, target: _Target, jobs: int, run: int) -> _Run:
     return result
 
 
-def _scenario(ctx: Context, target: _Target, setup: str) -> list[Metric]:
+def _scenario(ctx: Context, target: NetTarget, setup: str) -> list[Metric]:
     """``ctx.repeats`` runs against ``target``; the figures of the run with the median rate."""
     jobs = QUICK_JOBS if ctx.quick else JOBS
     runs = sorted(
@@ -759,7 +365,7 @@ def _scenario(ctx: Context, target: _Target, setup: str) -> list[Metric]:
 
 def scenario_net_http(ctx: Context) -> list[Metric]:
     """Issue 4: http POSTs/s delivered, 10,000 due within 1 s (≥ 1,000/s)."""
-    target = _HttpTarget()
+    target = HttpTarget()
     try:
         return _scenario(ctx, target, "`http POST http://127.0.0.1:PORT/hook`")
     finally:
@@ -775,7 +381,7 @@ def scenario_net_redis(ctx: Context) -> list[Metric]:
     server = RedisServer()
     server.start()
     try:
-        target = _RedisTarget(server)
+        target = RedisTarget(server)
         try:
             return _scenario(ctx, target, "`redis redis://127.0.0.1:PORT RPUSH ztick:bench`")
         finally:
@@ -794,7 +400,7 @@ def scenario_net_amqp(ctx: Context) -> list[Metric]:
     try:
         broker.start()
         ctx.say(f"RabbitMQ node started in {broker.startup_seconds:.1f} s")
-        target = _AmqpTarget(broker)
+        target = AmqpTarget(broker)
         try:
             return _scenario(
                 ctx, target, "`amqp amqp://guest:***@127.0.0.1:PORT/%2F amq.direct QUEUE`"
@@ -803,13 +409,6 @@ def scenario_net_amqp(ctx: Context) -> list[Metric]:
             target.close()
     finally:
         broker.cleanup()
-
-
-SCENARIOS: dict[str, Callable[[Context], list[Metric]]] = {
-    "net_http": scenario_net_http,
-    "net_redis": scenario_net_redis,
-    "net_amqp": scenario_net_amqp,
-}
 
 
 def main(argv: list[str] | None = None) -> int:
