@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.common import Context
 from bench.daemon import BenchError, kill_all
-from bench.machine import ForeignLoad, busy_percent, describe
+from bench.machine import ForeignLoad, busy_percent, describe, speed_probe
 from bench.report import Metric, merge_results, save_json, table, write_docs
 from bench.scenarios import SCENARIOS
 
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, str] = {}
     background: dict[str, float] = {}
     foreign: dict[str, float] = {}
+    speed: dict[str, float] = {}
     started = time.perf_counter()
     signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, limit)
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         machine = describe(root)
         for name in names:
             print(f"[{name}] {(SCENARIOS[name].__doc__ or '').strip()}", file=sys.stderr)
+            speed[name] = round(speed_probe(), 3)
+            print(f"[{name}] speed probe: {speed[name]:.3f} s", file=sys.stderr)
             try:
                 used, found = run_scenario(name, ctx, args, background)
             except OutOfTime:
@@ -278,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
         "background_busy_percent": background,
         "foreign_busy_percent": foreign,
+        "speed_probe_seconds": speed,
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
     kind = "quick" if args.quick else "full"
