@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -258,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc(file=sys.stderr)
                 continue
             foreign[name] = used
-            metrics += found
+            # Merging reruns into a full run goes by the registry's name: every figure
+            # carries the name of the scenario that measured it.
+            metrics += [m if m.scenario == name else replace(m, scenario=name) for m in found]
     except OutOfTime as e:
         errors["(run)"] = str(e)
         print(f"ERROR: {e}", file=sys.stderr)

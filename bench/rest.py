@@ -278,7 +278,7 @@ def rest_throughput(ctx: Context) -> list[Metric]:
         get_detail += extra_get
     return [
         Metric(
-            "rest",
+            "rest_throughput",
             "put_rate",
             "PUT /jobs/{id}, 50 connections",
             _median(ours, "put_rate"),
@@ -288,7 +288,7 @@ def rest_throughput(ctx: Context) -> list[Metric]:
             put_detail,
         ),
         Metric(
-            "rest",
+            "rest_throughput",
             "get_p50",
             "GET /jobs/{id} p50, one connection",
             _median(ours, "get_p50_us"),
