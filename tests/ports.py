@@ -36,9 +36,16 @@ def ephemeral_range() -> tuple[int, int]:
     return low, high
 
 
-def can_bind(port: int) -> bool:
-    """Whether 127.0.0.1:``port`` can be bound right now (without ``SO_REUSEADDR``)."""
+def can_bind(port: int, *, reuse_address: bool = False) -> bool:
+    """Whether 127.0.0.1:``port`` can be bound right now.
+
+    Without ``reuse_address`` a port some connection still holds (``TIME_WAIT``) counts as
+    taken; with it, the question is the daemon's (which sets ``SO_REUSEADDR``): can it
+    listen there.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if reuse_address:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -51,17 +51,6 @@ T = TypeVar("T")
 TomlValue = str | bool | int | float | list[str]
 
 
-def port_is_free(port: int) -> bool:
-    """Whether 127.0.0.1:``port`` can be bound right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def now_ns() -> int:
     """Wall-clock nanoseconds since the epoch (the daemon's clock for job times)."""
     return time.time_ns()

@@ -28,7 +28,6 @@ from tests.e2e.daemon import (
     LineClient,
     daemon,
     now_ns,
-    port_is_free,
     quote,
     read_lines,
     wait_all_executed,
@@ -36,6 +35,7 @@ from tests.e2e.daemon import (
     wait_until,
 )
 from tests.helpers import STAT_KEYS
+from tests.ports import can_bind
 
 SECOND = 1_000_000_000
 #: 2030-01-06 03:00:00 UTC in nanoseconds.
@@ -272,7 +272,7 @@ def test_no_config_listens_on_5678_with_logfile_in_cwd(tmp_path: Path) -> None:
     ``python -m ztick_tw`` in an empty directory; the logfile is created mode 0600.
     Skipped when 5678 is busy.
     """
-    if not port_is_free(5678):
+    if not can_bind(5678, reuse_address=True):
         pytest.skip("127.0.0.1:5678 is in use")
     with daemon(tmp_path / "empty", port=5678) as d:
         d.config_path.unlink()
