@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ztick_tw.history.records import RunHandle, RunRecord
@@ -204,7 +204,7 @@ class Database:
             conn, self._conn = self._conn, None
             conn.close()
 
-    def _prefetch(self, batch: Iterable[tuple[Any, ...]]) -> None:
+    def _prefetch(self, batch: Sequence[tuple[Any, ...]]) -> None:
         """Read the last run numbers of the batch's jobs not cached, a chunk at a time."""
         last = self._last
         missing = {
@@ -228,7 +228,7 @@ class Database:
         """Drop the cached run numbers (after a failed batch: the file is the truth)."""
         self._last.clear()
 
-    def apply(self, batch: Iterable[tuple[Any, ...]]) -> list[tuple[object, object]]:
+    def apply(self, batch: Sequence[tuple[Any, ...]]) -> list[tuple[object, object]]:
         """Write ``batch`` in one transaction; ``(token, answer)`` for its READ/FLUSH/CLOSE.
 
         On an error the transaction is rolled back (the whole batch is lost) and the
