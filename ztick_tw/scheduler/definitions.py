@@ -73,17 +73,15 @@ def _template(text: str, start_ns: int) -> tuple[str, int]:
     seconds, fraction = divmod(start_ns, _SECOND)
     if text[-11] == ".":
         form, cut = 2, 30
-        tail = f".{fraction:09d}Z"
     elif text[-8] == "." and fraction % 1000 == 0:
         form, cut = 3, 27
-        tail = f".{fraction // 1000:06d}Z"
     elif text[-5] == "." and fraction % 1_000_000 == 0:
         form, cut = 4, 24
-        tail = f".{fraction // 1_000_000:03d}Z"
     elif text[-4] != "." and fraction == 0:
-        form, cut, tail = 1, 20, "Z"
+        form, cut = 1, 20
     else:
         return text, 0
+    tail = _fraction(form, fraction)
     if not text.endswith(tail):
         return text, 0
     whole = _seconds.get(seconds)
