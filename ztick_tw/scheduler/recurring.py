@@ -222,24 +222,20 @@ class Recurrences:
             if sharing:
                 key = (text, options, start_ns)
                 packed = known(key)
-                if packed is None:
-                    start = start_ns + offset
-                    packed = (
-                        ((start + 1) << occ_shift)
-                        | (start << start_shift)
-                        | index_of(text, options, start_ns)
-                    )
-                    if len(shared) < PACKED_KEPT:
-                        shared[key] = packed
-                    elif len(by_job) < 2 * PACKED_KEPT:
-                        sharing = False
             else:
+                packed = None
+            if packed is None:
                 start = start_ns + offset
                 packed = (
                     ((start + 1) << occ_shift)
                     | (start << start_shift)
                     | index_of(text, options, start_ns)
                 )
+                if sharing:
+                    if len(shared) < PACKED_KEPT:
+                        shared[key] = packed
+                    elif len(by_job) < 2 * PACKED_KEPT:
+                        sharing = False
             by_job[job_id] = packed
             if compiled:
                 compiled.pop(job_id, None)
