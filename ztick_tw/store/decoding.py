@@ -29,7 +29,6 @@ from ztick_tw.model import (
     ScheduleSet,
     ShellSpec,
 )
-from ztick_tw.store.fastpath import RUN_STATE_TAIL as _RUN_STATE_TAIL
 from ztick_tw.store.frame import (
     _I64,
     _KIND_BY_BYTE,
@@ -40,6 +39,7 @@ from ztick_tw.store.frame import (
     _U32,
     FIRST_UNKNOWN_TYPE,
     NONE_U32,
+    RUN_STATE_TAIL,
     TYPE_JOB,
     TYPE_JOB_REMOVAL,
     TYPE_PAUSE,
@@ -205,8 +205,8 @@ def _read_extension(entry_type: int, r: _Reader) -> Entry:
         r.finish("schedule removal entry")
     elif entry_type == TYPE_RUN_STATE:
         job_id = r.string("run state job id")
-        runs, occurrence, attempt, due = _RUN_STATE_TAIL.unpack_from(
-            r.data, r.fixed(_RUN_STATE_TAIL.size, "run state (runs, occurrence, attempt, due)")
+        runs, occurrence, attempt, due = RUN_STATE_TAIL.unpack_from(
+            r.data, r.fixed(RUN_STATE_TAIL.size, "run state (runs, occurrence, attempt, due)")
         )
         entry = RunState(job_id, runs, occurrence, attempt, due)
         r.finish("run state entry")

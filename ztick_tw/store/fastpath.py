@@ -19,9 +19,9 @@ from dataclasses import fields
 from typing import Any, Final
 
 from ztick_tw.model import Entry, Job, RunState, ScheduleSet
+from ztick_tw.store.frame import _I64, _U16, RUN_STATE_TAIL
 
 __all__ = [
-    "RUN_STATE_TAIL",
     "SET_JOB_ID",
     "SET_JOB_NS",
     "SET_JOB_STATUS",
@@ -40,9 +40,6 @@ __all__ = [
 #: yielding the two entries (see ``Scan``); the strings of one job are one object.
 ScheduledSink = Callable[[str, str, str, int, int], None]
 
-RUN_STATE_TAIL: Final = struct.Struct(">IqHq")  # runs, occurrence ns, attempt, due ns
-_U16: Final = struct.Struct(">H")
-_I64: Final = struct.Struct(">q")
 
 #: Precompiled unpackers are kept for this many layouts (ids of 1 to 1024 bytes...).
 _LAYOUTS_KEPT: Final = 1024
@@ -124,43 +121,17 @@ class Strings(dict[bytes, str]):
         return text
 
 
-def _job_slot_setters() -> tuple[Callable[[Job, object], None], ...]:
-    """Setters for ``Job``'s three slots, the cheapest way to fill one during replay.
-
-    ``Job`` is a frozen slotted dataclass whose ``__init__`` goes through
-    ``object.__setattr__`` three times (about 0.8 µs here).  Filling the slots through
-    their member descriptors gives an identical object (equal, same hash, still
-    frozen) in about a third of that.  If ``Job``'s layout changes this fails at
-    import with a message, rather than building half-filled jobs.
-    """
-    names = tuple(f.name for f in fields(Job))
-    slots: Any = getattr(Job, "__slots__", ())
-    descriptors = [vars(Job).get(name) for name in names]
-    if (
-        names != ("id", "execution_ns", "status")
-        or tuple(slots) != names
-        or not all(isinstance(d, types.MemberDescriptorType) for d in descriptors)
-    ):  # pragma: no cover - layout guard
-        raise ImportError(
-            "ztick_tw.store.fastpath: the replay fast path expects Job to be a slotted "
-            "dataclass with exactly (id, execution_ns, status); update Scan.__iter__"
-        )
-    return tuple(d.__set__ for d in descriptors)  # type: ignore[union-attr]
-
-
-SET_JOB_ID, SET_JOB_NS, SET_JOB_STATUS = _job_slot_setters()
-
-
 def _slot_setters(
     cls: type[Any], names: tuple[str, ...]
 ) -> tuple[Callable[[Any, object], None], ...]:
     """The slot setters of the frozen slotted dataclass ``cls``, in field order.
 
-    As ``_job_slot_setters`` explains for ``Job``: an object made with
-    ``object.__new__`` and filled through these is identical to one built by
-    ``cls(...)``, in half the time (a run state: 0.5 µs instead of 1.2 µs), which
-    counts when a million scheduled jobs are replayed.  Fails at import if the
-    class's fields are not exactly ``names``.
+    A frozen dataclass's ``__init__`` goes through ``object.__setattr__`` once a field
+    (a ``Job``: about 0.8 µs here).  An object made with ``object.__new__`` and filled
+    through its member descriptors is identical (equal, same hash, still frozen) in a
+    third to a half of that (a run state: 0.5 µs instead of 1.2 µs), which counts when a
+    million jobs are replayed.  Fails at import, with a message, if the class's fields
+    are not exactly ``names`` (rather than building half-filled entries).
     """
     descriptors = [vars(cls).get(name) for name in names]
     setters = [d.__set__ for d in descriptors if isinstance(d, types.MemberDescriptorType)]
@@ -172,6 +143,7 @@ def _slot_setters(
     return tuple(setters)
 
 
+SET_JOB_ID, SET_JOB_NS, SET_JOB_STATUS = _slot_setters(Job, ("id", "execution_ns", "status"))
 _RUN_STATE_SETTERS = _slot_setters(
     RunState, ("job_id", "runs", "occurrence_ns", "attempt", "due_ns")
 )

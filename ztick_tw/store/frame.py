@@ -87,6 +87,7 @@ _U32 = struct.Struct(">I")
 _POLICY_TAIL = struct.Struct(">qIqq")  # timeout ns, retries, backoff min ns, backoff max ns
 _PAUSE_TAIL = struct.Struct(">Bq")  # paused flag, since ns
 _I64 = struct.Struct(">q")
+RUN_STATE_TAIL: Final = struct.Struct(">IqHq")  # runs, occurrence ns, attempt, due ns
 _FRAME_HEAD = struct.Struct(">IBH")  # frame length, type byte, length of the first string
 
 _STATUS_BY_BYTE: Final = tuple(JobStatus)  # index = status byte

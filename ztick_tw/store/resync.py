@@ -12,13 +12,13 @@ import re
 from typing import Final
 
 from ztick_tw.store.decoding import decode_payload
-from ztick_tw.store.fastpath import RUN_STATE_TAIL as _RUN_STATE_TAIL
 from ztick_tw.store.frame import (
     _FRAME_HEAD,
     _PAUSE_TAIL,
     _POLICY_TAIL,
     FRAME_HEADER_BYTES,
     MAX_FRAME_BYTES,
+    RUN_STATE_TAIL,
     TYPE_JOB,
     TYPE_JOB_REMOVAL,
     TYPE_PAUSE,
@@ -52,7 +52,7 @@ _FIXED_EXTRA: Final = {
     TYPE_JOB_REMOVAL: 3,
     TYPE_RULE_REMOVAL: 3,
     TYPE_SCHEDULE_REMOVAL: 3,
-    TYPE_RUN_STATE: 3 + _RUN_STATE_TAIL.size,
+    TYPE_RUN_STATE: 3 + RUN_STATE_TAIL.size,
     TYPE_PAUSE: 3 + _PAUSE_TAIL.size,
     TYPE_RULE_POLICY: 3 + _POLICY_TAIL.size,
 }
