@@ -18,7 +18,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from bench.daemon import HOST, BenchError, die_with_parent, free_port
+from bench.daemon import HOST, BenchError, die_with_parent
+from tests.ports import free_port
 
 ANSWER = b"g OK planned 1\n"
 

@@ -28,8 +28,8 @@ import time
 from typing import Any
 
 from bench.common import Context
-from bench.daemon import free_port
 from bench.report import Metric, at_most
+from tests.ports import free_port
 
 #: Jobs the child holds (``--quick``: ``QUICK_JOBS``).
 JOBS = 1_000_000

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bench.common import Context
-from bench.daemon import BenchError, die_with_parent, free_port, process_cpu_seconds
+from bench.daemon import BenchError, die_with_parent, process_cpu_seconds
 from bench.report import Metric, at_least, at_most, fmt_number
+from tests.ports import free_port
 
 CONNECTIONS = 50
 BODY = b'{"execution": "2099-01-01T00:00:00Z"}'
